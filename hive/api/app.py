@@ -1,0 +1,20 @@
+"""Build the aiohttp application that serves hive's API over TCP and the unix socket."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from hive.api.keys import CONTEXT
+from hive.api.middleware import auth_middleware, error_middleware
+from hive.api.routes import routes
+from hive.context import Context
+
+#: Request bodies larger than this are refused with 413 ``too_large``.
+MAX_BODY = 1024 * 1024
+
+
+def create_app(context: Context) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
+    app[CONTEXT] = context
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,117 @@
+"""Every error in one JSON shape, and bearer-token authentication for TCP clients.
+
+Over the unix socket a client is trusted by the socket's file mode (0600). Over TCP every
+``/v1`` route needs ``Authorization: Bearer <token>``; a worker's own token is good only for its
+own heartbeat. Tokens are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import socket
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from hive.api.keys import CONTEXT
+from hive.errors import Conflict, Forbidden, HiveError, Invalid, NotFound, Unauthorized
+from hive.models import ErrorBody, ErrorCode, ErrorDetail
+from hive.registry import DuplicateWorker, IllegalTransition, UnknownWorker
+
+log = logging.getLogger("hive.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HEARTBEAT = re.compile(r"^/v1/workers/([^/]+)/heartbeat$")
+_STATUS_CODES: dict[int, ErrorCode] = {
+    400: "invalid", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "invalid",
+    409: "conflict", 413: "too_large", 422: "invalid", 503: "no_capacity",
+}  # fmt: skip
+
+
+def error_response(error: HiveError, fields: list[dict[str, str]] | None = None) -> web.Response:
+    body = ErrorBody(
+        error=ErrorDetail(
+            code=error.code, message=error.message, worker=error.worker, fields=fields
+        )
+    )
+    return web.json_response(text=body.model_dump_json(exclude_none=True), status=error.status)
+
+
+_TYPE_TAG = re.compile(
+    r"^(constrained-\w+|function-\w+|(list|dict|tuple)\[.*\]|int|str|float|bool)$"
+)
+
+
+def validation_message(exc: ValidationError) -> tuple[str, list[dict[str, str]]]:
+    """One line naming each bad field, and the same as a list (one entry per field)."""
+    fields: dict[str, str] = {}
+    for item in exc.errors():
+        parts = [str(p) for p in item["loc"] if not _TYPE_TAG.match(str(p))]
+        name = ".".join(parts) or "body"
+        fields.setdefault(name, item["msg"].removeprefix("Value error, "))
+    listed = [{"field": name, "message": message} for name, message in fields.items()]
+    return "; ".join(f"{name}: {message}" for name, message in fields.items()), listed
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HiveError as exc:
+        return error_response(exc)
+    except ValidationError as exc:
+        message, fields = validation_message(exc)
+        return error_response(Invalid(message), fields)
+    except UnknownWorker as exc:
+        return error_response(NotFound(str(exc)))
+    except (DuplicateWorker, IllegalTransition) as exc:
+        return error_response(Conflict(str(exc)))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.reason if exc.status != 413 else "request body is over 1 MiB"
+        code = _STATUS_CODES.get(exc.status, "invalid")
+        response = error_response(HiveError(message, code=code, status=exc.status))
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(HiveError("internal error; see hive's log"))
+
+
+def _over_unix_socket(request: web.Request) -> bool:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/v1") or _over_unix_socket(request):
+        return await handler(request)
+    context = request.app[CONTEXT]
+    token = _bearer(request)
+    if token is None:
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    if hmac.compare_digest(token.encode(), context.token.encode()):
+        return await handler(request)
+    supervisor = context.supervisor
+    if (match := _HEARTBEAT.match(request.path)) is not None:
+        own = supervisor.worker_token(match.group(1))
+        if own is not None and hmac.compare_digest(token.encode(), own.encode()):
+            return await handler(request)
+    for record in context.registry.list():
+        other = supervisor.worker_token(record.id)
+        if other is not None and hmac.compare_digest(token.encode(), other.encode()):
+            raise Forbidden("a worker token is good only for that worker's own heartbeat")
+    raise Unauthorized("invalid token")

@@ -1,0 +1,180 @@
+"""The API's handlers: each parses its input, calls the registry or supervisor, serializes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from hive.api.keys import CONTEXT
+from hive.context import Context
+from hive.devices import cpu
+from hive.errors import BadRequest, Conflict, Invalid
+from hive.models import (
+    LIVE_STATES,
+    Devices,
+    DeviceSummary,
+    Health,
+    Heartbeat,
+    ListQuery,
+    LogsQuery,
+    Node,
+    SpawnQuery,
+    SpawnRequest,
+    State,
+    StopQuery,
+    Worker,
+    WorkerList,
+)
+
+routes = web.RouteTableDef()
+M = TypeVar("M", bound=BaseModel)
+
+
+def _context(request: web.Request) -> Context:
+    return request.app[CONTEXT]
+
+
+def _reply(model: BaseModel, status: int = 200, **headers: str) -> web.Response:
+    return web.json_response(text=model.model_dump_json(), status=status, headers=headers)
+
+
+def _query(request: web.Request, model: type[M]) -> M:
+    data: dict[str, Any] = {}
+    for key in request.query:
+        values = request.query.getall(key)
+        data[key] = values if key in ("label",) else values[-1]
+    return model.model_validate(data)
+
+
+async def _body(request: web.Request, model: type[M]) -> M:
+    raw = await request.read()
+    try:
+        data = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("body: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise Invalid("body: must be a JSON object")
+    return model.model_validate(data)
+
+
+def _worker_id(request: web.Request) -> str:
+    return request.match_info["id"]
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return _reply(Health(version=_context(request).version))
+
+
+@routes.get("/v1/node")
+async def node(request: web.Request) -> web.Response:
+    context = _context(request)
+    summary = DeviceSummary(
+        cpus=len(context.cpu_nodes),
+        cores=sum(len(n.cores) for n in context.cpu_nodes),
+        gpus=0,
+        gpu_error=context.gpu_error,
+    )
+    return _reply(
+        Node(
+            hostname=context.hostname,
+            version=context.version,
+            started_at=context.started_at,
+            devices=summary,
+            workers=context.registry.counts(),
+        )
+    )
+
+
+@routes.get("/v1/devices")
+async def devices(request: web.Request) -> web.Response:
+    context = _context(request)
+    cpus = cpu.snapshot(context.cpu_nodes, context.registry.list())
+    return _reply(Devices(cpus=cpus, gpus=[], gpu_error=context.gpu_error))
+
+
+@routes.get("/v1/workers")
+async def list_workers(request: web.Request) -> web.Response:
+    query = _query(request, ListQuery)
+    workers = _context(request).registry.list(
+        state=query.state, model=query.model, device=query.device, labels=query.labels()
+    )
+    return _reply(WorkerList(workers=workers, total=len(workers)))
+
+
+@routes.post("/v1/workers")
+async def spawn(request: web.Request) -> web.Response:
+    query = _query(request, SpawnQuery)
+    spec = await _body(request, SpawnRequest)
+    supervisor = _context(request).supervisor
+    record = await supervisor.spawn(spec)
+    location = f"/v1/workers/{record.id}"
+    if query.wait is None:
+        return _reply(record, 201, Location=location)
+    record = await supervisor.wait_until(
+        record.id, lambda w: w.state != State.STARTING, query.timeout
+    )
+    if record.state in (State.READY, State.BUSY):
+        return _reply(record, 200, Location=location)
+    if record.state == State.STARTING:
+        return _reply(record, 202, Location=location)
+    raise Conflict(f"worker {record.id!r} {record.state}: {record.error}", worker=record)
+
+
+@routes.get("/v1/workers/{id}")
+async def get_worker(request: web.Request) -> web.Response:
+    return _reply(_context(request).registry.get(_worker_id(request)))
+
+
+@routes.post("/v1/workers/{id}/stop")
+async def stop_worker(request: web.Request) -> web.Response:
+    query = _query(request, StopQuery)
+    supervisor = _context(request).supervisor
+    record = await supervisor.stop(_worker_id(request), timeout=query.timeout, wait=query.wait)
+    return _reply(record)
+
+
+@routes.post("/v1/workers/{id}/restart")
+async def restart_worker(request: web.Request) -> web.Response:
+    return _reply(await _context(request).supervisor.restart(_worker_id(request)))
+
+
+@routes.delete("/v1/workers/{id}")
+async def delete_worker(request: web.Request) -> web.Response:
+    return _reply(await _context(request).supervisor.delete(_worker_id(request)))
+
+
+@routes.post("/v1/workers/{id}/heartbeat")
+async def heartbeat(request: web.Request) -> web.Response:
+    beat = await _body(request, Heartbeat)
+    return _reply(_context(request).supervisor.heartbeat(_worker_id(request), beat))
+
+
+@routes.get("/v1/workers/{id}/logs")
+async def logs(request: web.Request) -> web.StreamResponse:
+    query = _query(request, LogsQuery)
+    context = _context(request)
+    worker_id = _worker_id(request)
+    context.registry.get(worker_id)  # 404 for an unknown worker
+    if not query.follow:
+        return web.Response(text=context.logs.tail(worker_id, query.tail))
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+
+    def finished() -> bool:
+        if worker_id not in context.registry:
+            return True
+        record = context.registry.get(worker_id)
+        return record.state not in LIVE_STATES and context.supervisor.is_settled(worker_id)
+
+    async for chunk in context.logs.follow(worker_id, query.tail, finished):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+__all__ = ["Worker", "routes"]

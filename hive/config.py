@@ -1,0 +1,273 @@
+"""hive's settings: the TOML file as pydantic models, their defaults, and where files live.
+
+The file is found at ``--config``, else ``$HIVE_CONFIG``, else ``<config dir>/hive.toml``; a missing
+file means every default. Directories come from platformdirs, so ``XDG_CONFIG_HOME``,
+``XDG_STATE_HOME`` and ``XDG_RUNTIME_DIR`` move them. Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+APP = "hive"
+
+#: Names a backend ``command`` may use as ``{placeholder}``.
+PLACEHOLDERS = frozenset(
+    {"model", "port", "host", "python", "id", "device", "gpus", "ncpus", "state_dir"}
+)
+
+RestartPolicy = Literal["no", "on-failure", "always"]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+def config_dir() -> Path:
+    return platformdirs.user_config_path(APP)
+
+
+def state_dir() -> Path:
+    return platformdirs.user_state_path(APP)
+
+
+def runtime_dir() -> Path:
+    with warnings.catch_warnings():  # no XDG_RUNTIME_DIR: platformdirs falls back and warns
+        warnings.simplefilter("ignore")
+        return platformdirs.user_runtime_path(APP)
+
+
+def default_config_path() -> Path:
+    return config_dir() / "hive.toml"
+
+
+class BackendConfig(BaseModel):
+    """How to run one kind of model server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: Annotated[list[str], Field(min_length=1)]
+    health_path: str | None = "/health"
+    startup_timeout: Annotated[float, Field(gt=0)] = 120.0
+    gpu: bool | Literal["optional"] = "optional"
+    env: dict[str, str] = {}
+
+    @field_validator("command")
+    @classmethod
+    def _known_placeholders(cls, command: list[str]) -> list[str]:
+        for arg in command:
+            for _, name, spec, conv in string.Formatter().parse(arg):
+                if name is None:
+                    continue
+                if name not in PLACEHOLDERS or spec or conv:
+                    known = " ".join(f"{{{p}}}" for p in sorted(PLACEHOLDERS))
+                    raise ValueError(f"unknown placeholder {{{name}}} in {arg!r}; known: {known}")
+        return command
+
+    @field_validator("health_path")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        return path
+
+
+class RouterConfig(BaseModel):
+    """An upstream router that hive keeps in sync with its ready workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["sglang"] = "sglang"
+    url: str
+    api_key: str = ""
+    advertise_host: str = "127.0.0.1"
+
+
+#: Backends every hive knows. A ``[backends.NAME]`` table in the file overrides them key by key.
+BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "command": ["{python}", "-m", "hive.demo_worker", "--port", "{port}", "--model", "{model}"],
+        "health_path": "/health",
+        "startup_timeout": 120,
+        "gpu": "optional",
+    },
+    "vllm": {
+        "command": [
+            "vllm", "serve", "{model}",
+            "--host", "{host}", "--port", "{port}",
+            "--tensor-parallel-size", "{gpus}",
+        ],
+        "health_path": "/health",
+        "startup_timeout": 1200,
+        "gpu": True,
+    },
+    "sglang": {
+        "command": [
+            "{python}", "-m", "sglang.launch_server",
+            "--model-path", "{model}",
+            "--host", "{host}", "--port", "{port}",
+            "--tp-size", "{gpus}",
+        ],
+        "health_path": "/health",
+        "startup_timeout": 1200,
+        "gpu": True,
+    },
+    "llama-server": {
+        "command": [
+            "llama-server", "--model", "{model}",
+            "--host", "{host}", "--port", "{port}",
+            "--threads", "{ncpus}",
+        ],
+        "health_path": "/health",
+        "startup_timeout": 600,
+        "gpu": "optional",
+    },
+}  # fmt: skip
+
+
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT, got {value!r}")
+    return value
+
+
+class Config(BaseModel):
+    """Everything ``hive serve`` reads from its TOML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = "127.0.0.1:7070"
+    token: str = ""
+    token_file: Path | None = None
+    socket: Path | None = None
+    state_dir: Path | None = None
+    port_range: tuple[int, int] = (18000, 18999)
+    worker_host: str = "127.0.0.1"
+    default_backend: str = "demo"
+    default_restart: RestartPolicy = "on-failure"
+    stop_timeout: Annotated[float, Field(gt=0)] = 30.0
+    drain_timeout: Annotated[float, Field(ge=0)] = 30.0
+    heartbeat_timeout: Annotated[float, Field(gt=0)] = 15.0
+    on_exit: Literal["stop", "detach"] = "stop"
+    retention: Annotated[float, Field(ge=0)] = 3600.0
+    max_log_bytes: Annotated[int, Field(ge=4096)] = 50_000_000
+    metrics_public: bool = False
+    restart_delay: Annotated[float, Field(gt=0)] = 1.0
+    restart_delay_max: Annotated[float, Field(gt=0)] = 60.0
+    restart_reset_after: Annotated[float, Field(ge=0)] = 600.0
+    max_restarts: Annotated[int, Field(ge=0)] | None = None
+    backends: dict[str, BackendConfig] = {}
+    routers: list[RouterConfig] = []
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        return _listen(value)
+
+    @field_validator("port_range")
+    @classmethod
+    def _ports(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if not 1024 <= low <= high <= 65535:
+            raise ValueError("must be [low, high] with 1024 <= low <= high <= 65535")
+        return value
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _merge_builtins(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = {name: dict(b) for name, b in BUILTIN_BACKENDS.items()}
+        for name, table in value.items():
+            if isinstance(table, dict) and name in merged:
+                merged[name] = {**merged[name], **table}
+            else:
+                merged[name] = table
+        return merged
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Config:
+        if not self.backends:
+            self.backends = {n: BackendConfig(**b) for n, b in BUILTIN_BACKENDS.items()}
+        if self.default_backend not in self.backends:
+            raise ValueError(
+                f"default_backend: {self.default_backend!r} is not a configured backend"
+            )
+        return self
+
+    # Resolved paths: the file's value, else the platformdirs default.
+    @property
+    def socket_path(self) -> Path:
+        return self.socket or runtime_dir() / "hive.sock"
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir or state_dir()
+
+    @property
+    def logs_path(self) -> Path:
+        return self.state_path / "logs"
+
+    @property
+    def token_path(self) -> Path:
+        return self.token_file or config_dir() / "token"
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def _format_error(path: Path | str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None = None) -> tuple[Path, bool]:
+    """Where the configuration comes from, and whether it was named explicitly."""
+    if explicit:
+        return Path(explicit), True
+    if env := os.environ.get("HIVE_CONFIG"):
+        return Path(env), True
+    return default_config_path(), False
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the configuration; a file named explicitly must exist."""
+    path, named = find_config_path(explicit)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if named:
+            raise ConfigError(f"{path}: no such file") from None
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path | str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(path, exc)) from None

@@ -1,0 +1,30 @@
+"""The context: what ``hive serve`` builds once at start-up and hands to whoever needs it."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from hive import __version__
+from hive.config import Config
+from hive.devices.cpu import CpuNode
+from hive.devices.placement import Placer
+from hive.logs import Logs
+from hive.registry import Registry, now
+from hive.supervisor import Supervisor
+
+
+@dataclass
+class Context:
+    config: Config
+    registry: Registry
+    supervisor: Supervisor
+    logs: Logs
+    placer: Placer
+    cpu_nodes: list[CpuNode]
+    gpu_error: str | None
+    token: str
+    version: str = __version__
+    hostname: str = field(default_factory=socket.gethostname)
+    started_at: datetime = field(default_factory=now)

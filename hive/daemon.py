@@ -1,0 +1,200 @@
+"""``hive serve``: build the context, serve the API, and shut down in order.
+
+Start-up: configuration, token, registry, devices, supervisor, then the API on TCP and on the
+unix socket (mode 0600). Shut-down on SIGTERM or SIGINT: refuse new spawns, stop every worker
+(``on_exit = "stop"``) or leave them running (``"detach"``), close the API, remove the socket,
+exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiohttp import web
+
+from hive.api import create_app
+from hive.config import Config
+from hive.context import Context
+from hive.devices import cpu
+from hive.devices.gpu import nvml_error
+from hive.devices.placement import Placer
+from hive.logs import Logs
+from hive.registry import Registry
+from hive.supervisor import Supervisor
+
+log = logging.getLogger("hive")
+
+
+class StartupError(Exception):
+    """hive cannot start; the message says why in one line."""
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def load_token(config: Config) -> str:
+    """The API token: config ``token``, else ``$HIVE_TOKEN``, else the token file (made 0600)."""
+    if config.token:
+        return config.token
+    if env := os.environ.get("HIVE_TOKEN"):
+        return env
+    path = config.token_path
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another hive made it first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    log.info("created API token file %s", path)
+    return token
+
+
+def _api_url(config: Config) -> str:
+    host = config.listen_host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.listen_port}"
+
+
+def _claim_socket(path: Path) -> None:
+    """Remove a stale socket; refuse if another hive is answering on it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+    else:
+        raise StartupError(f"another hive is already listening on {path}")
+    finally:
+        probe.close()
+
+
+class Daemon:
+    """One running ``hive serve``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stopping = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.context: Context | None = None
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        config = self.config
+        token = load_token(config)
+        registry = Registry(config.retention)
+        nodes = cpu.discover()
+        gpu_error = await asyncio.to_thread(nvml_error)
+        placer = Placer(nodes, gpu_error)
+        try:
+            logs = Logs(config.logs_path, config.max_log_bytes)
+        except OSError as exc:
+            raise StartupError(f"cannot use state_dir {config.state_path}: {exc}") from None
+        supervisor = Supervisor(config, registry, placer, logs, _api_url(config))
+        self.context = Context(config, registry, supervisor, logs, placer, nodes, gpu_error, token)
+        await self._listen(create_app(self.context))
+        await supervisor.start()
+        log.info("hive listening on %s and %s", config.listen, config.socket_path)
+        try:
+            await self._stopping.wait()
+        finally:
+            log.info("shutting down (on_exit = %s)", config.on_exit)
+            await supervisor.close()
+            if self._runner is not None:
+                await self._runner.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                config.socket_path.unlink()
+        log.info("hive stopped")
+
+    async def _listen(self, app: web.Application) -> None:
+        config = self.config
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(
+                self._runner, config.listen_host, config.listen_port, reuse_address=True
+            ).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise StartupError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        path = config.socket_path
+        try:
+            _claim_socket(path)
+            old_umask = os.umask(0o177)  # the socket is born 0600, never briefly wider
+            try:
+                await web.UnixSite(self._runner, str(path)).start()
+            finally:
+                os.umask(old_umask)
+            path.chmod(0o600)
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        except StartupError:
+            await self._runner.cleanup()
+            raise
+
+
+def serve(config: Config, log_format: str = "text") -> int:
+    """Run hive until SIGTERM or SIGINT; returns the process exit code."""
+    setup_logging(log_format)
+
+    async def main() -> None:
+        daemon = Daemon(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.request_stop)
+        await daemon.run()
+
+    try:
+        asyncio.run(main())
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

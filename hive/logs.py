@@ -1,0 +1,119 @@
+"""Worker log files: one append-only file per worker that hive owns and the worker writes.
+
+The worker's stdout and stderr are the file itself (opened with O_APPEND), so hive never sits in
+the data path. To cap a file at ``max_log_bytes``, hive copies it to ``<id>.log.1`` and truncates
+it once it passes half the cap: together the two never hold much more than the cap, and the
+previous part, often the crash that caused a restart, stays readable. Each start of a worker
+appends a ``--- hive:`` line, so the log of an earlier attempt is kept, not overwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+MARKER = "--- hive: "
+_BLOCK = 64 * 1024
+
+
+class Logs:
+    """The directory of worker logs and the operations on one worker's log."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    def path(self, worker_id: str) -> Path:
+        return self.directory / f"{worker_id}.log"
+
+    def mark(self, worker_id: str, text: str) -> None:
+        """Append one line of hive's own, e.g. at each start of the worker."""
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+        with self.path(worker_id).open("a") as log:
+            log.write(f"{MARKER}{stamp} {text}\n")
+
+    def tail(self, worker_id: str, lines: int) -> str:
+        """The last ``lines`` lines of the log (reaching into the rotated part if needed)."""
+        if lines <= 0:
+            return ""
+        chunks = []
+        wanted = lines
+        for path in (self.path(worker_id), self._rotated(worker_id)):
+            text = _tail_of(path, wanted)
+            chunks.insert(0, text)
+            wanted -= text.count("\n")
+            if wanted <= 0:
+                break
+        out = "".join(chunks).splitlines(keepends=True)
+        return "".join(out[-lines:])
+
+    def last_line(self, worker_id: str) -> str | None:
+        """The worker's last non-empty line, leaving out hive's own markers."""
+        for line in reversed(_tail_of(self.path(worker_id), 50).splitlines()):
+            line = line.strip()
+            if line and not line.startswith(MARKER):
+                return line[:500]
+        return None
+
+    def cap(self, worker_id: str) -> bool:
+        """Rotate the log if it passed half of ``max_bytes``; True if it did."""
+        path = self.path(worker_id)
+        try:
+            if path.stat().st_size <= self.max_bytes // 2:
+                return False
+            shutil.copyfile(path, self._rotated(worker_id))
+            os.truncate(path, 0)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def remove(self, worker_id: str) -> None:
+        for path in (self.path(worker_id), self._rotated(worker_id)):
+            path.unlink(missing_ok=True)
+
+    async def follow(
+        self, worker_id: str, lines: int, done: Callable[[], bool], poll: float = 0.2
+    ) -> AsyncIterator[bytes]:
+        """The tail, then whatever is appended, until ``done()`` and nothing more is written."""
+        yield self.tail(worker_id, lines).encode()
+        path = self.path(worker_id)
+        position = path.stat().st_size if path.exists() else 0
+        while True:
+            size = path.stat().st_size if path.exists() else 0
+            if size < position:  # rotated or truncated: start over at the top
+                position = 0
+            if size > position:
+                with path.open("rb") as log:
+                    log.seek(position)
+                    data = log.read(size - position)
+                position += len(data)
+                yield data
+                continue
+            if done():
+                return
+            await asyncio.sleep(poll)
+
+    def _rotated(self, worker_id: str) -> Path:
+        return self.directory / f"{worker_id}.log.1"
+
+
+def _tail_of(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as log:
+            end = log.seek(0, os.SEEK_END)
+            position, data = end, b""
+            while position > 0 and data.count(b"\n") <= lines:
+                step = min(_BLOCK, position)
+                position -= step
+                log.seek(position)
+                data = log.read(step) + data
+    except FileNotFoundError:
+        return ""
+    text = data.decode(errors="replace")
+    kept = text.splitlines(keepends=True)[-lines:]
+    return "".join(kept)

@@ -1,0 +1,304 @@
+"""The wire shapes of hive's API: what clients send and what hive answers.
+
+These models are the contract: the API validates requests with them, serializes responses with
+them, and the OpenAPI document is generated from them.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+
+from hive.config import RestartPolicy
+
+
+class State(StrEnum):
+    """Where a worker is in its life (see the transition table in the registry)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+#: States in which a worker's process runs.
+LIVE_STATES = frozenset({State.STARTING, State.READY, State.BUSY})
+#: States a worker rests in once its process is gone.
+DOWN_STATES = frozenset({State.STOPPED, State.FAILED})
+
+Desired = Literal["running", "stopped"]
+
+WORKER_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+DEVICE_PATTERN = (
+    r"^(auto|cpu|gpu|CPU-[0-9]+|GPU-[0-9]+"
+    r"|GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"
+)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RESERVED_ENV = ("HIVE_", "CUDA_VISIBLE_DEVICES")
+
+
+def _printable(value: str) -> str:
+    """Refuse NUL and line breaks: they cannot travel through argv, env or one-line logs."""
+    if any(c in value for c in "\x00\r\n"):
+        raise ValueError("must not contain NUL or line breaks")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_printable)]
+CoreCount = Annotated[int, Field(ge=1)]
+CoreList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+WorkerId = Annotated[str, StringConstraints(pattern=WORKER_ID_PATTERN)]
+
+
+def _not_an_option(value: str) -> str:
+    if value.startswith("-"):
+        raise ValueError("must not start with '-' (it would be read as an option)")
+    return _printable(value)
+
+
+class SpawnRequest(BaseModel):
+    """The body of ``POST /v1/workers``: what to run, where, and how to keep it running."""
+
+    # ``register`` would shadow BaseModel.register, so the attribute is ``register_``.
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, serialize_by_alias=True)
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    backend: str | None = None
+    id: WorkerId | None = None
+    device: Annotated[str, StringConstraints(pattern=DEVICE_PATTERN)] = "auto"
+    gpus: Annotated[int, Field(ge=1, le=64)] | None = None
+    cpus: CoreCount | CoreList | None = None
+    gpu_memory_mib: Annotated[int, Field(ge=1)] | None = None
+    port: Annotated[int, Field(ge=1024, le=65535)] | None = None
+    args: list[Text] = []
+    env: dict[str, Text] = {}
+    labels: dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], Text] = {}
+    restart: RestartPolicy | None = None
+    register_: bool = Field(True, alias="register")
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_not_an_option(cls, model: str) -> str:
+        return _not_an_option(model)
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+            if name.startswith(_RESERVED_ENV):
+                raise ValueError(f"{name} is set by hive and may not be overridden")
+        return env
+
+    @field_validator("cpus")
+    @classmethod
+    def _unique_cores(cls, cpus: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(cpus, list):
+            if len(set(cpus)) != len(cpus):
+                raise ValueError("core ids must be unique")
+            return sorted(cpus)
+        return cpus
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key in labels:
+            _printable(key)
+            if "=" in key:
+                raise ValueError(f"label key {key!r} must not contain '='")
+        return labels
+
+
+class Worker(BaseModel):
+    """One worker as every response shows it. Frozen: the registry swaps records, never edits."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    model: str
+    backend: str
+    device: str
+    gpus: list[str] = []
+    cpus: list[int] = []
+    pid: int | None = None
+    port: int
+    url: str
+    state: State
+    desired: Desired = "running"
+    error: str | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    created_at: datetime
+    started_at: datetime | None = None
+    ready_at: datetime | None = None
+    stopped_at: datetime | None = None
+    labels: dict[str, str] = {}
+    in_flight: int | None = None
+    last_heartbeat_at: datetime | None = None
+    rss_bytes: int | None = None
+    cpu_percent: float | None = None
+    gpu_memory_used_mib: int | None = None
+    restart: RestartPolicy = "on-failure"
+    next_restart_at: datetime | None = None
+
+
+class WorkerList(BaseModel):
+    workers: list[Worker]
+    total: int
+
+
+class Heartbeat(BaseModel):
+    """What a worker reports about itself, every heartbeat interval and on each change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: Literal["ready", "busy"]
+    in_flight: Annotated[int, Field(ge=0)] | None = None
+
+
+class CpuDevice(BaseModel):
+    id: str
+    cores: list[int]
+    memory_total_bytes: int | None
+    memory_available_bytes: int | None
+    load: float | None
+    workers: list[str] = []
+
+
+class GpuProcess(BaseModel):
+    pid: int
+    used_memory_mib: int | None
+
+
+class GpuDevice(BaseModel):
+    id: str
+    name: str | None
+    uuid: str
+    pci_bus_id: str | None
+    memory_total_mib: int | None
+    memory_used_mib: int | None
+    memory_free_mib: int | None
+    utilization_percent: int | None
+    temperature_c: int | None
+    power_w: float | None
+    cpu_affinity: list[int] = []
+    processes: list[GpuProcess] = []
+    healthy: bool = True
+    error: str | None = None
+    workers: list[str] = []
+
+
+class Devices(BaseModel):
+    cpus: list[CpuDevice]
+    gpus: list[GpuDevice]
+    gpu_error: str | None
+
+
+class DeviceSummary(BaseModel):
+    cpus: int
+    cores: int
+    gpus: int
+    gpu_error: str | None
+
+
+class Node(BaseModel):
+    hostname: str
+    version: str
+    started_at: datetime
+    devices: DeviceSummary
+    workers: dict[State, int]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+ErrorCode = Literal[
+    "invalid",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "conflict",
+    "too_large",
+    "no_capacity",
+    "internal",
+]
+
+
+class ErrorDetail(BaseModel):
+    code: ErrorCode
+    message: str
+    worker: Worker | None = None
+    fields: list[dict[str, Any]] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error hive answers: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorDetail
+
+
+# -- query strings -------------------------------------------------------------------------------
+
+
+class ListQuery(BaseModel):
+    """``GET /v1/workers?state=&model=&device=&label=key=value``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: State | None = None
+    model: str | None = None
+    device: str | None = None
+    label: list[str] = []
+
+    @field_validator("label")
+    @classmethod
+    def _pairs(cls, labels: list[str]) -> list[str]:
+        for label in labels:
+            if "=" not in label:
+                raise ValueError(f"{label!r} must be key=value")
+        return labels
+
+    def labels(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.label)
+
+
+class SpawnQuery(BaseModel):
+    """``POST /v1/workers?wait=ready&timeout=S``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wait: Literal["ready"] | None = None
+    timeout: Annotated[float, Field(gt=0, le=86400)] = 600.0
+
+
+class StopQuery(BaseModel):
+    """``POST /v1/workers/{id}/stop?timeout=S&wait=true``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: Annotated[float, Field(ge=0, le=86400)] | None = None
+    wait: bool = False
+
+
+class LogsQuery(BaseModel):
+    """``GET /v1/workers/{id}/logs?tail=N&follow=true``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tail: Annotated[int, Field(ge=0, le=1_000_000)] = 100
+    follow: bool = False

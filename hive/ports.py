@@ -1,0 +1,50 @@
+"""Ports for workers: from ``port_range``, checked by binding, never handed out twice.
+
+Allocation runs under the registry's lock (as part of a registry builder), and a port counts as
+taken while any worker holding resources has it, so two spawns can never get the same port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hive.devices.placement import holds_resources
+from hive.errors import Conflict, NoCapacity
+from hive.process import port_is_free
+from hive.registry import Entry
+
+
+class PortPool:
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+        self._next = low
+
+    def allocate(
+        self,
+        entries: Mapping[str, Entry],
+        worker_id: str,
+        *,
+        wanted: int | None = None,
+        previous: int | None = None,
+    ) -> int:
+        """A free port: ``wanted`` exactly, else ``previous`` if still free, else the next one."""
+        held = {
+            e.record.port: other
+            for other, e in entries.items()
+            if other != worker_id and holds_resources(e.record)
+        }
+        if wanted is not None:
+            if wanted in held:
+                raise Conflict(f"port: {wanted} is in use by worker {held[wanted]!r}")
+            if not port_is_free(wanted):
+                raise Conflict(f"port: {wanted} is in use by another process on this host")
+            return wanted
+        if previous is not None and previous not in held and port_is_free(previous):
+            return previous
+        size = self.high - self.low + 1
+        for step in range(size):
+            port = self.low + (self._next - self.low + step) % size
+            if port not in held and port_is_free(port):
+                self._next = port + 1 if port < self.high else self.low
+                return port
+        raise NoCapacity(f"no free port in port_range {self.low}-{self.high}")

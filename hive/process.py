@@ -1,0 +1,291 @@
+"""The OS level of running a worker: start it, notice its exit, end its whole tree.
+
+Policy lives in the supervisor; this module only does what it is told, the Linux way:
+
+- ``posix_spawnp`` with ``setsid``: no shell, each worker leads its own session and process group,
+  stdin is /dev/null and stdout/stderr are the worker's log file (a file, not a pipe, so a worker
+  outlives a crash of hive without a broken pipe).
+- CPU affinity is a property of the spawning *thread* and is inherited at clone, so the spawner
+  thread takes the worker's affinity just before the spawn: it is in force before the worker's
+  first instruction and every thread the worker starts inherits it.
+- Exit is noticed through a pidfd registered with the event loop, the moment it happens, with no
+  polling; hive's own children are then reaped with ``waitpid`` for their exit status.
+- A stop signals the process group and every process found in the worker's session or tree, each
+  through a pidfd so that a recycled pid is never signalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+_RESET_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """Everything needed to start one worker process."""
+
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    cpus: frozenset[int] | None = None
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exited with code 3``, ``killed by signal 9 (SIGKILL)``, or that the code is unknown."""
+    if returncode is None:
+        return "exited (exit status unknown: not hive's child)"
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = "unknown"
+    return f"killed by signal {-returncode} ({name})"
+
+
+def start_time(pid: int) -> float | None:
+    """The process's start time (seconds since the epoch), to tell it from a recycled pid."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+class Spawner:
+    """Starts processes from one dedicated thread, whose affinity each spawn borrows."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hive-spawn")
+        self._own_affinity = frozenset(os.sched_getaffinity(0))
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def start(self, launch: Launch) -> Process:
+        """Start the process; raises OSError (for example FileNotFoundError) if it cannot."""
+        loop = asyncio.get_running_loop()
+        pid = await loop.run_in_executor(self._executor, self._spawn, launch)
+        return Process.watch(pid, child=True)
+
+    def _spawn(self, launch: Launch) -> int:
+        fd = os.open(launch.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            actions = [
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, fd, 1),
+                (os.POSIX_SPAWN_DUP2, fd, 2),
+            ]
+            with self._lock:
+                if launch.cpus is not None:
+                    os.sched_setaffinity(0, launch.cpus)
+                try:
+                    return os.posix_spawnp(
+                        launch.argv[0],
+                        launch.argv,
+                        launch.env,
+                        file_actions=actions,
+                        setsid=True,
+                        setsigdef=_RESET_SIGNALS,
+                    )
+                finally:
+                    if launch.cpus is not None:
+                        os.sched_setaffinity(0, self._own_affinity)
+        finally:
+            os.close(fd)
+
+
+class Process:
+    """A running process watched through a pidfd; ``exited`` resolves when it is gone.
+
+    For hive's own children the result is the return code (negative: killed by that signal);
+    for a process hive did not start (adopted) it is None, because only the parent may know.
+    """
+
+    def __init__(self, pid: int, pidfd: int, child: bool) -> None:
+        self.pid = pid
+        self.child = child
+        self.returncode: int | None = None
+        self._pidfd: int | None = pidfd
+        self._loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int | None] = self._loop.create_future()
+        self._loop.add_reader(pidfd, self._on_exit)
+
+    @classmethod
+    def watch(cls, pid: int, *, child: bool) -> Process:
+        """Watch ``pid``; raises ProcessLookupError if it is already gone and reaped."""
+        pidfd = os.pidfd_open(pid)
+        return cls(pid, pidfd, child)
+
+    @property
+    def running(self) -> bool:
+        return not self.exited.done()
+
+    def _on_exit(self) -> None:
+        if self.child:
+            status: int | None
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: the status is lost
+                status = None
+            else:
+                if pid == 0:  # not exited after all
+                    return
+            self.returncode = os.waitstatus_to_exitcode(status) if status is not None else None
+        self._close()
+        if not self.exited.done():
+            self.exited.set_result(self.returncode)
+
+    def _close(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def signal(self, sig: int) -> None:
+        """Signal the process itself, never a recycled pid."""
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the worker's process group, while the leader is unreaped (so the id is ours)."""
+        if self.child and self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+        else:
+            self.signal(sig)
+
+    def detach(self) -> None:
+        """Stop watching without touching the process (hive exits and leaves it running)."""
+        self._close()
+        if not self.exited.done():
+            self.exited.cancel()
+
+
+@dataclass(slots=True)
+class _Member:
+    pid: int
+    pidfd: int
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Tree:
+    """The processes that belong to a worker: its session, its group and its descendants.
+
+    Each member is held through a pidfd from the moment it is found, so a signal can never
+    reach a process that merely inherited a recycled pid.
+    """
+
+    def __init__(self, leader: Process) -> None:
+        self.leader = leader
+        self._members: dict[int, _Member] = {}
+        self._loop = asyncio.get_running_loop()
+
+    def scan(self) -> None:
+        """Find members: descendants of the leader, and processes in its session or group."""
+        found: set[int] = set()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.update(p.pid for p in psutil.Process(self.leader.pid).children(recursive=True))
+        for pid in psutil.pids():
+            if pid == self.leader.pid or pid in self._members:
+                continue
+            with contextlib.suppress(OSError):
+                if os.getsid(pid) == self.leader.pid or os.getpgid(pid) == self.leader.pid:
+                    found.add(pid)
+        for pid in found - self._members.keys() - {self.leader.pid, os.getpid()}:
+            self._adopt(pid)
+
+    def _adopt(self, pid: int) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+        member = _Member(pid, pidfd)
+        self._members[pid] = member
+
+        def on_exit() -> None:
+            self._loop.remove_reader(pidfd)
+            member.gone.set()
+
+        self._loop.add_reader(pidfd, on_exit)
+
+    def signal(self, sig: int) -> None:
+        self.leader.signal_group(sig)
+        self.leader.signal(sig)
+        for member in self._members.values():
+            if not member.gone.is_set():
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(member.pidfd, sig)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until the leader and every member are gone; False if time ran out."""
+        waits: list[asyncio.Future[object]] = [asyncio.shield(self.leader.exited)]
+        waits += [asyncio.ensure_future(m.gone.wait()) for m in self._members.values()]
+        _, pending = await asyncio.wait(waits, timeout=timeout)
+        for future in pending:
+            future.cancel()
+        return not pending
+
+    def alive(self) -> list[int]:
+        pids = [self.leader.pid] if self.leader.running else []
+        return pids + [m.pid for m in self._members.values() if not m.gone.is_set()]
+
+    def close(self) -> None:
+        for member in self._members.values():
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(member.pidfd)
+            with contextlib.suppress(OSError):
+                os.close(member.pidfd)
+        self._members.clear()
+
+
+async def terminate(process: Process, timeout: float, kill_timeout: float = 5.0) -> bool:
+    """SIGTERM the worker's whole tree, SIGKILL whatever is left after ``timeout``.
+
+    Returns True when every process of the tree is gone.
+    """
+    tree = Tree(process)
+    try:
+        tree.scan()
+        tree.signal(signal.SIGTERM)
+        if await tree.wait(timeout):
+            tree.scan()  # a child may have been forked between the scan and the signal
+            if not tree.alive():
+                return True
+        tree.scan()
+        tree.signal(signal.SIGKILL)
+        return await tree.wait(kill_timeout)
+    finally:
+        tree.close()
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on ``port`` on any address (checked by binding the wildcard).
+
+    SO_REUSEADDR mirrors what servers set, so a connection lingering in TIME_WAIT does not count
+    as a listener, while any socket listening on the port, on any address, does.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
