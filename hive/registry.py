@@ -242,6 +242,8 @@ class Registry:
 
     def update_many(self, changes: Mapping[str, dict[str, Any]]) -> None:
         """Apply several ``update`` calls under one lock; unknown ids are skipped."""
+        if any("state" in fields for fields in changes.values()):
+            raise ValueError("the state changes only through transition()")
         with self._lock:
             for worker_id, fields in changes.items():
                 if (entry := self._entries.get(worker_id)) is not None:
