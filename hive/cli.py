@@ -1,33 +1,493 @@
-"""The ``hive`` command."""
+"""The ``hive`` command: ``hive serve`` runs the daemon; every other subcommand talks to it.
+
+The subcommands go through the same HTTP API an orchestrator uses (:mod:`hive.client`), over the
+unix socket when it is there, else over TCP with the token. Exit codes: 0 done, 1 failed (hive
+refused, the worker failed, hive could not be reached), 2 usage. An error is one line on stderr,
+never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
 
-from hive.config import ConfigError, load_config
+from pydantic import BaseModel, ValidationError
+
+from hive import __version__, tables
+from hive.client import HiveAPIError, HiveClient, HiveClientError
+from hive.models import LIVE_STATES, State, Worker
+
+OK, FAILED, USAGE = 0, 1, 2
+
+#: How many log lines ``hive spawn`` shows when a worker fails to start.
+FAILURE_TAIL = 20
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hive")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve")
-    serve.add_argument("--config")
-    serve.add_argument("--listen")
-    serve.add_argument("--socket")
-    serve.add_argument("--log-format", choices=["text", "json"], default="text")
-    args = parser.parse_args(argv)
-    from hive.daemon import serve as run
+class UsageError(Exception):
+    """A command line that parses but makes no sense; exits 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(USAGE, f"hive: {message}\n")
+
+
+# -- argument types --------------------------------------------------------------------------
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _cpus(text: str) -> int | list[int]:
+    """``4`` (a count) or ``0,1,2`` / ``0-3,8`` (core ids)."""
+    try:
+        if text.isdigit():
+            return int(text)
+        cores: list[int] = []
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cores.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count or core ids like 0-3,8: {text!r}"
+        ) from None
+    return cores
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds ≥ 0, got {text!r}")
+    return value
+
+
+# -- the parser --------------------------------------------------------------------------------
+
+
+def _globals(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--url`` and ``--token``, accepted before or after the subcommand."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--url",
+        default=default,
+        help="hive's API: http://HOST:PORT or unix:///PATH (env HIVE_URL; default: the unix "
+        "socket, then http://127.0.0.1:7070)",
+    )
+    parser.add_argument(
+        "--token", default=default, help="bearer token for TCP (env HIVE_TOKEN; default: file)"
+    )
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="hive", description="Node agent for inference workers.")
+    parser.add_argument("--version", action="version", version=f"hive {__version__}")
+    _globals(parser, top=True)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _globals(p, top=False)
+        return p
+
+    p = command("serve", "run the hive daemon in the foreground")
+    p.add_argument("--config", help="TOML file (env HIVE_CONFIG; default: <config dir>/hive.toml)")
+    p.add_argument("--listen", help="HOST:PORT for the TCP API")
+    p.add_argument("--socket", help="path of the unix socket")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+
+    p = command("spawn", "start a worker and wait until it is ready")
+    p.add_argument("model")
+    p.add_argument("--backend")
+    p.add_argument("--device", help="auto, cpu, gpu, CPU-n, GPU-n or a GPU UUID")
+    p.add_argument("--gpus", type=int)
+    p.add_argument("--cpus", type=_cpus, help="a count of cores, or core ids like 0-3,8")
+    p.add_argument("--gpu-memory", type=int, metavar="MIB")
+    p.add_argument("--port", type=int)
+    p.add_argument("--label", type=_pair, action="append", default=[], metavar="K=V")
+    p.add_argument("--env", type=_pair, action="append", default=[], metavar="K=V")
+    p.add_argument("--restart", choices=["no", "on-failure", "always"])
+    p.add_argument("--id")
+    p.add_argument("--no-register", action="store_true", help="keep it out of the routers")
+    p.add_argument("--no-wait", action="store_true", help="return once the process is started")
+    p.add_argument("--timeout", type=_positive, help="give up waiting after this many seconds")
+    p.add_argument("--json", action="store_true")
+
+    p = command("list", "list workers")
+    p.add_argument("--state", choices=[s.value for s in State])
+    p.add_argument("--model")
+    p.add_argument("--device")
+    p.add_argument("--label", type=_pair, action="append", default=[], metavar="K=V")
+    p.add_argument("--json", action="store_true")
+
+    p = command("show", "show one worker")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+
+    p = command("stop", "stop workers gracefully (SIGTERM, then SIGKILL after the timeout)")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--all", action="store_true", help="every running worker")
+    p.add_argument("--timeout", type=_positive, help="seconds before SIGKILL")
+    p.add_argument("--json", action="store_true")
+
+    p = command("rm", "forget stopped or failed workers")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("--force", action="store_true", help="stop running ones first")
+
+    p = command("restart", "stop a worker if running and start it again")
+    p.add_argument("id")
+    p.add_argument("--no-wait", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = command("logs", "print a worker's output")
+    p.add_argument("id")
+    p.add_argument("-n", "--tail", type=int, default=100, metavar="N", help="last N lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+
+    p = command("devices", "CPU nodes and GPUs with live figures")
+    p.add_argument("--json", action="store_true")
+
+    p = command("status", "the daemon, its devices and worker counts")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _print_json(data: BaseModel | list[BaseModel] | dict[str, Any]) -> None:
+    if isinstance(data, BaseModel):
+        text = data.model_dump_json(indent=2)
+    elif isinstance(data, list):
+        text = json.dumps([m.model_dump(mode="json") for m in data], indent=2)
+    else:
+        text = json.dumps(data, indent=2, default=str)
+    print(text)
+
+
+def _err(message: str) -> None:
+    print(f"hive: {message}", file=sys.stderr)
+
+
+class Progress:
+    """One status line on stderr while waiting: redrawn in place on a terminal, else per change."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+        self.start = time.monotonic()
+
+    def show(self, text: str) -> None:
+        line = f"{text} ({tables.duration(time.monotonic() - self.start)})"
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + line[:200])
+            sys.stderr.flush()
+        elif text != self.last:
+            print(line, file=sys.stderr)
+        self.last = text
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+async def _wait_ready(
+    client: HiveClient, record: Worker, timeout: float | None, progress: Progress
+) -> Worker:
+    """Follow a starting worker until it is ready, fails or stops, showing progress."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last_line = ""
+    polls = 0
+    while record.state == State.STARTING and record.desired == "running":
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        detail = f": {last_line}" if last_line else ""
+        progress.show(f"{record.id} starting on {record.device}, pid {record.pid}{detail}")
+        await asyncio.sleep(0.1)
+        record = await client.get(record.id)
+        polls += 1
+        if polls % 5 == 0:
+            tail = (await client.logs(record.id, tail=1)).strip()
+            last_line = tail.splitlines()[-1][:100] if tail else ""
+    progress.done()
+    return record
+
+
+async def _report_start(client: HiveClient, record: Worker, as_json: bool) -> int:
+    if as_json:
+        _print_json(record)
+    if record.state in (State.READY, State.BUSY):
+        if not as_json:
+            startup = ""
+            if record.started_at and record.ready_at:
+                startup = f" in {(record.ready_at - record.started_at).total_seconds():.2f}s"
+            print(
+                f"{record.id} ready{startup} at {record.url} on {record.device} (pid {record.pid})"
+            )
+        return OK
+    if record.state == State.STARTING:
+        _err(f"{record.id} is still starting; follow it with: hive logs -f {record.id}")
+        return FAILED
+    _err(f"{record.id} {record.state.value}: {record.error or 'no error recorded'}")
+    tail = (await client.logs(record.id, tail=FAILURE_TAIL)).rstrip()
+    if tail:
+        print(f"--- last lines of {record.id}'s log ---", file=sys.stderr)
+        print(tail, file=sys.stderr)
+    if record.next_restart_at is not None:
+        print(f"hive will restart it at {record.next_restart_at.isoformat()}", file=sys.stderr)
+    return FAILED
+
+
+async def cmd_spawn(client: HiveClient, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"model": args.model, "args": args.extra}
+    for key, value in (
+        ("backend", args.backend),
+        ("device", args.device),
+        ("gpus", args.gpus),
+        ("cpus", args.cpus),
+        ("gpu_memory_mib", args.gpu_memory),
+        ("port", args.port),
+        ("restart", args.restart),
+        ("id", args.id),
+    ):
+        if value is not None:
+            body[key] = value
+    if args.label:
+        body["labels"] = dict(args.label)
+    if args.env:
+        body["env"] = dict(args.env)
+    if args.no_register:
+        body["register"] = False
+    record = await client.spawn(body)
+    if args.no_wait:
+        if args.json:
+            _print_json(record)
+        else:
+            print(f"{record.id} starting at {record.url} on {record.device} (pid {record.pid})")
+        return OK
+    record = await _wait_ready(client, record, args.timeout, Progress())
+    return await _report_start(client, record, args.json)
+
+
+async def cmd_list(client: HiveClient, args: argparse.Namespace) -> int:
+    records = await client.list_workers(
+        state=args.state, model=args.model, device=args.device, labels=dict(args.label)
+    )
+    if args.json:
+        _print_json(
+            {"workers": [r.model_dump(mode="json") for r in records], "total": len(records)}
+        )
+    elif records:
+        print(tables.workers(records))
+    else:
+        print("no workers")
+    return OK
+
+
+async def cmd_show(client: HiveClient, args: argparse.Namespace) -> int:
+    record = await client.get(args.id)
+    if args.json:
+        _print_json(record)
+    else:
+        print(tables.worker(record))
+    return OK
+
+
+async def _each(ids: Sequence[str], action: Callable[[str], Awaitable[Worker]]) -> list[Worker]:
+    """Run ``action`` on every id concurrently; report each failure, raise if any failed."""
+    results = await asyncio.gather(*(action(i) for i in ids), return_exceptions=True)
+    done: list[Worker] = []
+    failed = False
+    for worker_id, result in zip(ids, results, strict=True):
+        if isinstance(result, HiveClientError):
+            _err(f"{worker_id}: {result}")
+            failed = True
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            done.append(result)
+    if failed:
+        raise _Failed
+    return done
+
+
+class _Failed(Exception):
+    """Some of the workers acted on failed; each was already reported."""
+
+
+async def cmd_stop(client: HiveClient, args: argparse.Namespace) -> int:
+    if args.all == bool(args.ids):
+        raise UsageError("name the workers to stop, or --all (not both)")
+    ids = list(args.ids)
+    if args.all:
+        ids = [
+            w.id
+            for w in await client.list_workers()
+            if w.state in LIVE_STATES or w.next_restart_at is not None
+        ]
+        if not ids:
+            print("no running workers")
+            return OK
+    records = await _each(ids, lambda i: client.stop(i, timeout=args.timeout, wait=True))
+    if args.json:
+        _print_json(records)
+    for record in records:
+        if not args.json:
+            print(f"{record.id} {record.state.value}")
+    return OK
+
+
+async def cmd_rm(client: HiveClient, args: argparse.Namespace) -> int:
+    async def remove(worker_id: str) -> Worker:
+        if not args.force:
+            record = await client.get(worker_id)
+            if record.state in LIVE_STATES:
+                raise HiveAPIError(
+                    409, "conflict", f"is {record.state.value}; stop it first or use --force"
+                )
+        return await client.delete(worker_id)
+
+    for record in await _each(args.ids, remove):
+        print(f"{record.id} removed")
+    return OK
+
+
+async def cmd_restart(client: HiveClient, args: argparse.Namespace) -> int:
+    record = await client.restart(args.id)
+    if args.no_wait:
+        if args.json:
+            _print_json(record)
+        else:
+            print(f"{record.id} {record.state.value} (pid {record.pid})")
+        return OK
+    record = await _wait_ready(client, record, None, Progress())
+    return await _report_start(client, record, args.json)
+
+
+async def cmd_logs(client: HiveClient, args: argparse.Namespace) -> int:
+    if args.tail < 0:
+        raise UsageError("-n must be 0 or more")
+    if not args.follow:
+        sys.stdout.write(await client.logs(args.id, tail=args.tail))
+        return OK
+    out = sys.stdout.buffer
+    async for chunk in client.follow_logs(args.id, tail=args.tail):
+        out.write(chunk)
+        out.flush()
+    return OK
+
+
+async def cmd_devices(client: HiveClient, args: argparse.Namespace) -> int:
+    devices = await client.devices()
+    if args.json:
+        _print_json(devices)
+    else:
+        print(tables.devices(devices))
+    return OK
+
+
+async def cmd_status(client: HiveClient, args: argparse.Namespace) -> int:
+    node = await client.node()
+    if args.json:
+        _print_json(node)
+    else:
+        print(tables.node(node))
+    return OK
+
+
+COMMANDS: dict[str, Callable[[HiveClient, argparse.Namespace], Awaitable[int]]] = {
+    "spawn": cmd_spawn,
+    "list": cmd_list,
+    "show": cmd_show,
+    "stop": cmd_stop,
+    "rm": cmd_rm,
+    "restart": cmd_restart,
+    "logs": cmd_logs,
+    "devices": cmd_devices,
+    "status": cmd_status,
+}
+
+
+async def _run(args: argparse.Namespace) -> int:
+    async with HiveClient(args.url, args.token) as client:
+        return await COMMANDS[args.command](client, args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hive.config import ConfigError, load_config
+    from hive.daemon import serve
 
     try:
         config = load_config(args.config)
+        updates = {}
+        if args.listen:
+            updates["listen"] = args.listen
+        if args.socket:
+            updates["socket"] = args.socket
+        if updates:
+            config = type(config).model_validate({**config.model_dump(), **updates})
     except ConfigError as exc:
-        print(f"hive: {exc}", file=sys.stderr)
-        return 1
-    updates = {}
-    if args.listen:
-        updates["listen"] = args.listen
-    if args.socket:
-        updates["socket"] = args.socket
-    config = config.model_copy(update=updates)
-    return run(config, args.log_format)
+        _err(str(exc))
+        return FAILED
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        key = ".".join(str(p) for p in problem["loc"])
+        _err(f"--{key}: {problem['msg'].removeprefix('Value error, ')}")
+        return USAGE
+    return serve(config, args.log_format)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first ``--`` of ``hive spawn`` goes to the worker untouched.
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(argv)
+    if extra and args.command != "spawn":
+        build_parser().error("arguments after -- are only for hive spawn")
+    args.extra = extra
+    if args.command == "serve":
+        return _serve(args)
+    try:
+        return asyncio.run(_run(args))
+    except UsageError as exc:
+        _err(str(exc))
+        return USAGE
+    except HiveAPIError as exc:
+        _err(exc.message)
+        return FAILED
+    except HiveClientError as exc:
+        _err(str(exc))
+        return FAILED
+    except _Failed:
+        return FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

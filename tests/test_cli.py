@@ -1,0 +1,206 @@
+"""The installed ``hive`` command, run as a subprocess against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+from hivetest import Hive, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def failed(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].strip(), result.stderr
+    return result.stderr
+
+
+def test_spawn_list_show_logs_stop_rm(hive: Hive) -> None:
+    out = ok(hive.cli("spawn", "tiny-model", "--id", "cli-a", "--label", "team=x"))
+    assert "cli-a ready" in out and "http://127.0.0.1:" in out
+
+    listing = ok(hive.cli("list"))
+    header, *rows = listing.splitlines()
+    assert header.split()[:5] == ["ID", "MODEL", "BACKEND", "DEVICE", "STATE"]
+    row = next(r for r in rows if r.startswith("cli-a "))
+    assert "tiny-model" in row and "demo" in row and "ready" in row
+
+    data = json.loads(ok(hive.cli("list", "--json", "--state", "ready")))
+    assert [w["id"] for w in data["workers"]] == ["cli-a"] and data["total"] == 1
+    assert json.loads(ok(hive.cli("list", "--json", "--model", "other")))["total"] == 0
+
+    shown = ok(hive.cli("show", "cli-a"))
+    assert "state" in shown and "ready" in shown and "team=x" in shown
+    record = json.loads(ok(hive.cli("show", "cli-a", "--json")))
+    assert record["labels"] == {"team": "x"} and psutil.pid_exists(record["pid"])
+
+    logs = ok(hive.cli("logs", "cli-a", "-n", "20"))
+    assert "ready_at=" in logs
+
+    out = ok(hive.cli("stop", "cli-a"))
+    assert "cli-a stopped" in out
+    assert not psutil.pid_exists(record["pid"])
+    assert json.loads(ok(hive.cli("show", "cli-a", "--json")))["state"] == "stopped"
+
+    ok(hive.cli("rm", "cli-a"))
+    failed(hive.cli("show", "cli-a"))
+
+
+def test_spawn_passes_args_after_double_dash(hive: Hive) -> None:
+    ok(hive.cli("spawn", "m", "--id", "cli-args", "--", "--latency-ms", "7"))
+    record = json.loads(ok(hive.cli("show", "cli-args", "--json")))
+    assert psutil.Process(record["pid"]).cmdline()[-2:] == ["--latency-ms", "7"]
+    ok(hive.cli("rm", "--force", "cli-args"))
+
+
+def test_spawn_failure_shows_error_and_log_tail(hive: Hive) -> None:
+    result = hive.cli(
+        "spawn", "m", "--id", "cli-dies", "--restart", "no", "--", "--fail-after", "0"
+    )
+    err = failed(result)
+    assert "exited with code 3" in err
+    assert "simulated failure" in err
+    assert "last lines of cli-dies's log" in err
+    ok(hive.cli("rm", "cli-dies"))
+
+
+def test_no_wait_restart_and_stop_all(hive: Hive) -> None:
+    out = ok(hive.cli("spawn", "m", "--id", "cli-b", "--no-wait"))
+    assert "cli-b starting" in out
+    ok(hive.cli("spawn", "m", "--id", "cli-c"))
+    first = json.loads(ok(hive.cli("show", "cli-c", "--json")))["pid"]
+    out = ok(hive.cli("restart", "cli-c"))
+    assert "cli-c ready" in out
+    again = json.loads(ok(hive.cli("show", "cli-c", "--json")))
+    assert again["pid"] != first and again["restarts"] == 1
+
+    out = ok(hive.cli("stop", "--all"))
+    assert "cli-b stopped" in out and "cli-c stopped" in out
+    states = {w["id"]: w["state"] for w in json.loads(ok(hive.cli("list", "--json")))["workers"]}
+    assert states["cli-b"] == "stopped" and states["cli-c"] == "stopped"
+    ok(hive.cli("rm", "cli-b", "cli-c"))
+    assert "no workers" in ok(hive.cli("list"))
+
+
+def test_rm_refuses_a_running_worker_without_force(hive: Hive) -> None:
+    ok(hive.cli("spawn", "m", "--id", "cli-run"))
+    err = failed(hive.cli("rm", "cli-run"))
+    assert "--force" in err
+    assert json.loads(ok(hive.cli("show", "cli-run", "--json")))["state"] == "ready"
+    ok(hive.cli("rm", "--force", "cli-run"))
+    failed(hive.cli("show", "cli-run"))
+
+
+def test_logs_follow_ends_when_the_worker_stops(hive: Hive) -> None:
+    ok(hive.cli("spawn", "m", "--id", "cli-f"))
+    env = {**hive.env, "HIVE_URL": f"unix://{hive.socket}"}
+    hive_cmd = [os.path.join(os.path.dirname(sys.executable), "hive")]
+    follower = subprocess.Popen(
+        [*hive_cmd, "logs", "-f", "cli-f"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        ok(hive.cli("stop", "cli-f"))
+        out, _ = follower.communicate(timeout=30)
+        assert follower.returncode == 0
+        assert "ready_at=" in out
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    ok(hive.cli("rm", "cli-f"))
+
+
+def test_devices_and_status(hive: Hive) -> None:
+    out = ok(hive.cli("devices"))
+    assert out.splitlines()[0].split()[:3] == ["CPU", "CORES", "MEMORY"]
+    assert "CPU-0" in out and "GPUs: none" in out
+    data = json.loads(ok(hive.cli("devices", "--json")))
+    assert data["gpus"] == [] and data["cpus"][0]["id"] == "CPU-0"
+    out = ok(hive.cli("status"))
+    assert out.startswith("hive ") and "workers" in out
+    node = json.loads(ok(hive.cli("status", "--json")))
+    assert node["devices"]["cpus"] >= 1
+
+
+def test_tcp_with_and_without_token(hive: Hive) -> None:
+    tcp = {"HIVE_URL": hive.url}
+    ok(hive.cli("list", env={**tcp, "HIVE_TOKEN": hive.token}))
+    ok(hive.cli("--url", hive.url, "--token", hive.token, "status"))
+    ok(hive.cli("status", "--url", hive.url, "--token", hive.token))  # global after subcommand
+    err = failed(hive.cli("list", env={**tcp, "HIVE_TOKEN": "wrong"}))
+    assert "token" in err.lower()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["spawn"],
+        ["spawn", "m", "--label", "novalue"],
+        ["spawn", "m", "--cpus", "a-b"],
+        ["spawn", "m", "--restart", "sometimes"],
+        ["list", "--state", "sleeping"],
+        ["stop"],
+        ["stop", "x", "--all"],
+        ["logs", "x", "-n", "-3"],
+        ["list", "--", "x"],
+    ],
+)
+def test_usage_errors_exit_2(hive: Hive, argv: list[str]) -> None:
+    result = hive.cli(*argv)
+    failed(result, code=2)
+
+
+def test_refused_spawn_exits_1_with_the_field(hive: Hive) -> None:
+    err = failed(hive.cli("spawn", "m", "--id", "Bad Id"))
+    assert "id" in err
+    err = failed(hive.cli("spawn", "m", "--device", "gpu"))
+    assert "GPU" in err
+    err = failed(hive.cli("show", "nobody"))
+    assert "nobody" in err
+    ids = [w["id"] for w in json.loads(ok(hive.cli("list", "--json")))["workers"]]
+    assert "Bad Id" not in ids and all(w.startswith(("cli-", "t")) for w in ids)
+
+
+def test_unreachable_hive_is_one_line(hive: Hive) -> None:
+    err = failed(hive.cli("list", env={"HIVE_URL": "http://127.0.0.1:9"}))
+    assert len(err.strip().splitlines()) == 1 and "cannot reach hive" in err
+
+
+def test_serve_refuses_a_bad_config(hive: Hive) -> None:
+    bad = hive.home / "bad.toml"
+    bad.write_text('stop_timeout = "soon"\n')
+    err = failed(hive.cli("serve", "--config", str(bad)))
+    assert "stop_timeout" in err and str(bad) in err
+    err = failed(hive.cli("serve", "--config", str(hive.home / "missing.toml")))
+    assert "missing.toml" in err
+
+
+def test_sigterm_stops_every_worker_and_exits_0() -> None:
+    from hivetest import running_hive
+
+    with running_hive() as daemon:
+        ok(daemon.cli("spawn", "m", "--id", "t1"))
+        ok(daemon.cli("spawn", "m", "--id", "t2", "--no-wait"))
+        pids = [json.loads(ok(daemon.cli("show", w, "--json")))["pid"] for w in ("t1", "t2")]
+        daemon.signal(signal.SIGTERM)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(30) == 0
+        daemon.proc = None
+        wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 10, what="workers gone")
+        assert not daemon.socket.exists()
