@@ -227,8 +227,9 @@ async def _wait_ready(
         record = await client.get(record.id)
         polls += 1
         if polls % 5 == 0:
-            tail = (await client.logs(record.id, tail=1)).strip()
-            last_line = tail.splitlines()[-1][:100] if tail else ""
+            lines = (await client.logs(record.id, tail=5)).splitlines()
+            output = [line for line in lines if line.strip() and not line.startswith("--- hive:")]
+            last_line = output[-1][:100] if output else last_line
     progress.done()
     return record
 

@@ -75,6 +75,8 @@ class BackendConfig(BaseModel):
     @field_validator("health_path")
     @classmethod
     def _absolute(cls, path: str | None) -> str | None:
+        if path == "":
+            return None  # no probe: the worker is ready when it heartbeats ``ready``
         if path is not None and not path.startswith("/"):
             raise ValueError("must start with '/'")
         return path

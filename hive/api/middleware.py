@@ -38,7 +38,11 @@ def error_response(error: HiveError, fields: list[dict[str, str]] | None = None)
             code=error.code, message=error.message, worker=error.worker, fields=fields
         )
     )
-    return web.json_response(text=body.model_dump_json(exclude_none=True), status=error.status)
+    # Leave out ``worker`` and ``fields`` when absent, but keep a record's null fields: a worker
+    # in an error has every field of §4, as everywhere else.
+    unset = {name for name in ("worker", "fields") if getattr(body.error, name) is None}
+    text = body.model_dump_json(exclude={"error": unset})
+    return web.json_response(text=text, status=error.status)
 
 
 _TYPE_TAG = re.compile(
