@@ -160,6 +160,10 @@ def build_parser() -> Parser:
     p.add_argument("-n", "--tail", type=int, default=100, metavar="N", help="last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
 
+    p = command("events", "follow every worker state change as it happens")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    p.add_argument("--since", type=int, metavar="SEQ", help="replay the events after SEQ first")
+
     p = command("devices", "CPU nodes and GPUs with live figures")
     p.add_argument("--json", action="store_true")
 
@@ -398,6 +402,20 @@ async def cmd_logs(client: HiveClient, args: argparse.Namespace) -> int:
     return OK
 
 
+async def cmd_events(client: HiveClient, args: argparse.Namespace) -> int:
+    async for event in client.events(args.since):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif event.get("reset"):
+            print(f"(events before {event['oldest']} are gone; list the workers again)", flush=True)
+        else:
+            worker = event["worker"]
+            change = f"{event['from'] or '-'} -> {event['to'] or 'forgotten'}"
+            detail = f"  {worker['error']}" if event["to"] == "failed" and worker["error"] else ""
+            print(f"{event['seq']:>6}  {event['at']}  {event['id']}  {change}{detail}", flush=True)
+    return OK
+
+
 async def cmd_devices(client: HiveClient, args: argparse.Namespace) -> int:
     devices = await client.devices()
     if args.json:
@@ -424,6 +442,7 @@ COMMANDS: dict[str, Callable[[HiveClient, argparse.Namespace], Awaitable[int]]] 
     "rm": cmd_rm,
     "restart": cmd_restart,
     "logs": cmd_logs,
+    "events": cmd_events,
     "devices": cmd_devices,
     "status": cmd_status,
 }

@@ -14,6 +14,7 @@ async with HiveClient("http://10.0.0.5:7070", token="...") as hive:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
@@ -225,6 +226,38 @@ class HiveClient:
                     raise _api_error(response.status, body)
                 async for chunk in response.content.iter_any():
                     yield chunk
+        except aiohttp.ClientConnectionError as exc:
+            raise HiveConnectionError(f"cannot reach hive at {self.url}: {exc}") from None
+
+    async def events(self, last_event_id: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Follow ``/v1/events``: each change as ``{seq, at, id, from, to, worker}``, in order.
+
+        Pass the ``seq`` of the last event you handled as ``last_event_id`` to resume after a
+        lost connection. When hive no longer holds the events you missed, an event with
+        ``{"reset": true, "oldest": seq}`` comes first: list the workers again.
+        """
+        headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+        try:
+            async with self._http().get(f"{self._base}/v1/events", headers=headers) as response:
+                if response.status >= 400:
+                    raise _api_error(response.status, await response.json())
+                kind, data = "message", ""
+                async for raw in response.content:
+                    line = raw.decode().rstrip("\r\n")
+                    if line.startswith(":"):
+                        continue
+                    if line:
+                        name, _, value = line.partition(":")
+                        value = value.removeprefix(" ")
+                        if name == "event":
+                            kind = value
+                        elif name == "data":
+                            data += value
+                        continue
+                    if data:
+                        event = json.loads(data)
+                        yield {"reset": True, **event} if kind == "reset" else event
+                    kind, data = "message", ""
         except aiohttp.ClientConnectionError as exc:
             raise HiveConnectionError(f"cannot reach hive at {self.url}: {exc}") from None
 

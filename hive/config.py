@@ -163,6 +163,9 @@ class Config(BaseModel):
     retention: Annotated[float, Field(ge=0)] = 3600.0
     max_log_bytes: Annotated[int, Field(ge=4096)] = 50_000_000
     metrics_public: bool = False
+    events_keepalive: Annotated[float, Field(gt=0)] = 15.0
+    events_buffer: Annotated[int, Field(ge=1)] = 10_000
+    events_queue: Annotated[int, Field(ge=1)] = 1_000
     restart_delay: Annotated[float, Field(gt=0)] = 1.0
     restart_delay_max: Annotated[float, Field(gt=0)] = 60.0
     restart_reset_after: Annotated[float, Field(ge=0)] = 600.0

@@ -10,6 +10,7 @@ from hive import __version__
 from hive.config import Config
 from hive.devices.cpu import CpuNode
 from hive.devices.placement import Placer
+from hive.events import EventHub
 from hive.logs import Logs
 from hive.registry import Registry, now
 from hive.supervisor import Supervisor
@@ -25,6 +26,7 @@ class Context:
     cpu_nodes: list[CpuNode]
     gpu_error: str | None
     token: str
+    events: EventHub
     version: str = __version__
     hostname: str = field(default_factory=socket.gethostname)
     started_at: datetime = field(default_factory=now)

@@ -28,6 +28,7 @@ from hive.context import Context
 from hive.devices import cpu
 from hive.devices.gpu import nvml_error
 from hive.devices.placement import Placer
+from hive.events import EventHub
 from hive.logs import Logs
 from hive.registry import Registry
 from hive.supervisor import Supervisor
@@ -138,7 +139,11 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot use state_dir {config.state_path}: {exc}") from None
         supervisor = Supervisor(config, registry, placer, logs, _api_url(config))
-        self.context = Context(config, registry, supervisor, logs, placer, nodes, gpu_error, token)
+        events = EventHub(registry, config.events_buffer, config.events_queue)
+        events.start()
+        self.context = Context(
+            config, registry, supervisor, logs, placer, nodes, gpu_error, token, events
+        )
         await self._listen(create_app(self.context))
         await supervisor.start()
         log.info("hive listening on %s and %s", config.listen, config.socket_path)
@@ -147,6 +152,7 @@ class Daemon:
         finally:
             log.info("shutting down (on_exit = %s)", config.on_exit)
             await supervisor.close()
+            events.close()
             if self._runner is not None:
                 await self._runner.cleanup()
             with contextlib.suppress(FileNotFoundError):
@@ -155,7 +161,9 @@ class Daemon:
 
     async def _listen(self, app: web.Application) -> None:
         config = self.config
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=5.0
+        )
         await self._runner.setup()
         try:
             await web.TCPSite(

@@ -295,6 +295,12 @@ class StopQuery(BaseModel):
     wait: bool = False
 
 
+class EventsQuery(BaseModel):
+    """Query of ``GET /v1/events``; the ``Last-Event-ID`` header takes precedence."""
+
+    last_event_id: Annotated[int, Field(ge=0)] | None = None
+
+
 class LogsQuery(BaseModel):
     """``GET /v1/workers/{id}/logs?tail=N&follow=true``."""
 

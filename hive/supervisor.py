@@ -236,6 +236,11 @@ class Supervisor:
         finally:
             unsubscribe()
 
+    @property
+    def closing(self) -> bool:
+        """True once hive has begun shutting down."""
+        return self._closing
+
     def _refuse_if_closing(self) -> None:
         if self._closing:
             raise Conflict("hive is shutting down")

@@ -241,12 +241,17 @@ class Hive:
             timeout=aiohttp.ClientTimeout(total=120),
         )
 
+    @staticmethod
+    def cli_command() -> list[str]:
+        """The installed ``hive`` command of this venv."""
+        hive = Path(sys.executable).with_name("hive")
+        return [str(hive)] if hive.exists() else [sys.executable, "-m", "hive"]
+
     def cli(
         self, *args: str, timeout: float = 60.0, env: Mapping[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run the installed ``hive`` command against this daemon (over its unix socket)."""
-        hive = Path(sys.executable).with_name("hive")
-        command = [str(hive)] if hive.exists() else [sys.executable, "-m", "hive"]
+        command = self.cli_command()
         full_env = {**self.env, "HIVE_URL": f"unix://{self.socket}", **(env or {})}
         return subprocess.run(
             [*command, *args],

@@ -1,0 +1,230 @@
+"""``GET /v1/events``: ordered Server-Sent Events, resume, keep-alive, slow clients, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from hivetest import Hive, async_wait_for, running_hive
+
+pytestmark = pytest.mark.timeout(120)
+
+CONFIG = "events_keepalive = 0.2\nevents_buffer = 50\nevents_queue = 5\n"
+
+
+@pytest.fixture(scope="module")
+def hive() -> Iterator[Hive]:
+    with running_hive(CONFIG) as daemon:
+        yield daemon
+
+
+async def sse(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """Each SSE message as {event, id, data, comment}, parsed from the raw wire format."""
+    message: dict[str, Any] = {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if line == "":
+            if message:
+                yield message
+            message = {}
+        elif line.startswith(":"):
+            yield {"comment": line[1:].strip()}
+        else:
+            name, _, value = line.partition(": ")
+            message[name] = json.loads(value) if name == "data" else value
+
+
+async def next_events(stream: AsyncIterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while len(got) < n:
+        message = await asyncio.wait_for(anext(stream), 30)
+        if "comment" not in message:
+            got.append(message)
+    return got
+
+
+async def spawn(s: aiohttp.ClientSession, worker_id: str) -> dict[str, Any]:
+    async with s.post(
+        "/v1/workers", params={"wait": "ready"}, json={"model": "m", "id": worker_id}
+    ) as r:
+        assert r.status == 200
+        return await r.json()
+
+
+async def test_every_change_in_order_with_its_sequence(hive: Hive) -> None:
+    async with hive.session() as s, s.get("/v1/events") as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        stream = sse(r)
+        await spawn(s, "ev-a")
+        async with s.post("/v1/workers/ev-a/stop", params={"wait": "true"}) as stop:
+            assert stop.status == 200
+        async with s.delete("/v1/workers/ev-a") as gone:
+            assert gone.status == 200
+        events = await next_events(stream, 4)
+    assert [e["event"] for e in events] == ["worker"] * 4
+    changes = [(e["data"]["from"], e["data"]["to"]) for e in events]
+    assert changes == [
+        (None, "starting"),
+        ("starting", "ready"),
+        ("ready", "stopped"),
+        ("stopped", None),
+    ]
+    seqs = [e["data"]["seq"] for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+    assert [int(e["id"]) for e in events] == seqs
+    for e in events:
+        assert set(e["data"]) == {"seq", "at", "id", "from", "to", "worker"}
+        assert e["data"]["id"] == "ev-a" and e["data"]["worker"]["id"] == "ev-a"
+    assert events[1]["data"]["worker"]["state"] == "ready"
+
+
+async def test_resume_with_last_event_id(hive: Hive) -> None:
+    async with hive.session() as s:
+        async with s.get("/v1/events") as r:
+            stream = sse(r)
+            await spawn(s, "ev-b")
+            ready = (await next_events(stream, 2))[-1]
+        # Disconnected; meanwhile the worker stops. Resuming replays what was missed.
+        async with s.post("/v1/workers/ev-b/stop", params={"wait": "true"}):
+            pass
+        async with s.get("/v1/events", headers={"Last-Event-ID": ready["id"]}) as r:
+            (missed,) = await next_events(sse(r), 1)
+        assert missed["data"]["seq"] == int(ready["id"]) + 1
+        assert (missed["data"]["from"], missed["data"]["to"]) == ("ready", "stopped")
+        async with s.delete("/v1/workers/ev-b"):
+            pass
+
+
+async def test_too_old_last_event_id_says_reset(hive: Hive) -> None:
+    async with hive.session() as s:
+        await spawn(s, "ev-c")
+        await _worker_heartbeats(s, "ev-c", 60)  # more changes than the ring keeps
+        async with s.get("/v1/events", headers={"Last-Event-ID": "0"}) as r:
+            first = (await next_events(sse(r), 1))[0]
+        assert first["event"] == "reset" and first["data"]["oldest"] > 1
+        async with s.delete("/v1/workers/ev-c"):
+            pass
+
+
+async def _worker_heartbeats(s: aiohttp.ClientSession, worker_id: str, n: int) -> int:
+    """``n`` ready/busy flips of a worker, each one a state change."""
+    for i in range(n):
+        body = {"state": "busy" if i % 2 == 0 else "ready", "in_flight": i % 2}
+        async with s.post(f"/v1/workers/{worker_id}/heartbeat", json=body) as r:
+            assert r.status == 200
+    return n
+
+
+async def test_keep_alive_comments(hive: Hive) -> None:
+    async with hive.session() as s, s.get("/v1/events") as r:
+        stream = sse(r)
+        comments = 0
+        while comments < 3:
+            message = await asyncio.wait_for(anext(stream), 10)
+            comments += message.get("comment") == "keep-alive"
+
+
+async def test_bad_last_event_id_is_422(hive: Hive) -> None:
+    async with hive.session() as s, s.get("/v1/events", headers={"Last-Event-ID": "x"}) as r:
+        assert r.status == 422
+        assert (await r.json())["error"]["code"] == "invalid"
+
+
+async def test_a_client_that_stops_reading_is_cut_off(hive: Hive) -> None:
+    """It cannot make hive hold more than a bounded backlog: past it, the stream is dropped."""
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.connect(("127.0.0.1", hive.port))
+    request = f"GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {hive.token}\r\n\r\n"
+    reader.sendall(request.encode())
+    try:
+        async with hive.session() as s:
+            await spawn(s, "ev-slow")
+            # Each flip is an event of about 1 KB that the reader never reads.
+            flips = 0
+            while flips < 3000:
+                flips += await _worker_heartbeats(s, "ev-slow", 100)
+                if _closed_by_peer(reader):
+                    break
+            assert _closed_by_peer(reader), "hive kept streaming to a client that reads nothing"
+            assert flips < 3000
+            async with s.delete("/v1/workers/ev-slow"):
+                pass
+    finally:
+        reader.close()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Drain what is buffered; True once hive has closed or reset the connection."""
+    sock.setblocking(False)
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+async def test_cli_events_json(hive: Hive) -> None:
+    lines: list[dict[str, Any]] = []
+    async with hive.session() as s:
+        await spawn(s, "ev-cli")
+        proc = subprocess.Popen(
+            [*hive.cli_command(), "events", "--json"],
+            env={**hive.env, "HIVE_URL": f"unix://{hive.socket}"},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(json.loads(line))
+
+        reading = asyncio.create_task(asyncio.to_thread(read))
+        try:
+            # Flip the worker busy/ready until the CLI, once connected, has printed a change.
+            async def printed() -> bool:
+                if not lines:
+                    await _worker_heartbeats(s, "ev-cli", 1)
+                return bool(lines)
+
+            await async_wait_for(
+                printed,
+                timeout=30,
+                interval=0.1,
+                what="hive events to print a change",
+            )
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            await reading
+        async with s.delete("/v1/workers/ev-cli"):
+            pass
+    assert lines[0]["id"] == "ev-cli" and lines[0]["to"] in ("busy", "ready")
+    assert set(lines[0]) == {"seq", "at", "id", "from", "to", "worker"}
+
+
+async def test_shutdown_ends_event_streams() -> None:
+    with running_hive(CONFIG) as daemon:
+        async with daemon.session() as s, s.get("/v1/events") as r:
+            stream = sse(r)
+            await asyncio.wait_for(anext(stream), 10)  # connected
+            daemon.signal(15)
+            assert daemon.proc is not None
+            assert await asyncio.to_thread(daemon.proc.wait, 30) == 0
+            daemon.proc = None
+            with pytest.raises((StopAsyncIteration, aiohttp.ClientError)):
+                while True:
+                    await asyncio.wait_for(anext(stream), 10)
+    await async_wait_for(lambda: True)
