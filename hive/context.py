@@ -12,6 +12,7 @@ from hive.devices.cpu import CpuNode
 from hive.devices.placement import Placer
 from hive.events import EventHub
 from hive.logs import Logs
+from hive.metrics import Metrics
 from hive.registry import Registry, now
 from hive.supervisor import Supervisor
 
@@ -27,6 +28,7 @@ class Context:
     gpu_error: str | None
     token: str
     events: EventHub
+    metrics: Metrics
     version: str = __version__
     hostname: str = field(default_factory=socket.gethostname)
     started_at: datetime = field(default_factory=now)

@@ -30,6 +30,7 @@ from hive.devices.gpu import nvml_error
 from hive.devices.placement import Placer
 from hive.events import EventHub
 from hive.logs import Logs
+from hive.metrics import Metrics
 from hive.registry import Registry
 from hive.supervisor import Supervisor
 
@@ -138,11 +139,13 @@ class Daemon:
             logs = Logs(config.logs_path, config.max_log_bytes)
         except OSError as exc:
             raise StartupError(f"cannot use state_dir {config.state_path}: {exc}") from None
-        supervisor = Supervisor(config, registry, placer, logs, _api_url(config))
+        metrics = Metrics(registry)
+        supervisor = Supervisor(config, registry, placer, logs, _api_url(config), metrics)
         events = EventHub(registry, config.events_buffer, config.events_queue)
         events.start()
+        metrics.event_clients.set_function(lambda: events.clients)
         self.context = Context(
-            config, registry, supervisor, logs, placer, nodes, gpu_error, token, events
+            config, registry, supervisor, logs, placer, nodes, gpu_error, token, events, metrics
         )
         await self._listen(create_app(self.context))
         await supervisor.start()
@@ -153,6 +156,7 @@ class Daemon:
             log.info("shutting down (on_exit = %s)", config.on_exit)
             await supervisor.close()
             events.close()
+            metrics.close()
             if self._runner is not None:
                 await self._runner.cleanup()
             with contextlib.suppress(FileNotFoundError):

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,8 @@ class Process:
         self.pid = pid
         self.child = child
         self.returncode: int | None = None
+        #: ``time.monotonic()`` when the exit was noticed (the pidfd turned readable).
+        self.exited_at: float | None = None
         self._pidfd: int | None = pidfd
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int | None] = self._loop.create_future()
@@ -136,6 +139,7 @@ class Process:
         return not self.exited.done()
 
     def _on_exit(self) -> None:
+        noticed = time.monotonic()
         if self.child:
             status: int | None
             try:
@@ -146,6 +150,7 @@ class Process:
                 if pid == 0:  # not exited after all
                     return
             self.returncode = os.waitstatus_to_exitcode(status) if status is not None else None
+        self.exited_at = noticed
         self._close()
         if not self.exited.done():
             self.exited.set_result(self.returncode)

@@ -29,6 +29,7 @@ from hive.config import BackendConfig, Config
 from hive.devices.placement import Placer
 from hive.errors import Conflict, Invalid
 from hive.logs import Logs
+from hive.metrics import Metrics
 from hive.models import DOWN_STATES, LIVE_STATES, Heartbeat, SpawnRequest, State, Worker
 from hive.ports import PortPool
 from hive.process import Launch, Process, Spawner, describe_exit, terminate
@@ -82,8 +83,10 @@ class Supervisor:
         placer: Placer,
         logs: Logs,
         api_url: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.registry = registry
         self.placer = placer
         self.logs = logs
@@ -505,6 +508,8 @@ class Supervisor:
             self._sweep(run)
             return Outcome.EXITED
         self._fail(run.id, error, code)
+        if self.metrics is not None and run.process.exited_at is not None:
+            self.metrics.crash_detection.observe(time.monotonic() - run.process.exited_at)
         self._sweep(run)
         return Outcome.FAILED
 

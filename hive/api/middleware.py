@@ -11,6 +11,7 @@ import hmac
 import logging
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -99,9 +100,36 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def _open(request: web.Request) -> bool:
+    """Routes anyone may read: /health, /openapi.json, and /metrics if ``metrics_public``."""
+    if request.path == "/metrics":
+        return request.app[CONTEXT].config.metrics_public
+    return not request.path.startswith("/v1")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Time every request by its route's pattern (not its path: worker ids stay out of labels)."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        route = request.match_info.route.resource
+        pattern = route.canonical if route is not None else "unmatched"
+        request.app[CONTEXT].metrics.http_requests.labels(
+            request.method, pattern, str(status)
+        ).observe(time.perf_counter() - started)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not request.path.startswith("/v1") or _over_unix_socket(request):
+    if _open(request) or _over_unix_socket(request):
         return await handler(request)
     context = request.app[CONTEXT]
     token = _bearer(request)

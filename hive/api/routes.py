@@ -16,6 +16,7 @@ from hive.context import Context
 from hive.devices import cpu
 from hive.errors import BadRequest, Conflict, Invalid
 from hive.events import Closed, Overflow, Subscription
+from hive.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hive.models import (
     LIVE_STATES,
     Devices,
@@ -180,6 +181,12 @@ async def logs(request: web.Request) -> web.StreamResponse:
         await response.write(chunk)
     await response.write_eof()
     return response
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = _context(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 @routes.get("/v1/events")
