@@ -59,6 +59,10 @@ class BackendConfig(BaseModel):
     startup_timeout: Annotated[float, Field(gt=0)] = 120.0
     gpu: bool | Literal["optional"] = "optional"
     env: dict[str, str] = {}
+    #: Once ready, the health path is probed every ``liveness_period`` seconds; this many
+    #: failures in a row make the worker ``failed``.
+    liveness_period: Annotated[float, Field(gt=0)] = 5.0
+    liveness_failures: Annotated[int, Field(ge=1)] = 3
 
     @field_validator("command")
     @classmethod

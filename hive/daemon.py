@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from hive.devices import cpu
 from hive.devices.gpu import nvml_error
 from hive.devices.placement import Placer
 from hive.events import EventHub
+from hive.journal import Journal
 from hive.logs import Logs
 from hive.metrics import Metrics
 from hive.registry import Registry
@@ -123,6 +125,7 @@ class Daemon:
         self.config = config
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self._lock_fd: int | None = None
         self.context: Context | None = None
 
     def request_stop(self) -> None:
@@ -131,6 +134,7 @@ class Daemon:
     async def run(self) -> None:
         config = self.config
         token = load_token(config)
+        self._lock_state_dir()
         registry = Registry(config.retention)
         nodes = cpu.discover()
         gpu_error = await asyncio.to_thread(nvml_error)
@@ -139,22 +143,40 @@ class Daemon:
             logs = Logs(config.logs_path, config.max_log_bytes)
         except OSError as exc:
             raise StartupError(f"cannot use state_dir {config.state_path}: {exc}") from None
+        journal = Journal(config.state_path / "journal.json", registry)
+        saved = journal.load()
         metrics = Metrics(registry)
-        supervisor = Supervisor(config, registry, placer, logs, _api_url(config), metrics)
+        supervisor = Supervisor(config, registry, placer, logs, _api_url(config), metrics, journal)
         events = EventHub(registry, config.events_buffer, config.events_queue)
         events.start()
         metrics.event_clients.set_function(lambda: events.clients)
         self.context = Context(
             config, registry, supervisor, logs, placer, nodes, gpu_error, token, events, metrics
         )
-        await self._listen(create_app(self.context))
         await supervisor.start()
+        # Adopt before serving, so no request ever sees a registry without the old workers.
+        counts = supervisor.adopt(saved)
+        if saved:
+            log.info(
+                "journal: adopted %d running worker(s), %d gone while hive was down, "
+                "%d stopped or failed record(s) restored",
+                counts["adopted"],
+                counts["gone"],
+                counts["restored"],
+            )
+        try:
+            await self._listen(create_app(self.context))
+        except StartupError:
+            await supervisor.close(detach=True)  # not ours to stop: leave them to a good hive
+            raise
+        journal.start()
         log.info("hive listening on %s and %s", config.listen, config.socket_path)
         try:
             await self._stopping.wait()
         finally:
             log.info("shutting down (on_exit = %s)", config.on_exit)
             await supervisor.close()
+            await journal.close()
             events.close()
             metrics.close()
             if self._runner is not None:
@@ -162,6 +184,22 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 config.socket_path.unlink()
         log.info("hive stopped")
+
+    def _lock_state_dir(self) -> None:
+        """One hive per state_dir: two would adopt the same workers."""
+        path = self.config.state_path
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path / "hive.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StartupError(f"cannot use state_dir {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"another hive is running with state_dir {path}") from None
+        os.set_inheritable(fd, False)
+        self._lock_fd = fd  # held until the process exits
 
     async def _listen(self, app: web.Application) -> None:
         config = self.config

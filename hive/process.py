@@ -169,7 +169,10 @@ class Process:
 
     def signal_group(self, sig: int) -> None:
         """Signal the worker's process group, while the leader is unreaped (so the id is ours)."""
-        if self.child and self._pidfd is not None:
+        # The group id is the leader's pid (it called setsid) and cannot be reused while the
+        # leader lives: for our unreaped child that is certain, for an adopted one while the
+        # pidfd still says it runs.
+        if self._pidfd is not None and (self.child or self.running):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, sig)
         else:

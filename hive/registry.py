@@ -203,6 +203,15 @@ class Registry:
             self._publish(worker_id, None, State.STARTING, record)
             return record
 
+    def restore(self, spec: SpawnRequest, token: str, record: Worker) -> Worker:
+        """Put back a record from the journal as it was (any state), for adoption at start."""
+        with self._lock:
+            if record.id in self._entries:
+                raise DuplicateWorker(record.id)
+            self._entries[record.id] = Entry(record, spec, token)
+            self._publish(record.id, None, record.state, record)
+            return record
+
     def transition(
         self,
         worker_id: str,

@@ -24,15 +24,17 @@ from enum import Enum
 from typing import Any
 
 import aiohttp
+import psutil
 
 from hive.config import BackendConfig, Config
 from hive.devices.placement import Placer
 from hive.errors import Conflict, Invalid
+from hive.journal import Journal, Saved
 from hive.logs import Logs
 from hive.metrics import Metrics
 from hive.models import DOWN_STATES, LIVE_STATES, Heartbeat, SpawnRequest, State, Worker
 from hive.ports import PortPool
-from hive.process import Launch, Process, Spawner, describe_exit, terminate
+from hive.process import Launch, Process, Spawner, describe_exit, start_time, terminate
 from hive.registry import Change, Entry, Registry, UnknownWorker, now
 
 log = logging.getLogger("hive.supervisor")
@@ -84,9 +86,11 @@ class Supervisor:
         logs: Logs,
         api_url: str,
         metrics: Metrics | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        self.journal = journal
         self.registry = registry
         self.placer = placer
         self.logs = logs
@@ -104,15 +108,17 @@ class Supervisor:
         self._http = aiohttp.ClientSession(timeout=_PROBE_TIMEOUT)
         self._housekeeping = asyncio.create_task(self._housekeep(), name="hive-housekeeping")
 
-    async def close(self) -> None:
+    async def close(self, detach: bool | None = None) -> None:
         """Stop every worker (``on_exit = "stop"``) or leave them running (``"detach"``)."""
         self._closing = True
+        if detach is None:
+            detach = self.config.on_exit == "detach"
         if self._housekeeping:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
         runs = [r for r in self._runs.values() if r.task and not r.task.done()]
-        if self.config.on_exit == "stop":
+        if not detach:
             for run in runs:
                 self._request_stop(run, None)
             await asyncio.gather(*(r.task for r in runs if r.task), return_exceptions=True)
@@ -126,6 +132,60 @@ class Supervisor:
         if self._http:
             await self._http.close()
         self._spawner.close()
+
+    # -- adoption ------------------------------------------------------------------------------
+
+    def adopt(self, saved: list[Saved]) -> dict[str, int]:
+        """Take back what the previous hive left: running workers keep running.
+
+        A process still alive with the same pid and start time is adopted as it is, its exit
+        watched through a pidfd. One that is gone is recorded as failed and its restart policy
+        applies. Stopped and failed records come back as they were.
+        """
+        counts = {"adopted": 0, "gone": 0, "restored": 0}
+        for item in saved:
+            record = item.record
+            if record.id in self.registry:
+                continue
+            process = None
+            if record.state in LIVE_STATES and record.pid is not None:
+                process = _reattach(record.pid, item.start_time)
+                if process is None:
+                    counts["gone"] += 1
+                    record = record.model_copy(
+                        update={
+                            "state": State.FAILED,
+                            "pid": None,
+                            "exit_code": None,
+                            "in_flight": None,
+                            "stopped_at": now(),
+                            "error": "exited while hive was not running (exit status unknown)",
+                        }
+                    )
+                    log.warning("worker %s (pid %s) is gone: failed", record.id, item.record.pid)
+            self.registry.restore(item.spec, item.token, record)
+            run = _Run(record.id)
+            self._runs[record.id] = run
+            if process is not None:
+                counts["adopted"] += 1
+                run.process = process
+                if self.journal is not None and record.pid is not None:
+                    self.journal.remember_start_time(record.id, record.pid, item.start_time)
+                if record.state in (State.READY, State.BUSY):
+                    run.ready.set()
+                if record.last_heartbeat_at is not None:
+                    self._arm_hang_timer(run)
+                run.task = asyncio.create_task(self._lifecycle(run), name=f"worker-{run.id}")
+                log.info("adopted worker %s, pid %d, %s", record.id, process.pid, record.state)
+                continue
+            if record.state not in LIVE_STATES:
+                counts["restored"] += 1
+            pending = record.state == State.FAILED and record.desired == "running"
+            if pending and (record.next_restart_at is not None or item.record.pid is not None):
+                run.task = asyncio.create_task(
+                    self._lifecycle(run, Outcome.FAILED), name=f"worker-{run.id}"
+                )
+        return counts
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -158,7 +218,15 @@ class Supervisor:
         self._runs[worker_id] = run
         await self._launch(run)
         run.task = asyncio.create_task(self._lifecycle(run), name=f"worker-{worker_id}")
+        await self._persist()
         return self.registry.get(worker_id)
+
+    async def _persist(self) -> None:
+        """Answer only once the journal holds the change: a hive crash right after a reply
+        must not forget a worker it just started, or restart one it was told to stop."""
+        if self.journal is not None:
+            self.journal.mark()  # fields changed without a state change count too (desired)
+            await self.journal.flush()
 
     async def stop(
         self, worker_id: str, timeout: float | None = None, wait: bool = False
@@ -173,6 +241,7 @@ class Supervisor:
             if wait:
                 await asyncio.shield(run.task)
                 record = self.registry.get(worker_id)
+        await self._persist()
         return record
 
     async def restart(self, worker_id: str) -> Worker:
@@ -187,6 +256,7 @@ class Supervisor:
         self._runs[worker_id] = run
         await self._launch(run)
         run.task = asyncio.create_task(self._lifecycle(run), name=f"worker-{worker_id}")
+        await self._persist()
         return self.registry.get(worker_id)
 
     async def delete(self, worker_id: str) -> Worker:
@@ -195,6 +265,7 @@ class Supervisor:
         record = self.registry.remove(worker_id)
         self._runs.pop(worker_id, None)
         self.logs.remove(worker_id)
+        await self._persist()
         return record
 
     def heartbeat(self, worker_id: str, beat: Heartbeat) -> Worker:
@@ -378,12 +449,17 @@ class Supervisor:
             self._fail(run.id, error, None)
             return
         self.registry.update(run.id, pid=run.process.pid, started_at=now())
+        if self.journal is not None:
+            self.journal.mark()  # the pid must reach the disk before anything else can happen
         log.info("worker %s started, pid %d", run.id, run.process.pid)
 
-    async def _lifecycle(self, run: _Run) -> None:
+    async def _lifecycle(self, run: _Run, first: Outcome | None = None) -> None:
+        outcome = first
         while True:
-            outcome = await self._supervise(run) if run.process else Outcome.FAILED
+            if outcome is None:
+                outcome = await self._supervise(run) if run.process else Outcome.FAILED
             delay = self._restart_delay(run, outcome)
+            outcome = None
             if delay is None or self._closing:
                 return
             due = now() + timedelta(seconds=delay)
@@ -450,11 +526,17 @@ class Supervisor:
             if not exited.done() and not stop.done():
                 run.ready_since = time.monotonic()
                 hung = asyncio.ensure_future(run.hung.wait())
-                await asyncio.wait([*waits, hung], return_when=asyncio.FIRST_COMPLETED)
+                live = asyncio.ensure_future(self._probe_liveness(run, backend))
+                await asyncio.wait([*waits, hung, live], return_when=asyncio.FIRST_COMPLETED)
                 hung.cancel()
-                if hung.done() and not exited.done() and not stop.done():
-                    timeout = self.config.heartbeat_timeout
-                    return await self._fail_and_kill(run, f"hung: no heartbeat for {timeout:g}s")
+                live.cancel()
+                if not exited.done() and not stop.done():
+                    if hung.done():
+                        timeout = self.config.heartbeat_timeout
+                        error = f"hung: no heartbeat for {timeout:g}s"
+                        return await self._fail_and_kill(run, error)
+                    if live.done() and not live.cancelled() and live.result():
+                        return await self._fail_and_kill(run, live.result())
             if stop.done():
                 return await self._stop_process(run)
             return self._exited(run)
@@ -479,6 +561,27 @@ class Supervisor:
             except (aiohttp.ClientError, TimeoutError, OSError):
                 pass
             await asyncio.sleep(0.05 if time.monotonic() - started < 10 else 0.5)
+
+    async def _probe_liveness(self, run: _Run, backend: BackendConfig) -> str | None:
+        """Probe a ready worker's health path; the error once it failed too often in a row."""
+        if backend.health_path is None or self._http is None:
+            await asyncio.Event().wait()  # nothing to probe: wait to be cancelled
+            return None
+        url = f"http://127.0.0.1:{self.registry.get(run.id).port}{backend.health_path}"
+        failures = 0
+        while True:
+            await asyncio.sleep(backend.liveness_period)
+            try:
+                async with self._http.get(url) as response:
+                    problem = None if 200 <= response.status < 300 else f"HTTP {response.status}"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                problem = str(exc) or type(exc).__name__
+            failures = failures + 1 if problem else 0
+            if failures >= backend.liveness_failures:
+                return (
+                    f"unhealthy: {backend.health_path} failed {failures} times in a row "
+                    f"(last: {problem})"
+                )
 
     def _mark_ready(self, run: _Run) -> None:
         with contextlib.suppress(Exception):
@@ -592,6 +695,28 @@ class Supervisor:
                         self.logs.cap(record.id)
             except Exception:
                 log.exception("housekeeping failed")
+
+
+def _reattach(pid: int, started: float | None) -> Process | None:
+    """Watch ``pid`` if it is still the process the journal knew (same start time)."""
+    if started is None:
+        return None
+    try:
+        process = Process.watch(pid, child=False)
+    except (ProcessLookupError, OSError):
+        return None
+    now_started = start_time(pid)
+    if now_started is None or abs(now_started - started) > 0.05 or _is_zombie(pid):
+        process.detach()  # a recycled pid: someone else's process, never ours to touch
+        return None
+    return process
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
 
 
 def _settle(future: asyncio.Future[Worker], record: Worker) -> None:

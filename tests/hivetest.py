@@ -180,6 +180,10 @@ class Hive:
             return ""
 
     @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.json"
+
+    @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
