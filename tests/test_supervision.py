@@ -37,6 +37,12 @@ startup_timeout = 1
 command = ["{{python}}", "{WORKERS / "tree_worker.py"}",
            "--port", "{{port}}", "--model", "{{model}}"]
 
+[backends.probed]
+command = ["{{python}}", "-m", "hive.demo_worker", "--port", "{{port}}", "--model", "{{model}}",
+           "--no-heartbeat"]
+liveness_period = 0.2
+liveness_failures = 2
+
 [backends.missing]
 command = ["/nonexistent/model-server", "--port", "{{port}}"]
 
@@ -159,6 +165,21 @@ async def test_silent_after_heartbeats_is_hung(hive: Hive) -> None:
             if psutil.pid_exists(w["pid"]):
                 os.kill(w["pid"], signal.SIGKILL)
         await delete(s, "hang")
+
+
+async def test_failing_health_probes_make_it_failed(hive: Hive) -> None:
+    async with hive.session() as s:
+        _, w = await spawn(s, id="probed", backend="probed", restart="no")
+        await async_wait_for(lambda: _in(s, "probed", "ready"), what="ready")
+        os.kill(w["pid"], signal.SIGSTOP)  # alive, but answers nothing
+        try:
+            failed = await async_wait_for(lambda: _in(s, "probed", "failed"), what="unhealthy")
+            assert "unhealthy" in failed["error"] and "2 times in a row" in failed["error"]
+            await async_wait_for(lambda: not _alive(w["pid"]), what="killed")
+        finally:
+            if _alive(w["pid"]):
+                os.kill(w["pid"], signal.SIGKILL)
+        await delete(s, "probed")
 
 
 async def _heartbeated(s: aiohttp.ClientSession, worker_id: str) -> bool:
