@@ -14,8 +14,10 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     field_validator,
 )
@@ -56,9 +58,23 @@ def _printable(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_printable)]
-CoreCount = Annotated[int, Field(ge=1)]
-CoreList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+#: Patterns that document in the OpenAPI schema what the validators below enforce (with clearer
+#: messages than a pattern mismatch), so that clients and fuzzers see the real contract.
+_PRINTABLE = r"^[^\x00\r\n]*$"
+Text = Annotated[str, AfterValidator(_printable), Field(json_schema_extra={"pattern": _PRINTABLE})]
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    return value
+
+
+#: Refuses JSON's ``true`` where an integer is due (pydantic's lax mode would take it as 1).
+#: Placed after the bounds, so that the schema still shows them as minimum and maximum.
+NotBool = BeforeValidator(_not_bool)
+CoreCount = Annotated[int, Field(ge=1), NotBool]
+CoreList = Annotated[list[Annotated[int, Field(ge=0), NotBool]], Field(min_length=1)]
 WorkerId = Annotated[str, StringConstraints(pattern=WORKER_ID_PATTERN)]
 
 
@@ -74,19 +90,35 @@ class SpawnRequest(BaseModel):
     # ``register`` would shadow BaseModel.register, so the attribute is ``register_``.
     model_config = ConfigDict(extra="forbid", validate_by_name=True, serialize_by_alias=True)
 
-    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    model: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=256),
+        Field(json_schema_extra={"pattern": r"^[^-\x00\r\n][^\x00\r\n]*$"}),
+    ]
     backend: str | None = None
     id: WorkerId | None = None
     device: Annotated[str, StringConstraints(pattern=DEVICE_PATTERN)] = "auto"
-    gpus: Annotated[int, Field(ge=1, le=64)] | None = None
-    cpus: CoreCount | CoreList | None = None
-    gpu_memory_mib: Annotated[int, Field(ge=1)] | None = None
-    port: Annotated[int, Field(ge=1024, le=65535)] | None = None
+    gpus: Annotated[int, Field(ge=1, le=64), NotBool] | None = None
+    cpus: Annotated[CoreCount | CoreList | None, Field(json_schema_extra={"uniqueItems": True})] = (
+        None
+    )
+    gpu_memory_mib: Annotated[int, Field(ge=1), NotBool] | None = None
+    port: Annotated[int, Field(ge=1024, le=65535), NotBool] | None = None
     args: list[Text] = []
-    env: dict[str, Text] = {}
-    labels: dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], Text] = {}
+    env: dict[str, Text] = Field(
+        default={},
+        json_schema_extra={
+            "propertyNames": {
+                "pattern": r"^(?!HIVE_)(?!CUDA_VISIBLE_DEVICES$)[A-Za-z_][A-Za-z0-9_]*$"
+            }
+        },
+    )
+    labels: dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], Text] = Field(
+        default={}, json_schema_extra={"propertyNames": {"pattern": r"^[^=\x00\r\n]+$"}}
+    )
     restart: RestartPolicy | None = None
-    register_: bool = Field(True, alias="register")
+    # Strict: ``"register": 0`` or ``"yes"`` is not a boolean (JSON Schema agrees).
+    register_: StrictBool = Field(True, alias="register")
 
     @field_validator("model")
     @classmethod
@@ -166,7 +198,7 @@ class Heartbeat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     state: Literal["ready", "busy"]
-    in_flight: Annotated[int, Field(ge=0)] | None = None
+    in_flight: Annotated[int, Field(ge=0), NotBool] | None = None
 
 
 class CpuDevice(BaseModel):
@@ -263,7 +295,9 @@ class ListQuery(BaseModel):
     state: State | None = None
     model: str | None = None
     device: str | None = None
-    label: list[str] = []
+    label: list[str] = Field(
+        default=[], json_schema_extra={"items": {"type": "string", "pattern": "^[^=]+="}}
+    )
 
     @field_validator("label")
     @classmethod

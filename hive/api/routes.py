@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from hive.api.keys import CONTEXT
+from hive.api.openapi import build_openapi
 from hive.context import Context
 from hive.devices import cpu
 from hive.errors import BadRequest, Conflict, Invalid
@@ -181,6 +182,11 @@ async def logs(request: web.Request) -> web.StreamResponse:
         await response.write(chunk)
     await response.write_eof()
     return response
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(build_openapi(list(_context(request).config.backends)))
 
 
 @routes.get("/metrics")

@@ -55,11 +55,15 @@ class Placer:
         wants_cpu = spec.device == "cpu" or spec.device.startswith("CPU-")
         if wants_cpu and backend.gpu is True:
             raise Invalid(f"device: backend {backend_name!r} needs a GPU")
-        if wants_gpu or (spec.device == "auto" and backend.gpu is True):
+        gpu_fields = spec.gpus is not None or spec.gpu_memory_mib is not None
+        auto_gpu = spec.device == "auto" and (backend.gpu is True or gpu_fields)
+        if wants_gpu or auto_gpu:
             reason = self.gpu_error or "no GPU on this host"
             raise NoCapacity(f"no GPU available for {worker_id!r}: {reason}")
         if spec.gpus is not None or spec.gpu_memory_mib is not None:
-            raise Invalid("gpus: a CPU worker takes no gpus or gpu_memory_mib")
+            raise NoCapacity(
+                f"device: {spec.device} has no GPU for the gpus or gpu_memory_mib requested"
+            )
         return self._place_cpu(spec, entries, worker_id)
 
     def _reserved(self, entries: Mapping[str, Entry], worker_id: str) -> dict[int, str]:
@@ -76,12 +80,14 @@ class Placer:
                 if node.id == spec.device:
                     return [node]
             known = ", ".join(n.id for n in self.nodes)
-            raise Invalid(f"device: no {spec.device} on this host (it has {known})")
+            raise NoCapacity(f"device: no {spec.device} on this host (it has {known})")
         if isinstance(spec.cpus, list):
             wanted = set(spec.cpus)
             nodes = [n for n in self.nodes if wanted <= set(n.cores)]
             if not nodes:
-                raise Invalid(f"cpus: cores {_cores(spec.cpus)} are not all on one usable node")
+                raise NoCapacity(
+                    f"cpus: cores {_cores(spec.cpus)} are not all on one node hive may use"
+                )
             return nodes
         return list(self.nodes)
 
@@ -97,7 +103,7 @@ class Placer:
         node = max(nodes, key=lambda n: (len(free(n)), -n.index))
         if isinstance(spec.cpus, list):
             if missing := sorted(set(spec.cpus) - set(node.cores)):
-                raise Invalid(f"cpus: cores {_cores(missing)} are not usable on {node.id}")
+                raise NoCapacity(f"cpus: cores {_cores(missing)} are not usable on {node.id}")
             if busy := [c for c in spec.cpus if c in taken]:
                 owners = sorted({taken[c] for c in busy})
                 raise NoCapacity(
