@@ -167,6 +167,7 @@ class Config(BaseModel):
     retention: Annotated[float, Field(ge=0)] = 3600.0
     max_log_bytes: Annotated[int, Field(ge=4096)] = 50_000_000
     metrics_public: bool = False
+    device_refresh: Annotated[float, Field(gt=0)] = 2.0
     events_keepalive: Annotated[float, Field(gt=0)] = 15.0
     events_buffer: Annotated[int, Field(ge=1)] = 10_000
     events_queue: Annotated[int, Field(ge=1)] = 1_000

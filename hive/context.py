@@ -9,6 +9,7 @@ from datetime import datetime
 from hive import __version__
 from hive.config import Config
 from hive.devices.cpu import CpuNode
+from hive.devices.gpu import GpuMonitor
 from hive.devices.placement import Placer
 from hive.events import EventHub
 from hive.logs import Logs
@@ -25,7 +26,7 @@ class Context:
     logs: Logs
     placer: Placer
     cpu_nodes: list[CpuNode]
-    gpu_error: str | None
+    gpus: GpuMonitor
     token: str
     events: EventHub
     metrics: Metrics

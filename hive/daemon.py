@@ -27,7 +27,7 @@ from hive.api import create_app
 from hive.config import Config
 from hive.context import Context
 from hive.devices import cpu
-from hive.devices.gpu import nvml_error
+from hive.devices.gpu import GpuMonitor
 from hive.devices.placement import Placer
 from hive.events import EventHub
 from hive.journal import Journal
@@ -35,6 +35,7 @@ from hive.logs import Logs
 from hive.metrics import Metrics
 from hive.registry import Registry
 from hive.supervisor import Supervisor
+from hive.usage import Usage
 
 log = logging.getLogger("hive")
 
@@ -137,8 +138,14 @@ class Daemon:
         self._lock_state_dir()
         registry = Registry(config.retention)
         nodes = cpu.discover()
-        gpu_error = await asyncio.to_thread(nvml_error)
-        placer = Placer(nodes, gpu_error)
+        gpus = GpuMonitor(config.device_refresh)
+        await asyncio.to_thread(gpus.start)
+        if gpus.error:
+            log.info("GPUs: none (%s)", gpus.error)
+        else:
+            log.info("GPUs: %s", ", ".join(f"{g.id} {g.name}" for g in gpus.gpus))
+        placer = Placer(nodes, gpus.snapshot)
+        usage = Usage(registry, placer, gpus.snapshot, config.device_refresh)
         try:
             logs = Logs(config.logs_path, config.max_log_bytes)
         except OSError as exc:
@@ -151,7 +158,7 @@ class Daemon:
         events.start()
         metrics.event_clients.set_function(lambda: events.clients)
         self.context = Context(
-            config, registry, supervisor, logs, placer, nodes, gpu_error, token, events, metrics
+            config, registry, supervisor, logs, placer, nodes, gpus, token, events, metrics
         )
         await supervisor.start()
         # Adopt before serving, so no request ever sees a registry without the old workers.
@@ -170,13 +177,17 @@ class Daemon:
             await supervisor.close(detach=True)  # not ours to stop: leave them to a good hive
             raise
         journal.start()
+        usage.start()
+        metrics.watch_gpus(lambda: gpus.snapshot().gpus)
         log.info("hive listening on %s and %s", config.listen, config.socket_path)
         try:
             await self._stopping.wait()
         finally:
             log.info("shutting down (on_exit = %s)", config.on_exit)
+            await usage.close()
             await supervisor.close()
             await journal.close()
+            await asyncio.to_thread(gpus.close)
             events.close()
             metrics.close()
             if self._runner is not None:

@@ -51,6 +51,8 @@ _SCRUBBED_ENV = (
     "HIVE_CONFIG",
 )
 _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+#: A worker whose process is gone uses nothing.
+_NO_USAGE: dict[str, Any] = {"rss_bytes": None, "cpu_percent": None, "gpu_memory_used_mib": None}
 
 
 class Outcome(Enum):
@@ -606,6 +608,7 @@ class Supervisor:
                 error=error,
                 stopped_at=now(),
                 in_flight=None,
+                **_NO_USAGE,
             )
             log.info("worker %s exited by itself with code 0", run.id)
             self._sweep(run)
@@ -633,6 +636,7 @@ class Supervisor:
                 error=error,
                 stopped_at=now(),
                 in_flight=None,
+                **_NO_USAGE,
             )
         log.warning("worker %s failed: %s", worker_id, error)
 
@@ -660,6 +664,7 @@ class Supervisor:
             error=error,
             stopped_at=now(),
             in_flight=None,
+            **_NO_USAGE,
         )
         log.info("worker %s stopped (%s)", run.id, describe_exit(code))
         return Outcome.STOPPED

@@ -15,6 +15,7 @@ from hive.api.keys import CONTEXT
 from hive.api.openapi import build_openapi
 from hive.context import Context
 from hive.devices import cpu
+from hive.devices.placement import holds_resources
 from hive.errors import BadRequest, Conflict, Invalid
 from hive.events import Closed, Overflow, Subscription
 from hive.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -79,11 +80,12 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/v1/node")
 async def node(request: web.Request) -> web.Response:
     context = _context(request)
+    snapshot = context.gpus.snapshot()
     summary = DeviceSummary(
         cpus=len(context.cpu_nodes),
         cores=sum(len(n.cores) for n in context.cpu_nodes),
-        gpus=0,
-        gpu_error=context.gpu_error,
+        gpus=len(snapshot.gpus),
+        gpu_error=snapshot.error,
     )
     return _reply(
         Node(
@@ -99,8 +101,15 @@ async def node(request: web.Request) -> web.Response:
 @routes.get("/v1/devices")
 async def devices(request: web.Request) -> web.Response:
     context = _context(request)
-    cpus = cpu.snapshot(context.cpu_nodes, context.registry.list())
-    return _reply(Devices(cpus=cpus, gpus=[], gpu_error=context.gpu_error))
+    records = [r for r in context.registry.list() if holds_resources(r)]
+    cpus = cpu.snapshot(context.cpu_nodes, records)
+    on_gpu: dict[str, list[str]] = {}
+    for record in records:
+        for uuid in record.gpus:
+            on_gpu.setdefault(uuid, []).append(record.id)
+    snapshot = context.gpus.snapshot()
+    gpus = snapshot.to_models(on_gpu)
+    return _reply(Devices(cpus=cpus, gpus=gpus, gpu_error=snapshot.error))
 
 
 @routes.get("/v1/workers")

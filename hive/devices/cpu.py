@@ -86,7 +86,11 @@ def snapshot(
                 memory_total_bytes=memory[0],
                 memory_available_bytes=memory[1],
                 load=round(sum(loads) / len(loads), 1) if loads else None,
-                workers=[w.id for w in workers if w.device == node.id],
+                workers=[
+                    w.id
+                    for w in workers
+                    if w.device == node.id or (w.gpus and set(w.cpus) & set(node.cores))
+                ],
             )
         )
     return devices

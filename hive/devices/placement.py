@@ -1,18 +1,25 @@
-"""Placement: which device and which cores a new or restarted worker gets.
+"""Placement: which device, which GPUs and which cores a new or restarted worker gets.
 
 Runs under the registry's lock (as a builder passed to the registry), so two concurrent spawns
-see each other's reservations and can never be given the same cores. A worker holds what it was
-given while it runs or waits for a restart; a stopped or failed worker holds nothing.
+see each other's reservations and can never be given the same GPU or core. A worker holds what
+it was given while it runs or waits for a restart; a stopped or failed worker holds nothing.
+
+GPUs: a worker that declares no ``gpu_memory_mib`` takes its GPUs whole; workers that declare it
+share a GPU while the declared sum fits in the GPU's memory minus what processes other than
+hive's workers already use. ``gpus: N`` picks N healthy GPUs with the most free memory,
+preferring GPUs on one NUMA node. A GPU worker without ``cpus`` runs on its GPUs' local cores
+(NVML's CPU affinity); with ``cpus`` it reserves cores, the GPUs' local ones first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from hive.config import BackendConfig
 from hive.devices.cpu import CpuNode
-from hive.errors import Invalid, NoCapacity
+from hive.devices.gpu import GpuInfo, GpuSnapshot
+from hive.errors import NoCapacity
 from hive.models import LIVE_STATES, SpawnRequest, Worker
 from hive.registry import Entry
 
@@ -30,16 +37,35 @@ def holds_resources(record: Worker) -> bool:
     return record.state in LIVE_STATES or record.next_restart_at is not None
 
 
-def _cores(cores: list[int]) -> str:
+def _cores(cores: list[int] | tuple[int, ...]) -> str:
     return ",".join(map(str, cores))
 
 
-class Placer:
-    """Chooses devices for workers; knows the host's CPU nodes (and later its GPUs)."""
+@dataclass
+class _GpuUse:
+    """Who holds a GPU now: whole, or shares declared in MiB."""
 
-    def __init__(self, nodes: list[CpuNode], gpu_error: str | None) -> None:
+    whole: list[str] = field(default_factory=list)
+    shared: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def declared(self) -> int:
+        return sum(self.shared.values())
+
+
+class Placer:
+    """Chooses devices for workers from the host's CPU nodes and the latest GPU snapshot."""
+
+    def __init__(self, nodes: list[CpuNode], gpus: Callable[[], GpuSnapshot] | None = None) -> None:
         self.nodes = nodes
-        self.gpu_error = gpu_error
+        self._gpus = gpus or (lambda: GpuSnapshot(error="GPU discovery is off"))
+        #: pids of hive's workers and their children (kept fresh by the usage refresher), so
+        #: that GPU memory used by other processes can be told apart.
+        self.worker_pids: frozenset[int] = frozenset()
+
+    @property
+    def usable_cores(self) -> list[int]:
+        return sorted(c for node in self.nodes for c in node.cores)
 
     def place(
         self,
@@ -49,22 +75,158 @@ class Placer:
         entries: Mapping[str, Entry],
         worker_id: str,
     ) -> Placement:
-        wants_gpu = spec.device == "gpu" or spec.device.startswith("GPU-")
-        if wants_gpu and backend.gpu is False:
-            raise Invalid(f"device: backend {backend_name!r} runs on CPU only")
-        wants_cpu = spec.device == "cpu" or spec.device.startswith("CPU-")
-        if wants_cpu and backend.gpu is True:
-            raise Invalid(f"device: backend {backend_name!r} needs a GPU")
+        device = spec.device
+        explicit_gpu = device == "gpu" or device.startswith("GPU-")
+        explicit_cpu = device == "cpu" or device.startswith("CPU-")
         gpu_fields = spec.gpus is not None or spec.gpu_memory_mib is not None
-        auto_gpu = spec.device == "auto" and (backend.gpu is True or gpu_fields)
-        if wants_gpu or auto_gpu:
-            reason = self.gpu_error or "no GPU on this host"
-            raise NoCapacity(f"no GPU available for {worker_id!r}: {reason}")
-        if spec.gpus is not None or spec.gpu_memory_mib is not None:
+        if explicit_gpu and backend.gpu is False:
+            raise NoCapacity(f"device: backend {backend_name!r} runs on CPU only")
+        if explicit_cpu and backend.gpu is True:
+            raise NoCapacity(f"device: backend {backend_name!r} needs a GPU, {device} has none")
+        if explicit_cpu and gpu_fields:
             raise NoCapacity(
-                f"device: {spec.device} has no GPU for the gpus or gpu_memory_mib requested"
+                f"device: {device} has no GPU for the gpus or gpu_memory_mib requested"
             )
+        if explicit_gpu or (device == "auto" and (backend.gpu is True or gpu_fields)):
+            return self._place_gpu(spec, entries, worker_id)
+        if device == "auto" and backend.gpu == "optional":
+            try:
+                return self._place_gpu(spec, entries, worker_id)
+            except NoCapacity:
+                pass  # "optional": a GPU when one fits, else the CPU
         return self._place_cpu(spec, entries, worker_id)
+
+    # -- GPUs ----------------------------------------------------------------------------------
+
+    def _gpu_use(self, entries: Mapping[str, Entry], worker_id: str) -> dict[str, _GpuUse]:
+        use: dict[str, _GpuUse] = {}
+        for other_id, entry in entries.items():
+            if other_id == worker_id or not holds_resources(entry.record):
+                continue
+            for uuid in entry.record.gpus:
+                held = use.setdefault(uuid, _GpuUse())
+                if entry.spec.gpu_memory_mib is None:
+                    held.whole.append(other_id)
+                else:
+                    held.shared[other_id] = entry.spec.gpu_memory_mib
+        return use
+
+    def _foreign_mib(self, gpu: GpuInfo) -> int:
+        """GPU memory used by processes that are not hive's workers."""
+        return sum(p.used_memory_mib or 0 for p in gpu.processes if p.pid not in self.worker_pids)
+
+    def _free_for(self, gpu: GpuInfo, held: _GpuUse, wanted: int | None) -> tuple[int, str]:
+        """MiB still free for a new worker on ``gpu`` (negative: it does not fit), and why."""
+        total = gpu.memory_total_mib or 0
+        if not gpu.healthy:
+            return -1, f"{gpu.id} is unhealthy ({gpu.error or 'no answer from NVML'})"
+        if held.whole:
+            return -1, f"{gpu.id} is held whole by {', '.join(held.whole)}"
+        foreign = self._foreign_mib(gpu)
+        free = total - foreign - held.declared
+        if wanted is None:
+            if held.shared:
+                return -1, f"{gpu.id} is shared by {', '.join(held.shared)}"
+            return free, f"{gpu.id}: {free}/{total} MiB free"
+        detail = (
+            f"{gpu.id}: {free}/{total} MiB free ({held.declared} declared by hive's workers, "
+            f"{foreign} used by other processes), {wanted} MiB requested"
+        )
+        return (free - wanted if free >= wanted else -1), detail
+
+    def _numa(self, gpu: GpuInfo) -> int:
+        local = set(gpu.cpu_affinity)
+        for node in self.nodes:
+            if local & set(node.cores):
+                return node.index
+        return -1
+
+    def _place_gpu(
+        self, spec: SpawnRequest, entries: Mapping[str, Entry], worker_id: str
+    ) -> Placement:
+        snapshot = self._gpus()
+        if not snapshot.gpus:
+            reason = snapshot.error or "no GPU on this host"
+            raise NoCapacity(f"no GPU available for {worker_id!r}: {reason}")
+        use = self._gpu_use(entries, worker_id)
+        wanted_n = spec.gpus or 1
+        if spec.device not in ("gpu", "auto"):
+            gpu = snapshot.by_id(spec.device)
+            if gpu is None:
+                known = ", ".join(g.id for g in snapshot.gpus)
+                raise NoCapacity(f"device: no {spec.device} on this host (it has {known})")
+            if wanted_n != 1:
+                raise NoCapacity(
+                    f"gpus: device {spec.device} names one GPU; use device=gpu for {wanted_n}"
+                )
+            held = use.get(gpu.uuid or "", _GpuUse())
+            free, why = self._free_for(gpu, held, spec.gpu_memory_mib)
+            if free < 0:
+                raise NoCapacity(f"{spec.device} cannot take {worker_id!r}: {why}")
+            chosen = [gpu]
+        else:
+            fits: list[tuple[int, GpuInfo]] = []
+            reasons = []
+            for gpu in snapshot.gpus:
+                free, why = self._free_for(
+                    gpu, use.get(gpu.uuid or "", _GpuUse()), spec.gpu_memory_mib
+                )
+                reasons.append(why)
+                if free >= 0:
+                    fits.append((free, gpu))
+            if len(fits) < wanted_n:
+                need = f"{wanted_n} GPU(s)" + (
+                    f" with {spec.gpu_memory_mib} MiB" if spec.gpu_memory_mib else " whole"
+                )
+                raise NoCapacity(
+                    f"no room for {worker_id!r}: it needs {need}, "
+                    f"{len(fits)} fit; " + "; ".join(reasons)
+                )
+            chosen = self._best(fits, wanted_n)
+        cpus, exclusive = self._gpu_cores(spec, chosen, entries, worker_id)
+        return Placement(
+            ",".join(g.id for g in chosen),
+            cpus,
+            exclusive,
+            [g.uuid or "" for g in chosen],
+        )
+
+    def _best(self, fits: list[tuple[int, GpuInfo]], n: int) -> list[GpuInfo]:
+        """N GPUs with the most free memory, on one NUMA node when some node has N."""
+        ranked = sorted(fits, key=lambda item: (-item[0], item[1].index))
+        by_node: dict[int, list[tuple[int, GpuInfo]]] = {}
+        for item in ranked:
+            by_node.setdefault(self._numa(item[1]), []).append(item)
+        groups = [group[:n] for group in by_node.values() if len(group) >= n]
+        if groups:
+            best = max(groups, key=lambda group: sum(free for free, _ in group))
+            return sorted((gpu for _, gpu in best), key=lambda g: g.index)
+        return sorted((gpu for _, gpu in ranked[:n]), key=lambda g: g.index)
+
+    def _gpu_cores(
+        self,
+        spec: SpawnRequest,
+        gpus: list[GpuInfo],
+        entries: Mapping[str, Entry],
+        worker_id: str,
+    ) -> tuple[list[int], bool]:
+        usable = set(self.usable_cores)
+        local = sorted({c for g in gpus for c in g.cpu_affinity} & usable) or sorted(usable)
+        taken = self._reserved(entries, worker_id)
+        if spec.cpus is None:
+            return ([c for c in local if c not in taken] or local), False
+        if isinstance(spec.cpus, list):
+            self._check_listed(spec.cpus, usable, taken)
+            return list(spec.cpus), True
+        ordered = local + [c for c in sorted(usable) if c not in local]
+        free = [c for c in ordered if c not in taken]
+        if len(free) < spec.cpus:
+            raise NoCapacity(
+                f"cpus: {len(free)} unreserved cores of {len(usable)}, {spec.cpus} requested"
+            )
+        return sorted(free[: spec.cpus]), True
+
+    # -- CPUs ----------------------------------------------------------------------------------
 
     def _reserved(self, entries: Mapping[str, Entry], worker_id: str) -> dict[int, str]:
         taken: dict[int, str] = {}
@@ -73,6 +235,13 @@ class Placer:
             if other_id != worker_id and exclusive:
                 taken.update(dict.fromkeys(entry.record.cpus, other_id))
         return taken
+
+    def _check_listed(self, cores: list[int], usable: set[int], taken: dict[int, str]) -> None:
+        if missing := sorted(set(cores) - usable):
+            raise NoCapacity(f"cpus: cores {_cores(missing)} are not cores hive may use")
+        if busy := [c for c in cores if c in taken]:
+            owners = sorted({taken[c] for c in busy})
+            raise NoCapacity(f"cpus: cores {_cores(busy)} are reserved by {', '.join(owners)}")
 
     def _candidates(self, spec: SpawnRequest) -> list[CpuNode]:
         if spec.device.startswith("CPU-"):
@@ -102,13 +271,7 @@ class Placer:
 
         node = max(nodes, key=lambda n: (len(free(n)), -n.index))
         if isinstance(spec.cpus, list):
-            if missing := sorted(set(spec.cpus) - set(node.cores)):
-                raise NoCapacity(f"cpus: cores {_cores(missing)} are not usable on {node.id}")
-            if busy := [c for c in spec.cpus if c in taken]:
-                owners = sorted({taken[c] for c in busy})
-                raise NoCapacity(
-                    f"cores {_cores(busy)} of {node.id} are reserved by {', '.join(owners)}"
-                )
+            self._check_listed(spec.cpus, set(node.cores), taken)
             return Placement(node.id, list(spec.cpus), True, [])
         if isinstance(spec.cpus, int):
             available = free(node)

@@ -1,0 +1,102 @@
+"""Usage: what each worker's process tree uses (RSS, CPU, GPU memory), refreshed periodically.
+
+Every ``interval`` seconds, off the event loop, the refresher walks each running worker's
+process tree with psutil, sums resident memory and CPU use, and adds up the GPU memory that
+NVML's latest snapshot lists for those pids. The figures go into the records in one registry
+update; API reads never compute them. It only reads processes, never signals them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import psutil
+
+from hive.devices.gpu import GpuSnapshot, compute_pids
+from hive.devices.placement import Placer
+from hive.models import LIVE_STATES
+from hive.registry import Registry
+
+log = logging.getLogger("hive.usage")
+
+
+class Usage:
+    def __init__(
+        self,
+        registry: Registry,
+        placer: Placer,
+        gpus: Callable[[], GpuSnapshot],
+        interval: float = 2.0,
+    ) -> None:
+        self.registry = registry
+        self.placer = placer
+        self.gpus = gpus
+        self.interval = interval
+        self._processes: dict[int, psutil.Process] = {}  # kept for cpu_percent's deltas
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="hive-usage")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception:
+                log.exception("refreshing worker figures failed")
+            await asyncio.sleep(self.interval)
+
+    def _process(self, pid: int) -> psutil.Process | None:
+        process = self._processes.get(pid)
+        try:
+            if process is None or not process.is_running():
+                process = psutil.Process(pid)
+                process.cpu_percent(None)  # the first call only sets the baseline
+                self._processes[pid] = process
+            return process
+        except psutil.Error:
+            self._processes.pop(pid, None)
+            return None
+
+    def refresh(self) -> None:
+        """Measure every running worker now (blocking: call from a thread)."""
+        gpu_memory = compute_pids(self.gpus())
+        changes: dict[str, dict[str, object]] = {}
+        seen: set[int] = set()
+        for record in self.registry.list():
+            if record.state not in LIVE_STATES or record.pid is None:
+                continue
+            leader = self._process(record.pid)
+            if leader is None:
+                continue
+            try:
+                tree = [leader, *leader.children(recursive=True)]
+            except psutil.Error:
+                continue
+            rss, cpu, gpu = 0, 0.0, None
+            for member in tree:
+                process = self._process(member.pid) or member
+                seen.add(process.pid)
+                with contextlib.suppress(psutil.Error):
+                    rss += process.memory_info().rss
+                    cpu += process.cpu_percent(None)
+                if process.pid in gpu_memory:
+                    gpu = (gpu or 0) + gpu_memory[process.pid]
+            changes[record.id] = {
+                "rss_bytes": rss,
+                "cpu_percent": round(cpu, 1),
+                "gpu_memory_used_mib": gpu,
+            }
+        for pid in set(self._processes) - seen:
+            del self._processes[pid]
+        self.placer.worker_pids = frozenset(seen)
+        self.registry.update_many(changes)
