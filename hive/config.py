@@ -168,6 +168,7 @@ class Config(BaseModel):
     max_log_bytes: Annotated[int, Field(ge=4096)] = 50_000_000
     metrics_public: bool = False
     device_refresh: Annotated[float, Field(gt=0)] = 2.0
+    router_reconcile: Annotated[float, Field(gt=0)] = 5.0
     events_keepalive: Annotated[float, Field(gt=0)] = 15.0
     events_buffer: Annotated[int, Field(ge=1)] = 10_000
     events_queue: Annotated[int, Field(ge=1)] = 1_000

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import fcntl
+import io
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ from hive.journal import Journal
 from hive.logs import Logs
 from hive.metrics import Metrics
 from hive.registry import Registry
+from hive.routers import RouterSync
 from hive.supervisor import Supervisor
 from hive.usage import Usage
 
@@ -153,7 +156,10 @@ class Daemon:
         journal = Journal(config.state_path / "journal.json", registry)
         saved = journal.load()
         metrics = Metrics(registry)
-        supervisor = Supervisor(config, registry, placer, logs, _api_url(config), metrics, journal)
+        upstream = RouterSync(config, registry, metrics)
+        supervisor = Supervisor(
+            config, registry, placer, logs, _api_url(config), metrics, journal, upstream
+        )
         events = EventHub(registry, config.events_buffer, config.events_queue)
         events.start()
         metrics.event_clients.set_function(lambda: events.clients)
@@ -178,6 +184,7 @@ class Daemon:
             raise
         journal.start()
         usage.start()
+        upstream.start()
         metrics.watch_gpus(lambda: gpus.snapshot().gpus)
         log.info("hive listening on %s and %s", config.listen, config.socket_path)
         try:
@@ -185,7 +192,8 @@ class Daemon:
         finally:
             log.info("shutting down (on_exit = %s)", config.on_exit)
             await usage.close()
-            await supervisor.close()
+            await supervisor.close()  # stops (and first withdraws) every worker
+            await upstream.close()
             await journal.close()
             await asyncio.to_thread(gpus.close)
             events.close()
@@ -242,15 +250,26 @@ class Daemon:
             raise
 
 
+def _log_tasks() -> None:
+    """`kill -USR2 <hive>`: log what every asyncio task of hive is waiting on."""
+    for task in asyncio.all_tasks():
+        stream = io.StringIO()
+        task.print_stack(file=stream)
+        log.warning("task %s:\n%s", task.get_name(), stream.getvalue())
+
+
 def serve(config: Config, log_format: str = "text") -> int:
     """Run hive until SIGTERM or SIGINT; returns the process exit code."""
     setup_logging(log_format)
+    # `kill -USR1 <hive>` prints every thread's stack to hive's log: for a hive that seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     async def main() -> None:
         daemon = Daemon(config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
+        loop.add_signal_handler(signal.SIGUSR2, _log_tasks)
         await daemon.run()
 
     try:

@@ -131,6 +131,12 @@ class Metrics:
             buckets=_FAST,
             registry=self.prometheus,
         )
+        self.router_reconciles = Counter(
+            "hive_router_reconciles",
+            "Reconcile rounds completed with each router.",
+            ["router"],
+            registry=self.prometheus,
+        )
         self.event_clients = Gauge(
             "hive_event_clients", "Clients following /v1/events.", registry=self.prometheus
         )

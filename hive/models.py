@@ -185,6 +185,10 @@ class Worker(BaseModel):
     gpu_memory_used_mib: int | None = None
     restart: RestartPolicy = "on-failure"
     next_restart_at: datetime | None = None
+    #: A graceful stop is waiting for in-flight requests to finish (it left the routers first).
+    draining: bool = False
+    #: Sync status per router URL: ``registered``, ``removed``, or why not yet.
+    routers: dict[str, str] = {}
 
 
 class WorkerList(BaseModel):

@@ -36,6 +36,7 @@ from hive.models import DOWN_STATES, LIVE_STATES, Heartbeat, SpawnRequest, State
 from hive.ports import PortPool
 from hive.process import Launch, Process, Spawner, describe_exit, start_time, terminate
 from hive.registry import Change, Entry, Registry, UnknownWorker, now
+from hive.routers import RouterSync
 
 log = logging.getLogger("hive.supervisor")
 
@@ -89,8 +90,10 @@ class Supervisor:
         api_url: str,
         metrics: Metrics | None = None,
         journal: Journal | None = None,
+        upstream: RouterSync | None = None,
     ) -> None:
         self.config = config
+        self.upstream = upstream
         self.metrics = metrics
         self.journal = journal
         self.registry = registry
@@ -649,8 +652,28 @@ class Supervisor:
         self.registry.update(run.id, exit_code=run.process.returncode)
         return Outcome.FAILED
 
+    async def _drain(self, run: _Run) -> None:
+        """Out of the routers first, then wait for in-flight requests (from heartbeats) to end."""
+        assert run.process is not None
+        if self.upstream is not None:
+            await self.upstream.withdraw(run.id)
+        record = self.registry.get(run.id)
+        if not record.in_flight or self.config.drain_timeout <= 0:
+            return
+        self.registry.update(run.id, draining=True)
+        log.info("worker %s draining %d request(s)", run.id, record.in_flight)
+        deadline = time.monotonic() + self.config.drain_timeout
+        try:
+            while time.monotonic() < deadline and run.process.running:
+                if not self.registry.get(run.id).in_flight:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            self.registry.update(run.id, draining=False)
+
     async def _stop_process(self, run: _Run) -> Outcome:
         assert run.process is not None
+        await self._drain(run)
         timeout = run.stop_timeout if run.stop_timeout is not None else self.config.stop_timeout
         gone = await terminate(run.process, timeout)
         code = run.process.returncode
