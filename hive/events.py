@@ -93,10 +93,17 @@ class Subscription:
         while True:
             if self.overflowed:
                 raise Overflow
+            # asyncio.wait, not wait_for: on 3.11 a cancel of wait_for can be lost, and a
+            # client that went away would leave its handler waiting for ever.
+            getter = asyncio.ensure_future(self._queue.get())
             try:
-                event = await asyncio.wait_for(self._queue.get(), timeout)
-            except TimeoutError:
+                done, _ = await asyncio.wait({getter}, timeout=timeout)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if not done:
                 return None
+            event = getter.result()
             if event is _CLOSE:
                 raise Closed
             if event.seq > self._newest:  # skip what the replay already gave

@@ -469,8 +469,12 @@ class Supervisor:
                 return
             due = now() + timedelta(seconds=delay)
             self.registry.update(run.id, next_restart_at=due)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(run.stop.wait(), delay)
+            # asyncio.wait, not wait_for: on 3.11 a cancel of wait_for can be lost (detach).
+            waiter = asyncio.ensure_future(run.stop.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=delay)
+            finally:
+                waiter.cancel()
             if run.stop.is_set() or self._closing:
                 self.registry.update(run.id, next_restart_at=None)
                 return
