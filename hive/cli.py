@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from hive import __version__, tables
 from hive.client import HiveAPIError, HiveClient, HiveClientError
+from hive.config import Config, ConfigError, load_config
 from hive.models import LIVE_STATES, State, Worker
 
 OK, FAILED, USAGE = 0, 1, 2
@@ -453,28 +454,33 @@ async def _run(args: argparse.Namespace) -> int:
         return await COMMANDS[args.command](client, args)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from hive.config import ConfigError, load_config
-    from hive.daemon import serve
-
+def _load_for_serve(args: argparse.Namespace) -> Config:
+    """The configuration file with ``--listen``/``--socket`` on top (again on each SIGHUP)."""
+    config = load_config(args.config)
+    updates = {}
+    if args.listen:
+        updates["listen"] = args.listen
+    if args.socket:
+        updates["socket"] = args.socket
+    if not updates:
+        return config
     try:
-        config = load_config(args.config)
-        updates = {}
-        if args.listen:
-            updates["listen"] = args.listen
-        if args.socket:
-            updates["socket"] = args.socket
-        if updates:
-            config = type(config).model_validate({**config.model_dump(), **updates})
-    except ConfigError as exc:
-        _err(str(exc))
-        return FAILED
+        return Config.model_validate({**config.model_dump(), **updates})
     except ValidationError as exc:
         problem = exc.errors()[0]
         key = ".".join(str(p) for p in problem["loc"])
-        _err(f"--{key}: {problem['msg'].removeprefix('Value error, ')}")
-        return USAGE
-    return serve(config, args.log_format)
+        raise ConfigError(f"--{key}: {problem['msg'].removeprefix('Value error, ')}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hive.daemon import serve
+
+    try:
+        config = _load_for_serve(args)
+    except ConfigError as exc:
+        _err(str(exc))
+        return FAILED
+    return serve(config, args.log_format, lambda: _load_for_serve(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

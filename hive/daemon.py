@@ -20,13 +20,14 @@ import secrets
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
 
 from hive.api import create_app
-from hive.config import Config
+from hive.config import Config, ConfigError
 from hive.context import Context
 from hive.devices import cpu
 from hive.devices.gpu import GpuMonitor
@@ -35,12 +36,28 @@ from hive.events import EventHub
 from hive.journal import Journal
 from hive.logs import Logs
 from hive.metrics import Metrics
+from hive.models import State
+from hive.notify import Notifier
 from hive.registry import Registry
 from hive.routers import RouterSync
 from hive.supervisor import Supervisor
 from hive.usage import Usage
 
 log = logging.getLogger("hive")
+
+
+#: Settings a running hive cannot change: a SIGHUP keeps their old values and says so.
+RESTART_ONLY = frozenset(
+    {
+        "listen", "token", "token_file", "socket", "state_dir", "port_range", "worker_host",
+        "events_buffer", "events_queue", "device_refresh",
+    }
+)  # fmt: skip
+
+
+def status_line(registry: Registry) -> str:
+    counts = registry.counts()
+    return "workers: " + ", ".join(f"{counts[state]} {state.value}" for state in State)
 
 
 class StartupError(Exception):
@@ -83,12 +100,16 @@ def load_token(config: Config) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(f"cannot read the token file {path}: {exc.strerror}") from None
     token = secrets.token_urlsafe(32)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another hive made it first
         return path.read_text().strip()
+    except OSError as exc:
+        raise StartupError(f"cannot create the token file {path}: {exc.strerror}") from None
     with os.fdopen(fd, "w") as file:
         file.write(token + "\n")
     log.info("created API token file %s", path)
@@ -125,11 +146,14 @@ def _claim_socket(path: Path) -> None:
 class Daemon:
     """One running ``hive serve``."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.loader = loader
+        self.notifier = Notifier()
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._lock_fd: int | None = None
+        self._upstream: RouterSync | None = None
         self.context: Context | None = None
 
     def request_stop(self) -> None:
@@ -157,6 +181,7 @@ class Daemon:
         saved = journal.load()
         metrics = Metrics(registry)
         upstream = RouterSync(config, registry, metrics)
+        self._upstream = upstream
         supervisor = Supervisor(
             config, registry, placer, logs, _api_url(config), metrics, journal, upstream
         )
@@ -187,10 +212,29 @@ class Daemon:
         upstream.start()
         metrics.watch_gpus(lambda: gpus.snapshot().gpus)
         log.info("hive listening on %s and %s", config.listen, config.socket_path)
+        notifier = self.notifier
+        notifier.ready(status_line(registry))
+        changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # Subscribers run under the registry's lock, maybe off the loop: only hand news on.
+        unsubscribe = registry.subscribe(lambda _: loop.call_soon_threadsafe(changed.set))
+        background = [
+            asyncio.create_task(notifier.watchdog_loop(), name="hive-watchdog"),
+            asyncio.create_task(self._publish_status(registry, changed), name="hive-status"),
+        ]
         try:
             await self._stopping.wait()
         finally:
-            log.info("shutting down (on_exit = %s)", config.on_exit)
+            unsubscribe()
+            notifier.send(STOPPING=1, STATUS=f"stopping ({status_line(registry)})")
+            # Stopping workers may take stop_timeout and more: keep systemd from giving up.
+            background.append(
+                asyncio.create_task(
+                    notifier.extend_timeout_loop(config.stop_timeout + config.drain_timeout),
+                    name="hive-extend-timeout",
+                )
+            )
+            log.info("shutting down (on_exit = %s)", self.config.on_exit)
             await usage.close()
             await supervisor.close()  # stops (and first withdraws) every worker
             await upstream.close()
@@ -202,7 +246,55 @@ class Daemon:
                 await self._runner.cleanup()
             with contextlib.suppress(FileNotFoundError):
                 config.socket_path.unlink()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            notifier.close()
         log.info("hive stopped")
+
+    async def _publish_status(self, registry: Registry, changed: asyncio.Event) -> None:
+        """``STATUS=`` with the worker counts as they change, at most twice a second."""
+        while True:
+            await changed.wait()
+            changed.clear()
+            self.notifier.status(status_line(registry))
+            await asyncio.sleep(0.5)
+
+    # -- SIGHUP ----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the configuration; apply what can change live, keep the rest; never crash.
+
+        Backends, routers and limits take effect at once, for new workers and new stops;
+        running workers are not touched. A file that does not load is refused whole and the
+        running configuration stays.
+        """
+        context = self.context
+        if context is None or self.loader is None:
+            return
+        self.notifier.reloading()
+        old = self.config
+        try:
+            new = self.loader()
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            self.notifier.ready(f"reload refused: {str(exc).splitlines()[0]}")
+            return
+        changed = [key for key in Config.model_fields if getattr(old, key) != getattr(new, key)]
+        kept = [key for key in changed if key in RESTART_ONLY]
+        if kept:
+            log.warning("reload: %s take effect at the next start of hive", ", ".join(kept))
+            new = new.model_copy(update={key: getattr(old, key) for key in kept})
+        live = [key for key in changed if key not in RESTART_ONLY]
+        self.config = new
+        context.config = new
+        context.supervisor.config = new
+        context.registry.retention = new.retention
+        context.logs.max_bytes = new.max_log_bytes
+        if self._upstream is not None:
+            self._upstream.reload(new)
+        log.info("reloaded the configuration: %s", ", ".join(live) or "nothing changed")
+        self.notifier.ready(status_line(context.registry))
 
     def _lock_state_dir(self) -> None:
         """One hive per state_dir: two would adopt the same workers."""
@@ -258,23 +350,29 @@ def _log_tasks() -> None:
         log.warning("task %s:\n%s", task.get_name(), stream.getvalue())
 
 
-def serve(config: Config, log_format: str = "text") -> int:
-    """Run hive until SIGTERM or SIGINT; returns the process exit code."""
+def serve(
+    config: Config, log_format: str = "text", loader: Callable[[], Config] | None = None
+) -> int:
+    """Run hive until SIGTERM or SIGINT; SIGHUP re-reads the configuration through ``loader``.
+
+    Returns the process exit code."""
     setup_logging(log_format)
     # `kill -USR1 <hive>` prints every thread's stack to hive's log: for a hive that seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     async def main() -> None:
-        daemon = Daemon(config)
+        daemon = Daemon(config, loader)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
         loop.add_signal_handler(signal.SIGUSR2, _log_tasks)
+        loop.add_signal_handler(signal.SIGHUP, daemon.reload)
         await daemon.run()
 
     try:
         asyncio.run(main())
     except StartupError as exc:
         log.error("%s", exc)
+        Notifier().status(f"failed: {exc}")
         return 1
     return 0

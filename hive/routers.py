@@ -130,13 +130,34 @@ class RouterSync:
     def start(self) -> None:
         if not self.enabled:
             return
+        self._begin(self.config)
+
+    def _begin(self, config: Config) -> None:
         self._loop = asyncio.get_running_loop()
-        self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
-        for router_config in self.config.routers:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+        for router_config in config.routers:
             router = _Router(router_config, SglangRouter(router_config, self._session))
             router.task = asyncio.create_task(self._reconcile_loop(router), name="hive-router")
             self._routers.append(router)
         self._unsubscribe = self.registry.subscribe(self._on_change)
+
+    def reload(self, config: Config) -> None:
+        """A new configuration (SIGHUP): routers added or removed start or stop syncing."""
+        old = self.config
+        self.config = config
+        if config.routers == old.routers:
+            return
+        for router in self._routers:
+            if router.task is not None:
+                router.task.cancel()
+        self._routers = []
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if config.routers:
+            self._begin(config)
+        log.info("routers now: %s", ", ".join(r.url for r in config.routers) or "none")
 
     async def close(self) -> None:
         if self._unsubscribe is not None:

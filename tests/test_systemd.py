@@ -1,0 +1,440 @@
+"""The systemd files in systemd/: the unit's keys, `systemd-analyze verify`, the sysusers entry, the
+example configuration (through hive's own loader), and install.sh in --dry-run and DESTDIR modes.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hive.config import BackendConfig, Config, RouterConfig, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMD = ROOT / "systemd"
+UNIT = SYSTEMD / "hive.service"
+SYSUSERS = SYSTEMD / "hive.sysusers"
+EXAMPLE = SYSTEMD / "hive.toml.example"
+INSTALL = SYSTEMD / "install.sh"
+
+
+# -- reading the unit ----------------------------------------------------------------------------
+
+
+def unit_parser() -> configparser.RawConfigParser:
+    """The unit as INI: systemd's syntax, with repeated keys allowed (the last one wins here)."""
+    parser = configparser.RawConfigParser(
+        strict=False,
+        delimiters=("=",),
+        comment_prefixes=("#", ";"),
+        empty_lines_in_values=False,
+        interpolation=None,
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    parser.read_string(UNIT.read_text(), source=str(UNIT))
+    return parser
+
+
+def unit_values() -> dict[tuple[str, str], list[str]]:
+    """Every value of every key, in order: DeviceAllow= and friends are given many times."""
+    values: dict[tuple[str, str], list[str]] = {}
+    section = ""
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"not KEY=VALUE: {line!r}"
+        values.setdefault((section, key.strip()), []).append(value.strip())
+    return values
+
+
+def one(key: str, section: str = "Service") -> str:
+    found = unit_values().get((section, key))
+    assert found, f"{section}.{key} is not set"
+    assert len(found) == 1, f"{section}.{key} is set {len(found)} times"
+    return found[0]
+
+
+def seconds(span: str) -> float:
+    """A systemd time span in seconds: ``90``, ``90s``, ``1min 30s``, ``2m``."""
+    units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "ms": 0.001}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", span):
+        total += float(number) * units[unit]
+    assert total > 0, f"not a time span: {span!r}"
+    return total
+
+
+# -- the unit ------------------------------------------------------------------------------------
+
+
+def test_unit_parses_as_ini() -> None:
+    parser = unit_parser()
+    assert parser.sections() == ["Unit", "Service", "Install"]
+    assert parser.get("Install", "WantedBy") == "multi-user.target"
+    # configparser keeps the last of a repeated key; the line reader sees them all.
+    assert parser.get("Service", "DeviceAllow") == unit_values()[("Service", "DeviceAllow")][-1]
+
+
+def test_unit_service_type_and_commands() -> None:
+    assert one("Type") == "notify"
+    assert one("NotifyAccess") == "main"
+    assert one("ExecStart") == "/usr/local/bin/hive serve --config /etc/hive/hive.toml"
+    assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one("Restart") == "on-failure"
+    assert one("User") == "hive"
+    assert one("Group") == "hive"
+    assert one("Environment") == "PYTHONUNBUFFERED=1"
+    assert int(one("LimitNOFILE")) >= 65536
+
+
+def test_unit_keeps_workers_when_hive_goes() -> None:
+    # Only hive is signalled on stop, on a crash and by the watchdog: the workers are hive's to
+    # stop, or to adopt after a restart.
+    assert one("KillMode") == "process"
+    # A worker killed by the kernel's OOM killer must not stop the unit (and every worker).
+    assert one("OOMPolicy") == "continue"
+    # Not RemoveIPC: it would delete the shared memory of workers that outlive hive.
+    assert ("Service", "RemoveIPC") not in unit_values()
+    # Not a private /tmp: systemd deletes it when the unit stops, under surviving workers.
+    assert one("PrivateTmp") == "no"
+    assert set(one("ReadWritePaths").split()) == {"/tmp", "/var/tmp"}
+
+
+def test_unit_timeouts() -> None:
+    stop = seconds(one("TimeoutStopSec"))
+    defaults = Config()
+    example = load_config(EXAMPLE)
+    assert stop > 30
+    # hive's own graceful shutdown (drain, then SIGTERM to SIGKILL) fits, with a margin.
+    for config in (defaults, example):
+        assert stop >= config.drain_timeout + config.stop_timeout + 15
+    assert seconds(one("WatchdogSec")) >= 10
+    assert seconds(one("TimeoutStartSec")) >= 30
+
+
+def test_unit_directories() -> None:
+    assert one("RuntimeDirectory") == "hive"
+    assert one("RuntimeDirectoryMode") == "0750"
+    assert one("StateDirectory") == "hive"
+    assert one("ConfigurationDirectory") == "hive"
+    example = load_config(EXAMPLE)
+    assert example.socket_path == Path("/run/hive/hive.sock")  # in RuntimeDirectory
+    assert example.state_path == Path("/var/lib/hive")  # StateDirectory
+    assert example.token_path == Path("/etc/hive/token")  # ConfigurationDirectory
+
+
+def test_unit_hardening() -> None:
+    values = unit_values()
+    expected = {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictNamespaces": "yes",
+        "SystemCallArchitectures": "native",
+        "CapabilityBoundingSet": "",
+        "DevicePolicy": "closed",
+    }
+    for key, value in expected.items():
+        assert values.get(("Service", key)) == [value], key
+    # These two would break the workers: JIT compilers need W+X memory; GPUs live in /dev.
+    for key in ("MemoryDenyWriteExecute", "PrivateDevices"):
+        assert ("Service", key) not in values, f"{key} breaks CUDA workers"
+
+
+def test_unit_allows_the_nvidia_devices() -> None:
+    allowed = [v.split() for v in unit_values()[("Service", "DeviceAllow")]]
+    assert all(len(entry) == 2 and set(entry[1]) <= set("rwm") for entry in allowed), allowed
+
+    def covers(node: str, proc_devices_group: str) -> bool:
+        for spec, access in allowed:
+            if "r" not in access or "w" not in access:
+                continue
+            if spec == node:
+                return True
+            if spec.startswith("char-") and re.fullmatch(
+                spec.removeprefix("char-").replace("*", ".*"), proc_devices_group
+            ):
+                return True
+        return False
+
+    # Paths, and the groups /proc/devices lists them under (before and after driver 550).
+    for node, group in [
+        ("/dev/nvidiactl", "nvidiactl"),
+        ("/dev/nvidiactl", "nvidia-frontend"),
+        ("/dev/nvidia-uvm", "nvidia-uvm"),
+        ("/dev/nvidia-uvm-tools", "nvidia-uvm"),
+        ("/dev/nvidia0", "nvidia"),
+        ("/dev/nvidia7", "nvidia-frontend"),
+        ("/dev/nvidia-caps/nvidia-cap1", "nvidia-caps"),
+        ("/dev/nvidia-nvswitch0", "nvidia-nvswitch"),
+    ]:
+        assert covers(node, group), f"{node} ({group}) is not allowed"
+    assert covers("/dev/nvidiactl", "-") and covers("/dev/nvidia-uvm", "-")  # named as paths
+
+
+def _verify(unit_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "hive.service"
+    path.write_text(unit_text)
+    return subprocess.run(
+        ["systemd-analyze", "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice", "SYSTEMD_PAGER": "cat"},
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (Debian/Ubuntu: apt-get install systemd)",
+)
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    hive = Path(sys.executable).parent / "hive"
+    if not os.access(hive, os.X_OK):
+        hive = Path(sys.executable)  # any existing executable will do for verify
+    text = UNIT.read_text().replace("ExecStart=/usr/local/bin/hive ", f"ExecStart={hive} ")
+    assert text != UNIT.read_text()
+    result = _verify(text, tmp_path)
+    output = (result.stdout + result.stderr).strip()
+    # verify exits 0 on unknown keys and bad values, only warning: no line may name the unit.
+    problems = [line for line in output.splitlines() if "hive.service" in line]
+    assert result.returncode == 0, output
+    assert problems == [], output
+    # And it does see problems: a sanity check of the check itself.
+    broken = _verify(text.replace("KillMode=process", "KillMode=procss"), tmp_path)
+    assert "hive.service" in broken.stdout + broken.stderr
+
+
+# -- sysusers ------------------------------------------------------------------------------------
+
+
+def test_sysusers_entry() -> None:
+    lines = [
+        line.split(maxsplit=1)
+        for line in SYSUSERS.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert ["u", 'hive - "hive node agent" /var/lib/hive'] in lines
+    members = {rest.split()[1] for kind, rest in lines if kind == "m" and rest.startswith("hive ")}
+    assert members == set(one("SupplementaryGroups").split())
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
+def test_sysusers_creates_the_user(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    result = subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(SYSUSERS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if result.returncode != 0 and os.geteuid() != 0:
+        pytest.skip(f"systemd-sysusers --root needs root here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    passwd = (tmp_path / "etc/passwd").read_text()
+    assert re.search(r"^hive:x:\d+:\d+:hive node agent:/var/lib/hive:\S*nologin$", passwd, re.M)
+    assert re.search(r"^video:x:\d+:hive$", (tmp_path / "etc/group").read_text(), re.M)
+
+
+# -- the example configuration -------------------------------------------------------------------
+
+
+def test_example_config_loads() -> None:
+    config = load_config(EXAMPLE)
+    assert config.listen == "127.0.0.1:7070"
+    assert config.default_backend == "vllm"
+    vllm = config.backends["vllm"]
+    assert vllm.gpu is True
+    assert vllm.command[0].startswith("/")  # PATH under systemd is the system's
+    assert "{model}" in vllm.command and "{port}" in vllm.command
+    assert vllm.env["HF_HOME"].startswith("/var/lib/hive/")  # writable: the StateDirectory
+    assert "demo" in config.backends  # built-ins stay
+    assert config.routers == []  # the example router is commented out
+
+
+def test_example_config_names_every_key() -> None:
+    """Every key hive knows appears in the example, set or commented: it cannot drift."""
+    text = EXAMPLE.read_text()
+
+    def mentioned(key: str) -> bool:
+        return re.search(rf"^[ \t]*(#[ \t]*)?{re.escape(key)}[ \t]*=", text, re.M) is not None
+
+    top = [k for k in Config.model_fields if k not in ("backends", "routers")]
+    missing = [k for k in top + list(BackendConfig.model_fields) if not mentioned(k)]
+    missing += [f"routers.{k}" for k in RouterConfig.model_fields if not mentioned(k)]
+    assert missing == [], f"keys missing from {EXAMPLE.name}: {missing}"
+    assert "[backends.vllm]" in text
+    assert re.search(r"^#\s*\[\[routers\]\]", text, re.M)
+
+
+def test_example_commented_keys_are_valid_once_uncommented() -> None:
+    """A commented top-level key sits above the first table, where uncommenting it works."""
+    text = EXAMPLE.read_text()
+    keys = [k for k in Config.model_fields if re.search(rf"^# {k} = ", text, re.M)]
+    assert keys  # device_refresh, router_reconcile, ... until configuration.md has them
+    for key in keys:
+        config = parse_config(re.sub(rf"^# ({key} = )", r"\1", text, flags=re.M), EXAMPLE)
+        assert key in config.model_fields_set
+
+
+def test_example_router_is_valid_once_uncommented() -> None:
+    text = EXAMPLE.read_text()
+    block = text[text.index("# [[routers]]") :]
+    uncommented = re.sub(r"^# ?", "", block, flags=re.M)
+    config = parse_config(text + "\n" + uncommented, EXAMPLE)
+    assert len(config.routers) == 1
+    assert config.routers[0].kind == "sglang"
+
+
+# -- install.sh ----------------------------------------------------------------------------------
+
+
+def install(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHON": sys.executable,
+        **env,
+    }
+    return subprocess.run(
+        ["sh", str(INSTALL), *args], capture_output=True, text=True, timeout=60, env=full
+    )
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_install_dry_run_with_destdir(tmp_path: Path) -> None:
+    result = install("--dry-run", DESTDIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "dry run: nothing is changed" in out
+    assert f"+ {sys.executable} -m venv {tmp_path}/opt/hive" in out
+    assert f"+ {tmp_path}/opt/hive/bin/python -m pip install --quiet --upgrade {ROOT}" in out
+    assert f"{SYSUSERS} {tmp_path}/etc/sysusers.d/hive.conf" in out
+    assert "ExecStart=/opt/hive/bin/hive " in out
+    assert f"> {tmp_path}/etc/systemd/system/hive.service" in out
+    assert f"{EXAMPLE} {tmp_path}/etc/hive/hive.toml" in out
+    assert f"new random token > {tmp_path}/etc/hive/token" in out
+    assert f"+ write {tmp_path}/usr/local/bin/hive (exec /opt/hive/bin/hive " in out
+    # With DESTDIR, nothing touches the running system.
+    assert "skip (DESTDIR): systemd-sysusers /etc/sysusers.d/hive.conf" in out
+    assert "skip (DESTDIR): systemctl daemon-reload" in out
+    assert not re.search(r"^\+ (systemctl|systemd-sysusers|chgrp|useradd)", out, re.M)
+    assert files_under(tmp_path) == []  # a dry run changes nothing
+
+
+def test_install_dry_run_on_the_live_system() -> None:
+    result = install("--dry-run", PREFIX="/srv/hive")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"+ {sys.executable} -m venv /srv/hive" in out
+    assert "ExecStart=/srv/hive/bin/hive " in out
+    assert "> /etc/systemd/system/hive.service" in out
+    assert re.search(r"^\+ (systemd-sysusers /etc/sysusers.d/hive.conf|useradd )", out, re.M)
+    assert "+ systemctl daemon-reload" in out.splitlines()
+
+
+def test_install_into_destdir(tmp_path: Path) -> None:
+    result = install("--skip-venv", DESTDIR=str(tmp_path), PREFIX="/srv/hive")
+    assert result.returncode == 0, result.stderr
+    assert files_under(tmp_path) == [
+        "etc",
+        "etc/hive",
+        "etc/hive/hive.toml",
+        "etc/hive/token",
+        "etc/systemd",
+        "etc/systemd/system",
+        "etc/systemd/system/hive.service",
+        "etc/sysusers.d",
+        "etc/sysusers.d/hive.conf",
+        "usr",
+        "usr/local",
+        "usr/local/bin",
+        "usr/local/bin/hive",
+    ]
+    unit = (tmp_path / "etc/systemd/system/hive.service").read_text()
+    assert unit == UNIT.read_text().replace(
+        "ExecStart=/usr/local/bin/hive ", "ExecStart=/srv/hive/bin/hive "
+    )
+    assert (tmp_path / "etc/sysusers.d/hive.conf").read_text() == SYSUSERS.read_text()
+    config = tmp_path / "etc/hive/hive.toml"
+    token = tmp_path / "etc/hive/token"
+    assert config.read_text() == EXAMPLE.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}\n", token.read_text())
+    for path in (config, token):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+
+    # Again, as an upgrade: the operator's configuration and token stay as they are.
+    config.write_text('listen = "0.0.0.0:7070"\n')
+    before = token.read_text()
+    again = install("--skip-venv", DESTDIR=str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert "keep" in again.stdout
+    assert config.read_text() == 'listen = "0.0.0.0:7070"\n'
+    assert token.read_text() == before
+    assert (
+        "ExecStart=/opt/hive/bin/hive "
+        in (tmp_path / "etc/systemd/system/hive.service").read_text()
+    )
+
+
+def test_install_usage() -> None:
+    assert install("--bogus").returncode == 2
+    usage = install("--help")
+    assert usage.returncode == 0
+    assert "--dry-run" in usage.stdout and "DESTDIR" in usage.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root it would really install")
+def test_install_refuses_without_root() -> None:
+    result = install()
+    assert result.returncode == 1
+    assert "run as root" in result.stderr
+
+
+def test_install_operator_wrapper(tmp_path: Path) -> None:
+    """``sudo hive status`` reaches the service: the wrapper sets HIVE_CONFIG, keeps the args."""
+    prefix, dest = tmp_path / "prefix", tmp_path / "dest"
+    (prefix / "bin").mkdir(parents=True)
+    fake = prefix / "bin/hive"
+    fake.write_text('#!/bin/sh\nprintf "%s|" "$HIVE_CONFIG" "$@"\n')
+    fake.chmod(0o755)
+    result = install("--skip-venv", DESTDIR=str(dest), PREFIX=str(prefix))
+    assert result.returncode == 0, result.stderr
+    wrapper = dest / "usr/local/bin/hive"
+    assert stat.S_IMODE(wrapper.stat().st_mode) == 0o755
+
+    def call(*args: str, **env: str) -> str:
+        full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+        done = subprocess.run([str(wrapper), *args], capture_output=True, text=True, env=full)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert call("logs", "a b", "-n", "5") == "/etc/hive/hive.toml|logs|a b|-n|5|"
+    assert call("list", HIVE_CONFIG="/elsewhere.toml") == "/elsewhere.toml|list|"
+
+    # A `hive` there that the installer did not write is left alone.
+    wrapper.write_text("#!/bin/sh\necho mine\n")
+    again = install("--skip-venv", DESTDIR=str(dest), PREFIX=str(prefix))
+    assert again.returncode == 0, again.stderr
+    assert f"keep {wrapper} (not ours" in again.stdout
+    assert wrapper.read_text() == "#!/bin/sh\necho mine\n"
