@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint venv clean
+.PHONY: run test lint venv clean bench fuzz
 
 venv: $(STAMP)
 
@@ -20,9 +20,31 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# A longer API fuzz run than CI's (schemathesis against the live daemon).
+fuzz: $(STAMP)
+	HIVE_FUZZ_EXAMPLES=$${HIVE_FUZZ_EXAMPLES:-500} $(BIN)/python -m pytest tests/test_openapi.py --timeout 3600
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# `make bench`: the benchmark (bench/README.md), in its own venv with the peers it measures
+# hive beside. Not part of `make test`. A peer that cannot be installed is reported unavailable.
+BENCH_VENV  := bench/.venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_PIP   := $(BENCH_VENV)/bin/python -m pip install --quiet
+
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PIP) --upgrade pip
+	$(BENCH_PIP) -e .
+	for peer in supervisor circus sglang-router py-spy; do \
+		$(BENCH_PIP) $$peer || echo "bench: could not install $$peer; it is reported unavailable"; \
+	done
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@ finds no 5xx for bad input, no response outside the description, and no tracebac
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,7 +86,8 @@ def _no_server_error(ctx: Any, response: Any, case: Any) -> bool | None:
 
 @schema.exclude(path="/v1/events").parametrize()
 @hypothesis.settings(
-    max_examples=20,
+    # `make fuzz` runs many more (HIVE_FUZZ_EXAMPLES); CI keeps it short.
+    max_examples=int(os.environ.get("HIVE_FUZZ_EXAMPLES", "20")),
     deadline=None,
     suppress_health_check=list(hypothesis.HealthCheck),
     phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
