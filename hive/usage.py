@@ -72,19 +72,24 @@ class Usage:
         gpu_memory = compute_pids(self.gpus())
         changes: dict[str, dict[str, object]] = {}
         seen: set[int] = set()
+        # One pass over the process table for every tree (psutil's children() would rescan it
+        # once per worker).
+        children: dict[int, list[int]] = {}
+        for proc in psutil.process_iter(["ppid"]):
+            children.setdefault(proc.info["ppid"] or 0, []).append(proc.pid)
         for record in self.registry.list():
             if record.state not in LIVE_STATES or record.pid is None:
                 continue
-            leader = self._process(record.pid)
-            if leader is None:
-                continue
-            try:
-                tree = [leader, *leader.children(recursive=True)]
-            except psutil.Error:
-                continue
+            tree, stack = [], [record.pid]
+            while stack:
+                pid = stack.pop()
+                tree.append(pid)
+                stack.extend(children.get(pid, ()))
             rss, cpu, gpu = 0, 0.0, None
-            for member in tree:
-                process = self._process(member.pid) or member
+            for pid in tree:
+                process = self._process(pid)
+                if process is None:
+                    continue
                 seen.add(process.pid)
                 with contextlib.suppress(psutil.Error):
                     rss += process.memory_info().rss
