@@ -38,7 +38,7 @@ from hive.logs import Logs
 from hive.metrics import Metrics
 from hive.models import State
 from hive.notify import Notifier
-from hive.registry import Registry
+from hive.registry import Change, Registry
 from hive.routers import RouterSync
 from hive.supervisor import Supervisor
 from hive.usage import Usage
@@ -218,6 +218,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # Subscribers run under the registry's lock, maybe off the loop: only hand news on.
         unsubscribe = registry.subscribe(lambda _: loop.call_soon_threadsafe(changed.set))
+        unsubscribe_log = registry.subscribe(
+            lambda change: loop.call_soon_threadsafe(_log_change, change)
+        )
         background = [
             asyncio.create_task(notifier.watchdog_loop(), name="hive-watchdog"),
             asyncio.create_task(self._publish_status(registry, changed), name="hive-status"),
@@ -237,6 +240,7 @@ class Daemon:
             log.info("shutting down (on_exit = %s)", self.config.on_exit)
             await usage.close()
             await supervisor.close()  # stops (and first withdraws) every worker
+            unsubscribe_log()
             await upstream.close()
             await journal.close()
             await asyncio.to_thread(gpus.close)
@@ -340,6 +344,15 @@ class Daemon:
         except StartupError:
             await self._runner.cleanup()
             raise
+
+
+def _log_change(change: Change) -> None:
+    """Every state change in hive's log, with the worker id (and why, when it failed)."""
+    before = change.from_.value if change.from_ else "new"
+    after = change.to.value if change.to else "forgotten"
+    worker = change.worker
+    detail = f" ({worker.error})" if change.to == State.FAILED and worker.error else ""
+    log.info("worker %s: %s -> %s%s", change.id, before, after, detail)
 
 
 def _log_tasks() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import socket
 import tempfile
@@ -130,3 +131,25 @@ async def test_sighup_applies_a_good_config_and_refuses_a_broken_one() -> None:
                 assert r.status == 200, await r.text()
             async with s.get("/health") as r:
                 assert r.status == 200
+
+
+async def test_json_logs_name_every_state_change() -> None:
+    hive = Hive()
+    try:
+        hive.start("--log-format", "json")
+        async with (
+            hive.session() as s,
+            s.post(
+                "/v1/workers", params={"wait": "ready"}, json={"model": "m", "id": "logged"}
+            ) as r,
+        ):
+            assert r.status == 200
+        assert hive.stop() == 0
+        lines = [json.loads(line) for line in hive.log().splitlines() if line.startswith("{")]
+        assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
+        messages = [x["message"] for x in lines]
+        assert "worker logged: new -> starting" in messages
+        assert "worker logged: starting -> ready" in messages
+        assert "worker logged: ready -> stopped" in messages
+    finally:
+        hive.cleanup()
