@@ -90,14 +90,26 @@ async def test_resume_with_last_event_id(hive: Hive) -> None:
             stream = sse(r)
             await spawn(s, "ev-b")
             ready = (await next_events(stream, 2))[-1]
-        # Disconnected; meanwhile the worker stops. Resuming replays what was missed.
+        # Disconnected; meanwhile the worker stops and is forgotten. Resuming replays exactly
+        # what was missed, then carries on live: nothing lost, nothing repeated.
         async with s.post("/v1/workers/ev-b/stop", params={"wait": "true"}):
             pass
-        async with s.get("/v1/events", headers={"Last-Event-ID": ready["id"]}) as r:
-            (missed,) = await next_events(sse(r), 1)
-        assert missed["data"]["seq"] == int(ready["id"]) + 1
-        assert (missed["data"]["from"], missed["data"]["to"]) == ("ready", "stopped")
         async with s.delete("/v1/workers/ev-b"):
+            pass
+        async with s.get("/v1/events", headers={"Last-Event-ID": ready["id"]}) as r:
+            stream = sse(r)
+            missed = await next_events(stream, 2)
+            await spawn(s, "ev-b2")
+            live = await next_events(stream, 2)
+        seqs = [e["data"]["seq"] for e in missed + live]
+        first = int(ready["id"]) + 1
+        assert seqs == list(range(first, first + 4)), seqs
+        assert [(e["data"]["from"], e["data"]["to"]) for e in missed] == [
+            ("ready", "stopped"),
+            ("stopped", None),
+        ]
+        assert [e["data"]["id"] for e in live] == ["ev-b2", "ev-b2"]
+        async with s.delete("/v1/workers/ev-b2"):
             pass
 
 
