@@ -61,7 +61,7 @@ class BackendConfig(BaseModel):
     env: dict[str, str] = {}
     #: Once ready, the health path is probed every ``liveness_period`` seconds; this many
     #: failures in a row make the worker ``failed``.
-    liveness_period: Annotated[float, Field(gt=0)] = 5.0
+    liveness_period: Annotated[float, Field(gt=0)] = 10.0
     liveness_failures: Annotated[int, Field(ge=1)] = 3
 
     @field_validator("command")
@@ -168,6 +168,7 @@ class Config(BaseModel):
     max_log_bytes: Annotated[int, Field(ge=4096)] = 50_000_000
     metrics_public: bool = False
     device_refresh: Annotated[float, Field(gt=0)] = 2.0
+    usage_refresh: Annotated[float, Field(gt=0)] = 5.0
     router_reconcile: Annotated[float, Field(gt=0)] = 5.0
     events_keepalive: Annotated[float, Field(gt=0)] = 15.0
     events_buffer: Annotated[int, Field(ge=1)] = 10_000

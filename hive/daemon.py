@@ -50,7 +50,7 @@ log = logging.getLogger("hive")
 RESTART_ONLY = frozenset(
     {
         "listen", "token", "token_file", "socket", "state_dir", "port_range", "worker_host",
-        "events_buffer", "events_queue", "device_refresh",
+        "events_buffer", "events_queue", "device_refresh", "usage_refresh",
     }
 )  # fmt: skip
 
@@ -172,7 +172,7 @@ class Daemon:
         else:
             log.info("GPUs: %s", ", ".join(f"{g.id} {g.name}" for g in gpus.gpus))
         placer = Placer(nodes, gpus.snapshot)
-        usage = Usage(registry, placer, gpus.snapshot, config.device_refresh)
+        usage = Usage(registry, placer, gpus.snapshot, config.usage_refresh)
         try:
             logs = Logs(config.logs_path, config.max_log_bytes)
         except OSError as exc:

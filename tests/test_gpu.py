@@ -44,7 +44,8 @@ def gpu_hive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuHive]:
     config = tmp_path_factory.mktemp("nvml-config") / "gpus.conf"
     write_config(config, gpus())
     env = {"LD_LIBRARY_PATH": str(lib), "FAKE_NVML_CONFIG": str(config)}
-    with running_hive("device_refresh = 0.1\nrestart_delay = 30\n", env) as hive:
+    settings = "device_refresh = 0.1\nusage_refresh = 0.1\nrestart_delay = 30\n"
+    with running_hive(settings, env) as hive:
         yield GpuHive(hive, config)
 
 
