@@ -578,8 +578,13 @@ class Supervisor:
             return None
         url = f"http://127.0.0.1:{self.registry.get(run.id).port}{backend.health_path}"
         failures = 0
+        period = timedelta(seconds=backend.liveness_period)
         while True:
             await asyncio.sleep(backend.liveness_period)
+            beat = self.registry.get(run.id).last_heartbeat_at
+            if beat is not None and now() - beat < period:
+                failures = 0  # it heartbeated within the period: that is proof enough of life
+                continue
             try:
                 async with self._http.get(url) as response:
                     problem = None if 200 <= response.status < 300 else f"HTTP {response.status}"
