@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hive.registry import Change, Registry
+from hive.timeouts import within
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,17 +94,10 @@ class Subscription:
         while True:
             if self.overflowed:
                 raise Overflow
-            # asyncio.wait, not wait_for: on 3.11 a cancel of wait_for can be lost, and a
-            # client that went away would leave its handler waiting for ever.
-            getter = asyncio.ensure_future(self._queue.get())
-            try:
-                done, _ = await asyncio.wait({getter}, timeout=timeout)
-            finally:
-                if not getter.done():
-                    getter.cancel()
-            if not done:
+            got = await within(self._queue.get(), timeout)
+            if got is None:
                 return None
-            event = getter.result()
+            event = got.result()
             if event is _CLOSE:
                 raise Closed
             if event.seq > self._newest:  # skip what the replay already gave

@@ -29,6 +29,7 @@ from hive.config import Config, RouterConfig
 from hive.metrics import Metrics
 from hive.models import State, Worker
 from hive.registry import Change, Registry
+from hive.timeouts import within
 
 log = logging.getLogger("hive.routers")
 
@@ -254,8 +255,7 @@ class RouterSync:
         if not self._routers or worker_id not in self.registry:
             return
         worker = self.registry.get(worker_id)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._withdraw(worker), timeout)
+        await within(self._withdraw(worker), timeout)
 
     def _status(self, worker_id: str, router: _Router, status: str) -> None:
         with contextlib.suppress(Exception):
@@ -280,13 +280,7 @@ class RouterSync:
                 failures += 1
                 delay = min(0.25 * 2**failures, 30.0)  # 0.5 s, 1 s, 2 s... up to 30 s
             router.wake.clear()
-            # asyncio.wait rather than wait_for: on 3.11, cancelling wait_for around an Event
-            # can be lost, and hive's shutdown would wait on this loop for ever.
-            waiter = asyncio.ensure_future(router.wake.wait())
-            try:
-                await asyncio.wait({waiter}, timeout=delay)
-            finally:
-                waiter.cancel()
+            await within(router.wake.wait(), delay)
 
     async def reconcile(self, router: _Router) -> None:
         """Make the router hold exactly this hive's ready workers (leaving others' alone)."""

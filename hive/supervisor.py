@@ -37,6 +37,7 @@ from hive.ports import PortPool
 from hive.process import Launch, Process, Spawner, describe_exit, start_time, terminate
 from hive.registry import Change, Entry, Registry, UnknownWorker, now
 from hive.routers import RouterSync
+from hive.timeouts import within
 
 log = logging.getLogger("hive.supervisor")
 
@@ -219,12 +220,16 @@ class Supervisor:
             }
 
         self.registry.add(spec, secrets.token_urlsafe(24), build)
+        await self._start(worker_id)
+        await self._persist()
+        return self.registry.get(worker_id)
+
+    async def _start(self, worker_id: str) -> None:
+        """Start the process of a record in ``starting``, and the task that watches it."""
         run = _Run(worker_id)
         self._runs[worker_id] = run
         await self._launch(run)
         run.task = asyncio.create_task(self._lifecycle(run), name=f"worker-{worker_id}")
-        await self._persist()
-        return self.registry.get(worker_id)
 
     async def _persist(self) -> None:
         """Answer only once the journal holds the change: a hive crash right after a reply
@@ -257,10 +262,7 @@ class Supervisor:
         if run is not None and run.task is not None and not run.task.done():
             raise Conflict(f"worker {worker_id!r} is changing state; try again")
         self._begin_attempt(worker_id, restarts_delta=1)
-        run = _Run(worker_id)
-        self._runs[worker_id] = run
-        await self._launch(run)
-        run.task = asyncio.create_task(self._lifecycle(run), name=f"worker-{worker_id}")
+        await self._start(worker_id)
         await self._persist()
         return self.registry.get(worker_id)
 
@@ -309,9 +311,8 @@ class Supervisor:
             record = self.registry.get(worker_id)
             if done(record):
                 return record
-            with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(reached, timeout)
-            return self.registry.get(worker_id)
+            settled = await within(reached, timeout)
+            return settled.result() if settled is not None else self.registry.get(worker_id)
         finally:
             unsubscribe()
 
@@ -469,12 +470,7 @@ class Supervisor:
                 return
             due = now() + timedelta(seconds=delay)
             self.registry.update(run.id, next_restart_at=due)
-            # asyncio.wait, not wait_for: on 3.11 a cancel of wait_for can be lost (detach).
-            waiter = asyncio.ensure_future(run.stop.wait())
-            try:
-                await asyncio.wait({waiter}, timeout=delay)
-            finally:
-                waiter.cancel()
+            await within(run.stop.wait(), delay)
             if run.stop.is_set() or self._closing:
                 self.registry.update(run.id, next_restart_at=None)
                 return

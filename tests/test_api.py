@@ -232,18 +232,16 @@ async def test_logs_tail_and_follow(hive: Hive) -> None:
         async with s.get("/v1/workers/logs/logs", params={"tail": "1"}) as r:
             assert len((await r.text()).strip().splitlines()) == 1
 
-        # Follow streams until the worker has stopped.
-        async def follow() -> str:
-            async with s.get("/v1/workers/logs/logs", params={"follow": "true"}) as r:
-                assert r.status == 200
-                return (await r.read()).decode()
-
-        follower = asyncio.create_task(follow())
-        await asyncio.sleep(0)  # let it connect; the stop below ends the stream either way
-        status, _ = await post(s, "/v1/workers/logs/stop", wait="true")
-        assert status == 200
-        followed = await asyncio.wait_for(follower, 30)
-        assert "ready_at=" in followed
+        # Follow: the tail first, then what is written after (hive's stop marker), until the
+        # worker has stopped.
+        async with s.get("/v1/workers/logs/logs", params={"follow": "true"}) as r:
+            assert r.status == 200
+            first = (await asyncio.wait_for(r.content.readany(), 30)).decode()
+            assert "ready_at=" in first and "stopped:" not in first
+            status, _ = await post(s, "/v1/workers/logs/stop", wait="true")
+            assert status == 200
+            rest = (await asyncio.wait_for(r.read(), 30)).decode()
+        assert "--- hive:" in rest and "stopped: exited with code 0" in rest
         assert not psutil.pid_exists(w["pid"])
         async with s.delete("/v1/workers/logs") as r:
             assert r.status == 200

@@ -157,26 +157,6 @@ def compute_pids(snapshot: GpuSnapshot) -> dict[int, int]:
     return used
 
 
-def nvml_error() -> str | None:
-    """One-shot probe: None when NVML initialises and sees a GPU, else one line why not.
-
-    Kept for callers that only want the reason; :class:`GpuMonitor` is what the daemon should
-    use. Makes NVML calls on the calling thread (run it with ``asyncio.to_thread``). Never raises.
-    """
-    try:
-        nvml = _import_pynvml()
-        nvml.nvmlInit()
-    except Exception as exc:
-        return _init_error(exc)
-    try:
-        count = nvml.nvmlDeviceGetCount()
-    except Exception as exc:
-        return f"NVML unavailable: {_describe(exc)}"
-    finally:
-        _quietly(nvml.nvmlShutdown)
-    return None if count else NO_GPU
-
-
 class GpuMonitor:
     """Reads every GPU through NVML on its own thread; hands out the latest snapshot.
 

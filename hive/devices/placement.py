@@ -26,9 +26,10 @@ from hive.registry import Entry
 
 @dataclass(frozen=True, slots=True)
 class Placement:
+    """Where a worker runs. Its cores are its own alone when its spec asked for ``cpus``."""
+
     device: str
     cpus: list[int]
-    exclusive: bool
     gpus: list[str]
 
 
@@ -183,11 +184,10 @@ class Placer:
                     f"{len(fits)} fit; " + "; ".join(reasons)
                 )
             chosen = self._best(fits, wanted_n)
-        cpus, exclusive = self._gpu_cores(spec, chosen, entries, worker_id)
+        cpus = self._gpu_cores(spec, chosen, entries, worker_id)
         return Placement(
             ",".join(g.id for g in chosen),
             cpus,
-            exclusive,
             [g.uuid or "" for g in chosen],
         )
 
@@ -209,22 +209,22 @@ class Placer:
         gpus: list[GpuInfo],
         entries: Mapping[str, Entry],
         worker_id: str,
-    ) -> tuple[list[int], bool]:
+    ) -> list[int]:
         usable = set(self.usable_cores)
         local = sorted({c for g in gpus for c in g.cpu_affinity} & usable) or sorted(usable)
         taken = self._reserved(entries, worker_id)
         if spec.cpus is None:
-            return ([c for c in local if c not in taken] or local), False
+            return [c for c in local if c not in taken] or local
         if isinstance(spec.cpus, list):
             self._check_listed(spec.cpus, usable, taken)
-            return list(spec.cpus), True
+            return list(spec.cpus)
         ordered = local + [c for c in sorted(usable) if c not in local]
         free = [c for c in ordered if c not in taken]
         if len(free) < spec.cpus:
             raise NoCapacity(
                 f"cpus: {len(free)} unreserved cores of {len(usable)}, {spec.cpus} requested"
             )
-        return sorted(free[: spec.cpus]), True
+        return sorted(free[: spec.cpus])
 
     # -- CPUs ----------------------------------------------------------------------------------
 
@@ -272,7 +272,7 @@ class Placer:
         node = max(nodes, key=lambda n: (len(free(n)), -n.index))
         if isinstance(spec.cpus, list):
             self._check_listed(spec.cpus, set(node.cores), taken)
-            return Placement(node.id, list(spec.cpus), True, [])
+            return Placement(node.id, list(spec.cpus), [])
         if isinstance(spec.cpus, int):
             available = free(node)
             if len(available) < spec.cpus:
@@ -280,5 +280,5 @@ class Placer:
                     f"{node.id} has {len(available)} unreserved cores of {len(node.cores)}, "
                     f"{spec.cpus} requested"
                 )
-            return Placement(node.id, available[: spec.cpus], True, [])
-        return Placement(node.id, free(node) or list(node.cores), False, [])
+            return Placement(node.id, available[: spec.cpus], [])
+        return Placement(node.id, free(node) or list(node.cores), [])
