@@ -234,7 +234,10 @@ class Tree:
 
     def signal(self, sig: int) -> None:
         self.leader.signal_group(sig)
-        self.leader.signal(sig)
+        if not self._leader_leads_group():
+            # Signalled once only: a second SIGTERM that lands after the worker's own handler
+            # is gone (it is on its way out) would turn a clean exit into "killed by SIGTERM".
+            self.leader.signal(sig)
         for member in self._members.values():
             if not member.gone.is_set():
                 with contextlib.suppress(ProcessLookupError):
@@ -248,6 +251,15 @@ class Tree:
         for future in pending:
             future.cancel()
         return not pending
+
+    def _leader_leads_group(self) -> bool:
+        """True when the leader is still in its own process group (the group signal hit it)."""
+        if not self.leader.running:
+            return False
+        try:
+            return os.getpgid(self.leader.pid) == self.leader.pid
+        except OSError:
+            return False
 
     def alive(self) -> list[int]:
         pids = [self.leader.pid] if self.leader.running else []

@@ -12,6 +12,7 @@ they must only hand the change on (put it in a queue, schedule a callback), neve
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hive.models import DOWN_STATES, SpawnRequest, State, Worker
+from hive.models import DOWN_STATES, LIVE_STATES, Desired, SpawnRequest, State, Worker
+from hive.timeouts import within
 
 #: The legal state changes; anything else is refused.
 TRANSITIONS: Mapping[State, frozenset[State]] = {
@@ -80,6 +82,34 @@ class Change:
 
 Subscriber = Callable[[Change], None]
 Builder = Callable[[Mapping[str, Entry]], dict[str, Any]]
+
+#: The fields a write may name; any other key is a mistake at the call, never a silent key.
+_FIELDS = frozenset(Worker.model_fields) - {"state"}
+#: What a worker whose process is gone shows: no pid, nothing in flight, no usage figures.
+_ENDED: dict[str, Any] = {
+    "pid": None,
+    "in_flight": None,
+    "rss_bytes": None,
+    "cpu_percent": None,
+    "gpu_memory_used_mib": None,
+}
+
+
+def _check_fields(fields: Mapping[str, Any]) -> None:
+    if "state" in fields:
+        raise ValueError("the state changes only through transition()")
+    unknown = sorted(set(fields) - _FIELDS)
+    if unknown:
+        raise ValueError(f"a worker record has no field {', '.join(map(repr, unknown))}")
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """One worker's figures from a usage refresh."""
+
+    rss_bytes: int | None
+    cpu_percent: float | None
+    gpu_memory_used_mib: int | None
 
 
 def _matches(
@@ -226,6 +256,8 @@ class Registry:
         ``expect`` refuses the change unless the worker is in that state (or one of them) now;
         ``build`` computes more fields under the lock, like ``add``'s.
         """
+        fields.pop("state", None)  # the state is ``to``, whatever else says
+        _check_fields(fields)
         with self._lock:
             entry = self._entry(worker_id)
             current = entry.record.state
@@ -233,16 +265,21 @@ class Registry:
             if to not in TRANSITIONS[current] or (expect is not None and current not in allowed):
                 raise IllegalTransition(worker_id, current, to)
             if build is not None:
-                fields = {**build(self._entries), **fields}
+                built = build(self._entries)
+                built.pop("state", None)
+                _check_fields(built)
+                fields = {**built, **fields}
             record = entry.record.model_copy(update={**fields, "state": to})
             self._entries[worker_id] = Entry(record, entry.spec, entry.token)
             self._publish(worker_id, current, to, record)
             return record
 
     def update(self, worker_id: str, **fields: Any) -> Worker:
-        """Change fields other than the state; subscribers are not told."""
-        if "state" in fields:
-            raise ValueError("the state changes only through transition()")
+        """Change fields other than the state; subscribers are not told.
+
+        The low-level write under the named operations below; hive's own code uses those.
+        """
+        _check_fields(fields)
         with self._lock:
             entry = self._entry(worker_id)
             record = entry.record.model_copy(update=fields)
@@ -251,18 +288,13 @@ class Registry:
 
     def update_many(self, changes: Mapping[str, dict[str, Any]]) -> None:
         """Apply several ``update`` calls under one lock; unknown ids are skipped."""
-        if any("state" in fields for fields in changes.values()):
-            raise ValueError("the state changes only through transition()")
+        for fields in changes.values():
+            _check_fields(fields)
         with self._lock:
             for worker_id, fields in changes.items():
                 if (entry := self._entries.get(worker_id)) is not None:
                     record = entry.record.model_copy(update=fields)
                     self._entries[worker_id] = Entry(record, entry.spec, entry.token)
-
-    def replace_spec(self, worker_id: str, spec: SpawnRequest) -> None:
-        with self._lock:
-            entry = self._entry(worker_id)
-            self._entries[worker_id] = Entry(entry.record, spec, entry.token)
 
     def remove(self, worker_id: str) -> Worker:
         """Forget a record; only one whose process is gone may be forgotten."""
@@ -290,3 +322,147 @@ class Registry:
                     self.remove(worker_id)
                     gone.append(worker_id)
         return gone
+
+    # -- named operations: what actually happens to a worker -----------------------------------
+
+    def begin_attempt(self, worker_id: str, reserve: Builder, restarts: int) -> Worker:
+        """``stopped``/``failed`` -> ``starting``: a new attempt, its port and devices reserved
+        anew by ``reserve`` under the lock, everything the last attempt left cleared."""
+        return self.transition(
+            worker_id,
+            State.STARTING,
+            expect=DOWN_STATES,
+            build=reserve,
+            restarts=restarts,
+            desired="running",
+            error=None,
+            exit_code=None,
+            next_restart_at=None,
+            ready_at=None,
+            stopped_at=None,
+            last_heartbeat_at=None,
+            **_ENDED,
+        )
+
+    def attempt_started(self, worker_id: str, pid: int) -> Worker:
+        """The attempt's process runs, with this pid."""
+        return self.update(worker_id, pid=pid, started_at=now())
+
+    def became_ready(self, worker_id: str) -> Worker | None:
+        """``starting`` -> ``ready`` (a probe answered 2xx); None if it was not starting."""
+        with self._lock:
+            if self._entry(worker_id).record.state != State.STARTING:
+                return None
+            return self.transition(worker_id, State.READY, ready_at=now())
+
+    def attempt_ended(
+        self, worker_id: str, to: State, *, exit_code: int | None, error: str | None
+    ) -> Worker | None:
+        """The attempt's process is gone: ``stopped`` or ``failed``, with how it ended.
+
+        None (and nothing changes) when the record was not in a live state any more.
+        """
+        if to not in DOWN_STATES:
+            raise ValueError(f"an attempt ends in stopped or failed, not {to}")
+        with self._lock:
+            if self._entry(worker_id).record.state not in LIVE_STATES:
+                return None
+            return self.transition(
+                worker_id, to, exit_code=exit_code, error=error, stopped_at=now(), **_ENDED
+            )
+
+    def exit_code_known(self, worker_id: str, exit_code: int | None) -> Worker:
+        """The exit code of a process that was recorded as failed before it was reaped."""
+        return self.update(worker_id, exit_code=exit_code)
+
+    def heartbeat(self, worker_id: str, state: State, in_flight: int | None) -> Worker:
+        """A worker's report of itself: ``starting`` becomes ready, then ready/busy as said."""
+        fields: dict[str, Any] = {"last_heartbeat_at": now(), "in_flight": in_flight}
+        with self._lock:
+            record = self._entry(worker_id).record
+            if record.state == State.STARTING:
+                record = self.transition(worker_id, State.READY, ready_at=now(), **fields)
+            if record.state != state:
+                return self.transition(worker_id, state, **fields)
+            return self.update(worker_id, **fields)
+
+    def set_desired(self, worker_id: str, desired: Desired) -> Worker:
+        """What the operator wants: ``stopped`` also cancels a restart that was due."""
+        with self._lock:
+            record = self._entry(worker_id).record
+            if record.desired == desired:
+                return record
+            if desired == "stopped":
+                return self.update(worker_id, desired=desired, next_restart_at=None)
+            return self.update(worker_id, desired=desired)
+
+    def restart_due(self, worker_id: str, at: datetime | None) -> Worker:
+        """The next attempt is due at ``at`` (None: none is scheduled any more)."""
+        return self.update(worker_id, next_restart_at=at)
+
+    def gave_up(self, worker_id: str, error: str) -> Worker:
+        """The restart policy will not try again; ``error`` says why."""
+        return self.update(worker_id, error=error)
+
+    def restart_refused(self, worker_id: str, error: str) -> Worker:
+        """A due restart could not reserve what it needs; the policy tries again later."""
+        return self.update(worker_id, error=error)
+
+    def set_draining(self, worker_id: str, draining: bool) -> Worker:
+        return self.update(worker_id, draining=draining)
+
+    def router_status(self, worker_id: str, router_url: str, status: str) -> Worker | None:
+        """Record one router's view of the worker; None if the worker is gone."""
+        with self._lock:
+            entry = self._entries.get(worker_id)
+            if entry is None:
+                return None
+            return self.update(worker_id, routers={**entry.record.routers, router_url: status})
+
+    def record_usage(self, figures: Mapping[str, Figures]) -> None:
+        """Per-worker figures from one refresh, under one lock; unknown ids are skipped."""
+        self.update_many(
+            {
+                worker_id: {
+                    "rss_bytes": usage.rss_bytes,
+                    "cpu_percent": usage.cpu_percent,
+                    "gpu_memory_used_mib": usage.gpu_memory_used_mib,
+                }
+                for worker_id, usage in figures.items()
+            }
+        )
+
+    # -- waiting -------------------------------------------------------------------------------
+
+    def token(self, worker_id: str) -> str | None:
+        """The worker's heartbeat token, or None for an unknown worker."""
+        with self._lock:
+            entry = self._entries.get(worker_id)
+            return entry.token if entry is not None else None
+
+    async def wait_until(
+        self, worker_id: str, done: Callable[[Worker], bool], timeout: float
+    ) -> Worker:
+        """Wait (at most ``timeout`` s) until ``done(record)`` holds, or the record is
+        forgotten; returns the record as it then is."""
+        loop = asyncio.get_running_loop()
+        reached: asyncio.Future[Worker] = loop.create_future()
+
+        def on_change(change: Change) -> None:
+            if change.id == worker_id and (change.to is None or done(change.worker)):
+                loop.call_soon_threadsafe(_settle, reached, change.worker)
+
+        unsubscribe = self.subscribe(on_change)
+        try:
+            record = self.get(worker_id)
+            if done(record):
+                return record
+            settled = await within(reached, timeout)
+            return settled.result() if settled is not None else self.get(worker_id)
+        finally:
+            unsubscribe()
+
+
+def _settle(future: asyncio.Future[Worker], record: Worker) -> None:
+    if not future.done():
+        future.set_result(record)

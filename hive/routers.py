@@ -16,7 +16,6 @@ kind only has to offer the same three calls.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import aiohttp
 from hive.config import Config, RouterConfig
 from hive.metrics import Metrics
 from hive.models import State, Worker
-from hive.registry import Change, Registry
+from hive.registry import Change, Registry, UnknownWorker
 from hive.timeouts import within
 
 log = logging.getLogger("hive.routers")
@@ -197,7 +196,7 @@ class RouterSync:
     def _registers(self, worker_id: str) -> bool:
         try:
             return self.registry.entry(worker_id).spec.register_
-        except Exception:
+        except UnknownWorker:
             return False
 
     # -- immediate reactions -------------------------------------------------------------------
@@ -258,9 +257,7 @@ class RouterSync:
         await within(self._withdraw(worker), timeout)
 
     def _status(self, worker_id: str, router: _Router, status: str) -> None:
-        with contextlib.suppress(Exception):
-            record = self.registry.get(worker_id)
-            self.registry.update(worker_id, routers={**record.routers, router.config.url: status})
+        self.registry.router_status(worker_id, router.config.url, status)
 
     # -- reconcile -----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import psutil
 from hive.devices.gpu import GpuSnapshot, compute_pids
 from hive.devices.placement import Placer
 from hive.models import LIVE_STATES
-from hive.registry import Registry
+from hive.registry import Figures, Registry
 
 log = logging.getLogger("hive.usage")
 
@@ -70,7 +70,7 @@ class Usage:
     def refresh(self) -> None:
         """Measure every running worker now (blocking: call from a thread)."""
         gpu_memory = compute_pids(self.gpus())
-        changes: dict[str, dict[str, object]] = {}
+        changes: dict[str, Figures] = {}
         seen: set[int] = set()
         # One pass over the process table for every tree (psutil's children() would rescan it
         # once per worker).
@@ -96,12 +96,8 @@ class Usage:
                     cpu += process.cpu_percent(None)
                 if process.pid in gpu_memory:
                     gpu = (gpu or 0) + gpu_memory[process.pid]
-            changes[record.id] = {
-                "rss_bytes": rss,
-                "cpu_percent": round(cpu, 1),
-                "gpu_memory_used_mib": gpu,
-            }
+            changes[record.id] = Figures(rss, round(cpu, 1), gpu)
         for pid in set(self._processes) - seen:
             del self._processes[pid]
         self.placer.worker_pids = frozenset(seen)
-        self.registry.update_many(changes)
+        self.registry.record_usage(changes)

@@ -279,7 +279,6 @@ def test_unknown_ids(reg: Registry, rec: Recorder) -> None:
         lambda: reg.transition("nope", State.READY),
         lambda: reg.update("nope", pid=1),
         lambda: reg.remove("nope"),
-        lambda: reg.replace_spec("nope", SpawnRequest(model="x")),
     ]
     for call in calls:
         with pytest.raises(UnknownWorker) as info:

@@ -137,13 +137,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
     if hmac.compare_digest(token.encode(), context.token.encode()):
         return await handler(request)
-    supervisor = context.supervisor
+    registry = context.registry
     if (match := _HEARTBEAT.match(request.path)) is not None:
-        own = supervisor.worker_token(match.group(1))
+        own = registry.token(match.group(1))
         if own is not None and hmac.compare_digest(token.encode(), own.encode()):
             return await handler(request)
-    for record in context.registry.list():
-        other = supervisor.worker_token(record.id)
+    for record in registry.list():
+        other = registry.token(record.id)
         if other is not None and hmac.compare_digest(token.encode(), other.encode()):
             raise Forbidden("a worker token is good only for that worker's own heartbeat")
     raise Unauthorized("invalid token")

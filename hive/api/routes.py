@@ -130,7 +130,7 @@ async def spawn(request: web.Request) -> web.Response:
     location = f"/v1/workers/{record.id}"
     if query.wait is None:
         return _reply(record, 201, Location=location)
-    record = await supervisor.wait_until(
+    record = await _context(request).registry.wait_until(
         record.id, lambda w: w.state != State.STARTING, query.timeout
     )
     if record.state in (State.READY, State.BUSY):

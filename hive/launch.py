@@ -1,0 +1,83 @@
+"""What one attempt of a worker runs: its argv and environment, built from the record.
+
+A plain function of the record, its request, the backend and the configuration, so it can be
+read and tested without a daemon. The supervisor's lifecycle hands the result to the spawner.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from hive.config import BackendConfig, Config
+from hive.process import Launch
+from hive.registry import Entry
+
+#: hive's own variables that a worker must not inherit.
+SCRUBBED_ENV = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "HIVE_TOKEN",
+    "HIVE_CONFIG",
+)
+
+
+def placeholders(entry: Entry, config: Config) -> dict[str, str]:
+    """The values of a backend command's ``{placeholders}`` for this attempt."""
+    record, spec = entry.record, entry.spec
+    return {
+        "model": spec.model,
+        "port": str(record.port),
+        "host": config.worker_host,
+        "python": sys.executable,
+        "id": record.id,
+        "device": record.device,
+        "gpus": str(len(record.gpus)),
+        "ncpus": str(len(record.cpus)),
+        "state_dir": str(config.state_path),
+    }
+
+
+def build_launch(
+    entry: Entry,
+    backend: BackendConfig,
+    config: Config,
+    api_url: str,
+    log_path: Path,
+    environ: Mapping[str, str] | None = None,
+) -> Launch:
+    """argv, environment, log file and cores for the next attempt of ``entry``'s worker.
+
+    The environment is hive's own (less :data:`SCRUBBED_ENV`), then the backend's ``env``, then
+    the request's, then what hive tells every worker (``HIVE_*``, ``CUDA_VISIBLE_DEVICES``).
+    """
+    record, spec = entry.record, entry.spec
+    values = placeholders(entry, config)
+    argv = [arg.format_map(values) for arg in backend.command] + list(spec.args)
+    inherited = os.environ if environ is None else environ
+    env = {k: v for k, v in inherited.items() if k not in SCRUBBED_ENV}
+    env.update(backend.env)
+    env.update(spec.env)
+    env.update(
+        {
+            "HIVE_WORKER_ID": record.id,
+            "HIVE_MODEL": spec.model,
+            "HIVE_PORT": str(record.port),
+            "HIVE_DEVICE": record.device,
+            "HIVE_URL": api_url,
+            "HIVE_WORKER_TOKEN": entry.token,
+            "HIVE_HEARTBEAT_INTERVAL": f"{config.heartbeat_timeout / 3:g}",
+            "CUDA_VISIBLE_DEVICES": ",".join(record.gpus),
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        }
+    )
+    if spec.cpus is not None:
+        env["OMP_NUM_THREADS"] = str(len(record.cpus))
+    cpus = frozenset(record.cpus) if record.cpus else None
+    return Launch(argv, env, log_path, cpus)

@@ -1,0 +1,365 @@
+"""One worker's lifecycle: the object that owns its process, from each start to its end.
+
+A :class:`WorkerRun` is to a worker what supervisord's ``Subprocess`` is to a program: it starts
+the process, watches it, and records the outcome of every attempt through the registry's named
+operations. Each attempt waits for the first of:
+
+- the process exiting (noticed through its pidfd the moment it happens),
+- the worker becoming ready (its readiness probe answers 2xx, or it heartbeats ``ready``),
+- the startup timeout, a hang (no heartbeat for ``heartbeat_timeout``), a failed liveness probe,
+- a stop request (out of the routers first, then drained, then SIGTERM and SIGKILL).
+
+Then :func:`hive.restart.next_delay` says whether and when the next attempt starts. This and
+the supervisor are the only code that touches worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from hive.config import BackendConfig, Config
+from hive.errors import HiveError
+from hive.journal import Journal
+from hive.launch import build_launch
+from hive.logs import Logs
+from hive.metrics import Metrics
+from hive.models import State
+from hive.probes import Prober
+from hive.process import Process, Spawner, describe_exit, terminate
+from hive.registry import Registry, now
+from hive.reservations import Reservations
+from hive.restart import Backoff, Outcome, next_delay
+from hive.routers import RouterSync
+from hive.timeouts import within
+
+log = logging.getLogger("hive.lifecycle")
+
+
+@dataclass
+class Deps:
+    """What every worker's lifecycle shares; built once by the supervisor.
+
+    ``config`` is swapped on reload and ``closing`` set at shut-down, so runs read them here.
+    """
+
+    config: Config
+    registry: Registry
+    spawner: Spawner
+    logs: Logs
+    prober: Prober
+    reservations: Reservations
+    api_url: str
+    journal: Journal | None = None
+    upstream: RouterSync | None = None
+    metrics: Metrics | None = None
+    closing: bool = False
+
+    def backend(self, name: str) -> BackendConfig | None:
+        return self.config.backends.get(name)
+
+
+class WorkerRun:
+    """The lifecycle of one worker: its process, probes, hang timer, drain and stop."""
+
+    def __init__(self, worker_id: str, deps: Deps) -> None:
+        self.id = worker_id
+        self.deps = deps
+        self.process: Process | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._stop_timeout: float | None = None
+        self._ready = asyncio.Event()
+        self._hung = asyncio.Event()
+        self._hang_timer: asyncio.TimerHandle | None = None
+        self._backoff = Backoff()
+        self._sweeps: set[asyncio.Task[bool]] = set()
+
+    # -- what the supervisor asks of a run ------------------------------------------------------
+
+    def begin_attempt(self, restarts_delta: int) -> None:
+        """``stopped``/``failed`` -> ``starting``, reserving port and devices anew."""
+        deps = self.deps
+        entry = deps.registry.entry(self.id)
+        spec = entry.spec
+        backend_name = spec.backend or deps.config.default_backend
+        backend = deps.backend(backend_name)
+        if backend is None:
+            raise LookupError(f"backend: no backend {backend_name!r}")
+
+        def reserve(entries: Any) -> dict[str, Any]:
+            return deps.reservations.reserve(
+                spec, backend_name, backend, entries, self.id, entry.record.port
+            )
+
+        deps.registry.begin_attempt(self.id, reserve, entry.record.restarts + restarts_delta)
+
+    async def start(self) -> None:
+        """Start the process of a record in ``starting``, and the task that watches it."""
+        await self._launch()
+        self._watch()
+
+    def adopt(self, process: Process, ready: bool, heartbeating: bool) -> None:
+        """Watch a process a previous hive started, as it runs now."""
+        self.process = process
+        if ready:
+            self._ready.set()
+        if heartbeating:
+            self.arm_hang_timer()
+        self._watch()
+
+    def resume_failed(self) -> None:
+        """A record restored as ``failed``: apply its restart policy now."""
+        self._watch(Outcome.FAILED)
+
+    def request_stop(self, timeout: float | None) -> None:
+        self._stop_timeout = timeout
+        self._stop.set()
+
+    def detach(self) -> None:
+        """Stop watching, leave the process running (``on_exit = "detach"``)."""
+        if self.task is not None:
+            self.task.cancel()
+        if self.process is not None:
+            self.process.detach()
+
+    @property
+    def active(self) -> bool:
+        """True while the lifecycle task runs (a process, or a restart to come)."""
+        return self.task is not None and not self.task.done()
+
+    def heard(self) -> None:
+        """A heartbeat arrived: the worker lives and serves (the registry made it ready)."""
+        self._ready.set()
+        self.arm_hang_timer()
+
+    # -- the lifecycle --------------------------------------------------------------------------
+
+    def _watch(self, first: Outcome | None = None) -> None:
+        self.task = asyncio.create_task(self._lifecycle(first), name=f"worker-{self.id}")
+
+    async def _lifecycle(self, first: Outcome | None) -> None:
+        deps, outcome = self.deps, first
+        while True:
+            if outcome is None:
+                outcome = await self._supervise() if self.process else Outcome.FAILED
+            decision = next_delay(
+                outcome, deps.registry.get(self.id), deps.config, self._backoff, time.monotonic()
+            )
+            self._backoff = decision.backoff
+            outcome = None
+            if decision.gave_up is not None:
+                deps.registry.gave_up(self.id, decision.gave_up)
+            if decision.delay is None or deps.closing:
+                return
+            deps.registry.restart_due(self.id, now() + timedelta(seconds=decision.delay))
+            await within(self._stop.wait(), decision.delay)
+            if self._stop.is_set() or deps.closing:
+                deps.registry.restart_due(self.id, None)
+                return
+            self._reset_attempt()
+            try:
+                self.begin_attempt(restarts_delta=1)
+            except (HiveError, LookupError) as exc:  # no port or device free now, no backend
+                message = exc.message if isinstance(exc, HiveError) else str(exc)
+                deps.registry.restart_refused(self.id, f"cannot restart: {message}")
+                log.warning("worker %s cannot restart: %s", self.id, message)
+                outcome = Outcome.FAILED
+                continue
+            await self._launch()
+
+    def _reset_attempt(self) -> None:
+        self.process = None
+        self._ready.clear()
+        self._hung.clear()
+        self.disarm_hang_timer()
+
+    async def _launch(self) -> None:
+        """Start the process of a record in ``starting``; a failure to exec makes it failed."""
+        deps = self.deps
+        entry = deps.registry.entry(self.id)
+        backend = deps.backend(entry.record.backend)
+        if backend is None:
+            self._fail(f"backend {entry.record.backend!r} is no longer configured", None)
+            return
+        launch = build_launch(entry, backend, deps.config, deps.api_url, deps.logs.path(self.id))
+        attempt = entry.record.restarts + 1
+        deps.logs.mark(self.id, f"attempt {attempt}: {' '.join(launch.argv)}")
+        try:
+            self.process = await deps.spawner.start(launch)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            error = f"cannot start {launch.argv[0]!r}: {reason}"
+            deps.logs.mark(self.id, error)
+            self._fail(error, None)
+            return
+        deps.registry.attempt_started(self.id, self.process.pid)
+        if deps.journal is not None:
+            deps.journal.mark()  # the pid must reach the disk before anything else can happen
+        log.info("worker %s started, pid %d", self.id, self.process.pid)
+
+    async def _supervise(self) -> Outcome:
+        """Watch one running process until it ends; record how it ended."""
+        assert self.process is not None
+        deps, process = self.deps, self.process
+        entry = deps.registry.entry(self.id)
+        backend = deps.backend(entry.record.backend)
+        if backend is None:
+            return await self._fail_and_kill(
+                f"backend {entry.record.backend!r} is no longer configured"
+            )
+        exited = asyncio.shield(process.exited)
+        stop = asyncio.ensure_future(self._stop.wait())
+        waits: list[asyncio.Future[Any]] = [exited, stop]
+        try:
+            if not self._ready.is_set():
+                ready = asyncio.ensure_future(self._ready.wait())
+                probe = asyncio.ensure_future(self._probe_until_ready(backend))
+                done, _ = await asyncio.wait(
+                    [*waits, ready],
+                    timeout=backend.startup_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                probe.cancel()
+                ready.cancel()
+                if not done:
+                    error = f"not ready after {backend.startup_timeout:g}s (startup_timeout)"
+                    return await self._fail_and_kill(error)
+            if not exited.done() and not stop.done():
+                self._backoff = Backoff(self._backoff.delay, ready_since=time.monotonic())
+                hung = asyncio.ensure_future(self._hung.wait())
+                live = asyncio.ensure_future(self._probe_liveness(backend))
+                await asyncio.wait([*waits, hung, live], return_when=asyncio.FIRST_COMPLETED)
+                hung.cancel()
+                live.cancel()
+                if not exited.done() and not stop.done():
+                    if hung.done():
+                        timeout = deps.config.heartbeat_timeout
+                        return await self._fail_and_kill(f"hung: no heartbeat for {timeout:g}s")
+                    if live.done() and not live.cancelled() and live.result():
+                        return await self._fail_and_kill(live.result())
+            if stop.done():
+                return await self._stop_process()
+            return self._exited()
+        finally:
+            stop.cancel()
+            exited.cancel()
+            self.disarm_hang_timer()
+
+    # -- probes ---------------------------------------------------------------------------------
+
+    def _health_url(self, backend: BackendConfig) -> str | None:
+        if backend.health_path is None:
+            return None
+        return f"http://127.0.0.1:{self.deps.registry.get(self.id).port}{backend.health_path}"
+
+    async def _probe_until_ready(self, backend: BackendConfig) -> None:
+        """Poll the health path until it answers 2xx; then the worker is ready."""
+        url = self._health_url(backend)
+        if url is None:
+            return
+        await self.deps.prober.until_ready(url)
+        self.deps.registry.became_ready(self.id)
+        self._ready.set()
+
+    async def _probe_liveness(self, backend: BackendConfig) -> str | None:
+        """Probe a ready worker's health path; the error once it failed too often in a row."""
+        url = self._health_url(backend)
+        if url is None:
+            await asyncio.Event().wait()  # nothing to probe: wait to be cancelled
+            return None
+        registry = self.deps.registry
+        return await self.deps.prober.until_unhealthy(
+            url, backend, lambda: registry.get(self.id).last_heartbeat_at
+        )
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def _exited(self) -> Outcome:
+        """The process ended on its own: failed, or stopped when it exited cleanly."""
+        assert self.process is not None
+        deps, process = self.deps, self.process
+        code = process.returncode
+        last = deps.logs.last_line(self.id)
+        error = describe_exit(code) + (f": {last}" if last else "")
+        deps.logs.mark(self.id, describe_exit(code))
+        if code == 0:
+            deps.registry.attempt_ended(self.id, State.STOPPED, exit_code=0, error=error)
+            log.info("worker %s exited by itself with code 0", self.id)
+            self._sweep()
+            return Outcome.EXITED
+        self._fail(error, code)
+        if deps.metrics is not None and process.exited_at is not None:
+            deps.metrics.crash_detection.observe(time.monotonic() - process.exited_at)
+        self._sweep()
+        return Outcome.FAILED
+
+    def _sweep(self) -> None:
+        """After the leader exits, end whatever it left behind in its session."""
+        if self.process is not None:
+            task = asyncio.create_task(terminate(self.process, 1.0, 1.0))
+            self._sweeps.add(task)
+            task.add_done_callback(self._sweeps.discard)
+
+    def _fail(self, error: str, code: int | None) -> None:
+        self.deps.registry.attempt_ended(self.id, State.FAILED, exit_code=code, error=error)
+        log.warning("worker %s failed: %s", self.id, error)
+
+    async def _fail_and_kill(self, error: str) -> Outcome:
+        """Record the failure first (routers hear at once), then end the tree."""
+        assert self.process is not None
+        deps = self.deps
+        self._fail(error, None)
+        deps.logs.mark(self.id, error)
+        await terminate(self.process, min(deps.config.stop_timeout, 5.0))
+        deps.registry.exit_code_known(self.id, self.process.returncode)
+        return Outcome.FAILED
+
+    async def _drain(self) -> None:
+        """Out of the routers first, then wait for in-flight requests (from heartbeats) to end."""
+        assert self.process is not None
+        deps = self.deps
+        if deps.upstream is not None:
+            await deps.upstream.withdraw(self.id)
+        record = deps.registry.get(self.id)
+        if not record.in_flight or deps.config.drain_timeout <= 0:
+            return
+        deps.registry.set_draining(self.id, True)
+        log.info("worker %s draining %d request(s)", self.id, record.in_flight)
+        deadline = time.monotonic() + deps.config.drain_timeout
+        try:
+            while time.monotonic() < deadline and self.process.running:
+                if not deps.registry.get(self.id).in_flight:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            deps.registry.set_draining(self.id, False)
+
+    async def _stop_process(self) -> Outcome:
+        assert self.process is not None
+        deps = self.deps
+        await self._drain()
+        timeout = self._stop_timeout if self._stop_timeout is not None else deps.config.stop_timeout
+        gone = await terminate(self.process, timeout)
+        code = self.process.returncode
+        deps.logs.mark(self.id, f"stopped: {describe_exit(code)}")
+        error = None if gone else "some processes of the worker could not be killed"
+        deps.registry.attempt_ended(self.id, State.STOPPED, exit_code=code, error=error)
+        log.info("worker %s stopped (%s)", self.id, describe_exit(code))
+        return Outcome.STOPPED
+
+    # -- liveness by heartbeat ------------------------------------------------------------------
+
+    def arm_hang_timer(self) -> None:
+        self.disarm_hang_timer()
+        loop = asyncio.get_running_loop()
+        self._hang_timer = loop.call_later(self.deps.config.heartbeat_timeout, self._hung.set)
+
+    def disarm_hang_timer(self) -> None:
+        if self._hang_timer is not None:
+            self._hang_timer.cancel()
+            self._hang_timer = None

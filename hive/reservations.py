@@ -1,0 +1,48 @@
+"""Reservations: the devices, cores and port an attempt holds, chosen under the registry lock.
+
+A reservation is computed inside a registry builder (see :meth:`hive.registry.Registry.add`), so
+what it takes cannot be taken by a concurrent spawn at the same moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hive.config import BackendConfig
+from hive.devices.placement import Placer
+from hive.models import SpawnRequest
+from hive.ports import PortPool
+from hive.registry import Entry
+
+
+class Reservations:
+    """Places workers on devices (:class:`Placer`) and gives them ports (:class:`PortPool`)."""
+
+    def __init__(self, placer: Placer, ports: PortPool, worker_host: str) -> None:
+        self.placer = placer
+        self.ports = ports
+        self.worker_host = worker_host
+
+    def reserve(
+        self,
+        spec: SpawnRequest,
+        backend_name: str,
+        backend: BackendConfig,
+        entries: Mapping[str, Entry],
+        worker_id: str,
+        previous_port: int | None,
+    ) -> dict[str, Any]:
+        """The record fields of a reservation: device, cpus, gpus, port and url."""
+        placement = self.placer.place(spec, backend_name, backend, entries, worker_id)
+        port = self.ports.allocate(entries, worker_id, wanted=spec.port, previous=previous_port)
+        host = self.worker_host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return {
+            "device": placement.device,
+            "cpus": placement.cpus,
+            "gpus": placement.gpus,
+            "port": port,
+            "url": f"http://{host}:{port}",
+        }

@@ -1,0 +1,236 @@
+"""A worker's lifecycle without a daemon: a :class:`WorkerRun` over the real spawner, real
+processes and real probes, with the registry as the only witness. Also the probes and the
+adoption plan on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from hivetest import TAG, free_port
+
+from hive.adoption import GONE_ERROR, plan, reattach
+from hive.config import BackendConfig, Config
+from hive.devices import cpu
+from hive.devices.placement import Placer
+from hive.journal import Saved
+from hive.lifecycle import Deps, WorkerRun
+from hive.logs import Logs
+from hive.models import SpawnRequest, State, Worker
+from hive.ports import PortPool
+from hive.probes import Prober
+from hive.process import Spawner, start_time
+from hive.registry import Registry, now
+from hive.reservations import Reservations
+
+PY = sys.executable
+#: A worker that serves a health page on its port (the directory listing of /).
+SERVES = ["{python}", "-m", "http.server", "--bind", "127.0.0.1", "--directory", "/", "{port}"]
+BACKENDS = {
+    "serves": {"command": SERVES, "health_path": "/", "startup_timeout": 20},
+    "crashes": {"command": ["{python}", "-c", "import sys; sys.exit(3)"], "startup_timeout": 20},
+    "silent": {"command": ["{python}", "-c", "import time; time.sleep(60)"], "startup_timeout": 1},
+    "missing": {"command": ["/nonexistent/engine", "{port}"]},
+}
+
+
+@pytest.fixture
+async def deps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Deps]:
+    monkeypatch.setenv("HIVE_TEST_TAG", TAG)  # the leak check finds what these tests start
+    low = random.randrange(20000, 60000, 500)
+    config = Config(
+        state_dir=tmp_path,
+        port_range=(low, low + 99),
+        restart_delay=0.1,
+        stop_timeout=5,
+        backends=BACKENDS,
+    )
+    ports = PortPool(*config.port_range)
+    deps = Deps(
+        config=config,
+        registry=Registry(),
+        spawner=Spawner(),
+        logs=Logs(tmp_path / "logs", config.max_log_bytes),
+        prober=Prober(),
+        reservations=Reservations(Placer(cpu.discover()), ports, "127.0.0.1"),
+        api_url="http://127.0.0.1:9",
+    )
+    await deps.prober.start()
+    yield deps
+    await deps.prober.close()
+    deps.spawner.close()
+
+
+def add(deps: Deps, backend: str, restart: str = "no") -> WorkerRun:
+    spec = SpawnRequest(model="m", backend=backend, id=f"w-{backend}", restart=restart)
+    backend_config = deps.config.backends[backend]
+
+    def build(entries: Any) -> dict[str, Any]:
+        reserved = deps.reservations.reserve(
+            spec, backend, backend_config, entries, str(spec.id), None
+        )
+        return {"id": spec.id, "model": "m", "backend": backend, "restart": restart, **reserved}
+
+    deps.registry.add(spec, "token", build)
+    return WorkerRun(str(spec.id), deps)
+
+
+async def settle(run: WorkerRun, state: State) -> Worker:
+    return await run.deps.registry.wait_until(run.id, lambda w: w.state == state, 30)
+
+
+async def test_ready_by_probe_then_stopped_with_nothing_left(deps: Deps) -> None:
+    run = add(deps, "serves")
+    await run.start()
+    pid = deps.registry.get(run.id).pid
+    assert pid is not None
+    ready = await settle(run, State.READY)
+    assert ready.ready_at is not None
+    run.request_stop(None)
+    assert run.task is not None
+    await run.task
+    stopped = deps.registry.get(run.id)
+    assert (stopped.state, stopped.pid, stopped.exit_code) == (State.STOPPED, None, -15)
+    assert start_time(pid) is None  # the process is gone
+    assert not run.active
+
+
+async def test_a_crash_is_recorded_and_the_policy_restarts_it(deps: Deps) -> None:
+    run = add(deps, "crashes", restart="on-failure")
+    await run.start()
+    record = await deps.registry.wait_until(run.id, lambda w: w.restarts >= 2, 30)
+    assert record.restarts >= 2
+    failed = await settle(run, State.FAILED)
+    assert failed.exit_code == 3
+    assert failed.error is not None and failed.error.startswith("exited with code 3")
+    run.request_stop(None)
+    assert run.task is not None
+    await run.task
+    assert deps.registry.get(run.id).next_restart_at is None
+
+
+async def test_never_ready_fails_after_startup_timeout(deps: Deps) -> None:
+    run = add(deps, "silent")
+    await run.start()
+    failed = await settle(run, State.FAILED)
+    assert failed.error == "not ready after 1s (startup_timeout)"
+    assert run.task is not None
+    await run.task
+    assert deps.registry.get(run.id).exit_code == -15  # ended by hive, and reaped
+
+
+async def test_a_command_that_cannot_start_fails_at_once(deps: Deps) -> None:
+    run = add(deps, "missing")
+    await run.start()
+    assert run.task is not None
+    await run.task
+    record = deps.registry.get(run.id)
+    assert record.state == State.FAILED
+    assert record.error == "cannot start '/nonexistent/engine': No such file or directory"
+    assert record.pid is None
+
+
+async def test_silent_heartbeats_are_a_hang(deps: Deps) -> None:
+    deps.config = deps.config.model_copy(update={"heartbeat_timeout": 0.5})
+    run = add(deps, "serves")
+    await run.start()
+    await settle(run, State.READY)
+    deps.registry.heartbeat(run.id, State.READY, in_flight=0)
+    run.heard()  # one heartbeat, then none
+    failed = await settle(run, State.FAILED)
+    assert failed.error == "hung: no heartbeat for 0.5s"
+    assert run.task is not None
+    await run.task
+
+
+# -- probes ------------------------------------------------------------------------------------
+
+
+async def test_probe_results_say_what_came_back() -> None:
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.query.get("status", "200")))
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    prober = Prober()
+    await prober.start()
+    try:
+        base = f"http://127.0.0.1:{port}/health"
+        assert (await prober.check(base)).ok
+        bad = await prober.check(base + "?status=503")
+        assert (bad.ok, bad.detail) == (False, "HTTP 503")
+        refused = await prober.check(f"http://127.0.0.1:{free_port()}/health")
+        assert not refused.ok and "onnect" in refused.detail
+        backend = BackendConfig(
+            command=["x"], health_path="/health", liveness_period=0.05, liveness_failures=3
+        )
+        why = await asyncio.wait_for(
+            prober.until_unhealthy(base + "?status=500", backend, lambda: None), 10
+        )
+        assert why == "unhealthy: /health failed 3 times in a row (last: HTTP 500)"
+    finally:
+        await prober.close()
+        await runner.cleanup()
+
+
+# -- adoption ----------------------------------------------------------------------------------
+
+
+def saved(wid: str, state: State, pid: int | None, started: float | None, **fields: Any) -> Saved:
+    record = Worker(
+        id=wid,
+        model="m",
+        backend="demo",
+        device="CPU-0",
+        port=18000,
+        url="u",
+        state=state,
+        pid=pid,
+        created_at=now(),
+        **fields,
+    )
+    return Saved(record, SpawnRequest(model="m"), "tok", started)
+
+
+async def test_adoption_plan_against_live_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_TEST_TAG", TAG)
+    live = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+    try:
+        started = start_time(live.pid)
+        items = [
+            saved("alive", State.READY, live.pid, started),
+            saved("recycled", State.READY, live.pid, (started or 0) - 100),
+            saved("gone", State.BUSY, dead.pid, 1.0),
+            saved("rests", State.STOPPED, None, None, desired="stopped"),
+            saved("known", State.READY, live.pid, started),
+        ]
+        decided = plan(items, {"known"}, reattach)
+        by_id = {a.record.id: a for a in decided.adoptions}
+        assert set(by_id) == {"alive", "recycled", "gone", "rests"}
+        assert by_id["alive"].process is not None and by_id["alive"].process.pid == live.pid
+        assert by_id["alive"].record.state == State.READY
+        for wid in ("recycled", "gone"):
+            assert by_id[wid].process is None
+            assert by_id[wid].record.state == State.FAILED
+            assert by_id[wid].record.error == GONE_ERROR
+            assert by_id[wid].resume  # its restart policy applies now
+        assert by_id["rests"].record.state == State.STOPPED and not by_id["rests"].resume
+        assert decided.counts() == {"adopted": 1, "gone": 2, "restored": 3}
+        by_id["alive"].process.detach()
+        assert live.poll() is None  # planning never touches a process
+    finally:
+        live.kill()
+        live.wait()
