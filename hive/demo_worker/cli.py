@@ -1,0 +1,85 @@
+"""The command line: ``python -m hive.demo_worker --port P --model M [options]``.
+
+A bad argument is argparse's usage error (exit code 2); otherwise the exit code is the worker's:
+0 after a clean stop, 1 when the port cannot be bound, 3 after ``--fail-after``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from hive.demo_worker.server import EXIT_SIMULATED_FAILURE, DemoWorker, Options
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative number")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 1 and 65535")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m hive.demo_worker",
+        description="A real HTTP model server with a fake model: hive's demo backend.",
+    )
+    parser.add_argument("--port", type=port_number, required=True, help="port to listen on")
+    parser.add_argument("--model", required=True, help="model name it answers as")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--load-seconds",
+        type=non_negative,
+        default=0.0,
+        metavar="S",
+        help="seconds before /health turns 200 (the port listens meanwhile)",
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=non_negative,
+        default=0.0,
+        metavar="L",
+        help="milliseconds each generation takes",
+    )
+    parser.add_argument(
+        "--fail-after",
+        type=non_negative,
+        default=None,
+        metavar="S",
+        help=f"exit with code {EXIT_SIMULATED_FAILURE} after S seconds (a simulated crash)",
+    )
+    parser.add_argument(
+        "--no-heartbeat", action="store_true", help="do not heartbeat, even if HIVE_URL is set"
+    )
+    args = parser.parse_args(argv)
+    return Options(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        load_seconds=args.load_seconds,
+        latency_ms=args.latency_ms,
+        fail_after=args.fail_after,
+        heartbeat=not args.no_heartbeat,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+
+    async def serve() -> int:
+        return await DemoWorker(options).run()
+
+    return asyncio.run(serve())

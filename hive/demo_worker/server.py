@@ -1,0 +1,227 @@
+"""The demo worker's core: its state, its life (listen, load, signals, stop) and its info routes.
+
+``DemoWorker`` owns what every route and the heartbeat read: loaded or not, the generations in
+flight, and the events that wake the heartbeat and stop the server. The generation routes live
+with their protocol (``hive.demo_worker.sglang``, ``hive.demo_worker.openai``) and reach the
+worker through ``complete``, ``generating``, ``think`` and ``stream``; the heartbeat to hive lives
+in ``hive.demo_worker.heartbeat``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from hive import __version__
+from hive.demo_worker.affinity import cpu_affinity, thread_affinities
+from hive.demo_worker.heartbeat import heartbeat, heartbeat_target
+from hive.demo_worker.http import errors_as_json
+from hive.demo_worker.model import MAX_TOTAL_TOKENS, Completion, count_tokens, words_for
+from hive.demo_worker.openai import OpenAIRoutes
+from hive.demo_worker.output import quiet_aiohttp_logs, say, warn
+from hive.demo_worker.sglang import SGLangRoutes
+
+#: How long a graceful stop waits for requests still being answered.
+SHUTDOWN_TIMEOUT = 5.0
+EXIT_SIMULATED_FAILURE = 3
+
+
+@dataclass(frozen=True)
+class Options:
+    host: str
+    port: int
+    model: str
+    load_seconds: float
+    latency_ms: float
+    fail_after: float | None
+    heartbeat: bool
+
+
+class DemoWorker:
+    """The server's state: loaded or not, requests in flight, and the heartbeat's wake-up."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.worker_id = os.environ.get("HIVE_WORKER_ID") or None
+        self.loaded = asyncio.Event()
+        self.in_flight = 0
+        #: Prompt and completion tokens of the generations in flight (what ``/get_load`` tells).
+        self.tokens_in_flight = 0
+        #: Set when the worker turns busy or ready: the heartbeat loop reports at once.
+        self.changed = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.exit_code = 0
+        self.created = int(time.time())
+
+    # -- the model -------------------------------------------------------------------------------
+
+    @property
+    def prefix(self) -> str:
+        return f"[{self.worker_id or 'demo'}@{self.options.port}] {self.options.model} says: "
+
+    def complete(self, prompt: str, max_tokens: int) -> Completion:
+        words = words_for(prompt, max_tokens)
+        pieces = [self.prefix] + [word if i == 0 else " " + word for i, word in enumerate(words)]
+        return Completion(pieces, count_tokens(prompt), len(words))
+
+    @property
+    def state(self) -> str:
+        return "busy" if self.in_flight else "ready"
+
+    @contextlib.contextmanager
+    def generating(self, completions: list[Completion]) -> Iterator[None]:
+        """Count one generation in flight; wake the heartbeat when busy or ready changes."""
+        if not self.loaded.is_set():
+            raise web.HTTPServiceUnavailable(reason="the model is still loading")
+        tokens = sum(c.prompt_tokens + c.completion_tokens for c in completions)
+        self.in_flight += 1
+        self.tokens_in_flight += tokens
+        if self.in_flight == 1:
+            self.changed.set()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.tokens_in_flight -= tokens
+            if self.in_flight == 0:
+                self.changed.set()
+
+    async def think(self, tokens: int = 1, of: int = 1) -> None:
+        """Wait the part ``tokens``/``of`` of the per-generation latency."""
+        if self.options.latency_ms > 0:
+            await asyncio.sleep(self.options.latency_ms / 1000 * tokens / max(of, 1))
+
+    async def stream(self, completion: Completion) -> AsyncIterator[str]:
+        """The pieces of ``completion``, spread over the per-generation latency."""
+        for piece in completion.pieces:
+            await self.think(1, len(completion.pieces))
+            yield piece
+
+    # -- routes: health and info -----------------------------------------------------------------
+
+    def routes(self) -> list[web.RouteDef]:
+        """Every route: health and info here, then SGLang's native ones, then OpenAI's."""
+        return [
+            web.get("/health", self.health),
+            web.get("/health_generate", self.health),
+            web.get("/get_model_info", self.model_info),
+            web.get("/model_info", self.model_info),
+            web.get("/get_server_info", self.server_info),
+            web.get("/server_info", self.server_info),
+            *SGLangRoutes(self).routes(),
+            *OpenAIRoutes(self).routes(),
+        ]
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.loaded.is_set():
+            return web.json_response({"status": "loading"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        model = self.options.model
+        return web.json_response(
+            {
+                "model_path": model,
+                "tokenizer_path": model,
+                "is_generation": True,
+                "preferred_sampling_params": None,
+                "weight_version": "default",
+                "has_image_understanding": False,
+                "has_audio_understanding": False,
+                "model_type": "demo",
+                "architectures": ["DemoForCausalLM"],
+            }
+        )
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        model = self.options.model
+        return web.json_response(
+            {
+                "model_path": model,
+                "tokenizer_path": model,
+                "served_model_name": model,
+                "host": self.options.host,
+                "port": self.options.port,
+                "pid": os.getpid(),
+                "cpu_affinity": cpu_affinity(),
+                "threads": thread_affinities(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "worker_id": self.worker_id,
+                "version": __version__,
+                "max_total_num_tokens": MAX_TOTAL_TOKENS,
+                "tp_size": 1,
+                "dp_size": 1,
+                "disaggregation_mode": "null",
+                "loaded": self.loaded.is_set(),
+                "in_flight": self.in_flight,
+                "internal_states": [{}],
+            }
+        )
+
+    # -- life ------------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Pretend to load the model, then say so on stdout (benchmarks read that line)."""
+        if self.options.load_seconds > 0:
+            await asyncio.sleep(self.options.load_seconds)
+        self.loaded.set()
+        self.changed.set()
+        say(f"ready_at={time.time():.6f} port={self.options.port}")
+
+    async def fail_later(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        warn(f"demo worker: simulated failure after {seconds:g} s")
+        self.exit_code = EXIT_SIMULATED_FAILURE
+        self.stopping.set()
+
+    def on_signal(self, signum: signal.Signals) -> None:
+        if not self.stopping.is_set():
+            say(f"demo worker: {signum.name} received, stopping")
+        self.stopping.set()
+
+    async def run(self) -> int:
+        """Listen, load in the background, heartbeat, and stop on a signal."""
+        quiet_aiohttp_logs()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.on_signal, signum)
+
+        app = web.Application(middlewares=[errors_as_json])
+        app.add_routes(self.routes())
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        await runner.setup()
+        options = self.options
+        try:
+            await web.TCPSite(runner, options.host, options.port).start()
+        except OSError as exc:
+            warn(f"demo worker: cannot listen on {options.host}:{options.port}: {exc.strerror}")
+            await runner.cleanup()
+            return 1
+        say(
+            f"demo worker: pid {os.getpid()} serving {options.model!r} "
+            f"on http://{options.host}:{options.port} (loading for {options.load_seconds:g} s)"
+        )
+
+        tasks = [asyncio.create_task(self.load())]
+        target = heartbeat_target() if options.heartbeat else None
+        if target is not None:
+            tasks.append(asyncio.create_task(heartbeat(self, *target)))
+        if options.fail_after is not None:
+            tasks.append(asyncio.create_task(self.fail_later(options.fail_after)))
+        try:
+            await self.stopping.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await runner.cleanup()
+        if self.exit_code == 0:
+            say("demo worker: stopped")
+        return self.exit_code
