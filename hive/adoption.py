@@ -1,27 +1,45 @@
 """Adoption: what a new hive makes of the journal the last one left, against live processes.
 
-For each saved worker in a live state, the process is looked for by pid *and* start time (a
-recycled pid is someone else's process, never ours to touch): found, it is adopted as it runs;
-gone, the record becomes ``failed`` and its restart policy applies. Stopped and failed records
-come back as they were. :func:`plan` decides; the supervisor carries the plan out.
+The journal says what hive knew; the containment (cgroups, or environment tags) says what runs.
+:func:`plan` reconciles the two, and the supervisor carries the plan out:
+
+- a worker in a live state whose process is found (pid *and* start time: a recycled pid is
+  someone else's, never ours to touch) is adopted as it runs;
+- a worker whose record has no pid yet (hive died between writing the intent and the pid) is
+  adopted if its attempt's leader is found among its tagged processes, else failed;
+- a worker whose process is gone becomes ``failed`` and its restart policy applies;
+- stopped and failed records come back as they were;
+- any process of this hive's that no live record accounts for (a worker not in the journal, a
+  stopped one, a process of an earlier attempt, what a dead leader left) is a *stray*: ended,
+  and logged.
+
+When the journal could not be read at all, running workers are not orphaned: each is rebuilt
+from its leader's own environment (the id, model, backend, port, device and token hive gave it).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Container
+import os
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import psutil
+from pydantic import ValidationError
 
+from hive.containment import read_tag
 from hive.journal import Saved
-from hive.models import LIVE_STATES, State, Worker
+from hive.launch import attempt_nonce
+from hive.models import LIVE_STATES, SpawnRequest, State, Worker
 from hive.process import Process, start_time
 from hive.registry import now
 
 log = logging.getLogger("hive.adoption")
 
 GONE_ERROR = "exited while hive was not running (exit status unknown)"
+UNSTARTED_ERROR = "hive stopped while starting it, before its process was recorded"
+REBUILT_NOTE = "rebuilt from its process: the journal could not be read"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,15 +55,36 @@ class Adoption:
     resume: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Stray:
+    """Processes of this hive's workers that no record accounts for: to be ended."""
+
+    worker_id: str
+    pids: frozenset[int]
+    why: str
+
+
 @dataclass(slots=True)
 class Plan:
     adoptions: list[Adoption] = field(default_factory=list)
+    strays: list[Stray] = field(default_factory=list)
     adopted: int = 0
     gone: int = 0
     restored: int = 0
+    rebuilt: int = 0
 
     def counts(self) -> dict[str, int]:
-        return {"adopted": self.adopted, "gone": self.gone, "restored": self.restored}
+        return {
+            "adopted": self.adopted,
+            "gone": self.gone,
+            "restored": self.restored,
+            "rebuilt": self.rebuilt,
+            "stray": sum(len(s.pids) for s in self.strays),
+        }
+
+    def stray(self, worker_id: str, pids: set[int], why: str) -> None:
+        if pids:
+            self.strays.append(Stray(worker_id, frozenset(pids), why))
 
 
 Reattach = Callable[[int, float | None], Process | None]
@@ -66,33 +105,52 @@ def reattach(pid: int, started: float | None) -> Process | None:
     return process
 
 
-def plan(saved: list[Saved], known: Container[str], find: Reattach = reattach) -> Plan:
-    """Decide, for each saved worker not in ``known``, what the new hive takes back."""
+def plan(
+    saved: list[Saved],
+    known: Container[str],
+    find: Reattach = reattach,
+    inventory: Mapping[str, set[int]] | None = None,
+    rebuild: bool = False,
+) -> Plan:
+    """Decide, for each saved worker not in ``known``, what the new hive takes back.
+
+    ``inventory`` is what the containment finds running, by worker id; ``rebuild`` says the
+    journal was unreadable, so running workers it does not list are rebuilt, not ended.
+    """
     result = Plan()
+    running = {wid: set(pids) for wid, pids in (inventory or {}).items()}
     for item in saved:
         record = item.record
         if record.id in known:
+            running.pop(record.id, None)
             continue
+        members = running.pop(record.id, set())
         process = None
-        if record.state in LIVE_STATES and record.pid is not None:
+        if record.state in LIVE_STATES and record.pid is None:
+            leader = _leader(members, attempt_nonce(record))
+            if leader is not None:
+                process = find(leader, start_time(leader))
+            if process is not None:
+                record = record.model_copy(update={"pid": process.pid})
+            else:
+                result.gone += 1
+                record = _failed(record, UNSTARTED_ERROR)
+                log.warning("worker %s: %s", record.id, UNSTARTED_ERROR)
+        elif record.state in LIVE_STATES and record.pid is not None:
             process = find(record.pid, item.start_time)
             if process is None:
                 result.gone += 1
-                record = record.model_copy(
-                    update={
-                        "state": State.FAILED,
-                        "pid": None,
-                        "exit_code": None,
-                        "in_flight": None,
-                        "stopped_at": now(),
-                        "error": GONE_ERROR,
-                    }
-                )
+                record = _failed(record, GONE_ERROR)
                 log.warning("worker %s (pid %s) is gone: failed", record.id, item.record.pid)
         if process is not None:
             result.adopted += 1
-        elif record.state not in LIVE_STATES:
-            result.restored += 1
+            nonce = attempt_nonce(record)
+            stale = {pid for pid in members - {process.pid} if _attempt(pid) not in (nonce, None)}
+            result.stray(record.id, stale, "left from an earlier attempt")
+        else:
+            if record.state not in LIVE_STATES:
+                result.restored += 1
+            result.stray(record.id, members, f"the worker is {record.state.value}")
         pending = record.state == State.FAILED and record.desired == "running"
         resume = (
             process is None
@@ -100,7 +158,91 @@ def plan(saved: list[Saved], known: Container[str], find: Reattach = reattach) -
             and (record.next_restart_at is not None or item.record.pid is not None)
         )
         result.adoptions.append(Adoption(item, record, process, resume))
+    for worker_id, members in running.items():
+        if worker_id in known:
+            continue
+        rebuilt = _rebuild(worker_id, members, find) if rebuild else None
+        if rebuilt is None:
+            result.stray(worker_id, members, "not a worker hive knows")
+            continue
+        result.rebuilt += 1
+        result.adopted += 1
+        adoption, leader = rebuilt
+        result.adoptions.append(adoption)
+        result.stray(worker_id, members - {leader}, "left from an earlier attempt")
+        log.warning("worker %s (pid %d): %s", worker_id, leader, REBUILT_NOTE)
     return result
+
+
+def _failed(record: Worker, error: str) -> Worker:
+    return record.model_copy(
+        update={
+            "state": State.FAILED,
+            "pid": None,
+            "exit_code": None,
+            "in_flight": None,
+            "stopped_at": now(),
+            "error": error,
+        }
+    )
+
+
+def _attempt(pid: int) -> str | None:
+    tag = read_tag(pid)
+    return tag.attempt if tag is not None else None
+
+
+def _leader(members: set[int], nonce: str | None) -> int | None:
+    """The attempt's first process: a session leader of that attempt whose parent is not one
+    of the worker's own processes."""
+    for pid in sorted(members):
+        try:
+            if os.getsid(pid) != pid or (nonce is not None and _attempt(pid) != nonce):
+                continue
+            if psutil.Process(pid).ppid() not in members:
+                return pid
+        except (OSError, psutil.Error):
+            continue
+    return None
+
+
+def _rebuild(worker_id: str, members: set[int], find: Reattach) -> tuple[Adoption, int] | None:
+    """A running worker the journal lost, rebuilt from its leader's environment."""
+    leader = _leader(members, None)
+    if leader is None:
+        return None
+    try:
+        env = psutil.Process(leader).environ()
+        process = find(leader, start_time(leader))
+        if process is None:
+            return None
+        port = int(env["HIVE_PORT"])
+        gpus = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+        spec = SpawnRequest(
+            model=env["HIVE_MODEL"], id=worker_id, backend=env.get("HIVE_BACKEND"), port=port
+        )
+        created_at, _, restarts = env.get("HIVE_ATTEMPT", "0.0").rpartition(".")
+        record = Worker(
+            id=worker_id,
+            model=spec.model,
+            backend=env.get("HIVE_BACKEND", "unknown"),
+            device=env.get("HIVE_DEVICE", "auto"),
+            gpus=gpus,
+            cpus=sorted(os.sched_getaffinity(leader)),
+            pid=leader,
+            port=port,
+            url=f"http://127.0.0.1:{port}",
+            state=State.READY,
+            created_at=datetime.fromtimestamp(float(created_at or 0), UTC),
+            restarts=int(restarts or 0),
+            error=REBUILT_NOTE,
+        )
+    except (KeyError, ValueError, OSError, psutil.Error, ValidationError) as exc:
+        log.warning("worker %s: cannot rebuild from pid %d: %s", worker_id, leader, exc)
+        return None
+    token = env.get("HIVE_WORKER_TOKEN", "")
+    saved = Saved(record, spec, token, start_time(leader))
+    return Adoption(saved, record, process, resume=False), leader
 
 
 def _is_zombie(pid: int) -> bool:

@@ -177,6 +177,9 @@ class Config(BaseModel):
     restart_delay_max: Annotated[float, Field(gt=0)] = 60.0
     restart_reset_after: Annotated[float, Field(ge=0)] = 600.0
     max_restarts: Annotated[int, Field(ge=0)] | None = None
+    #: How workers are held: ``cgroup`` (v2, one per worker), ``tags`` (environment tag and
+    #: subreaper), or ``auto`` (a cgroup where hive can write one, else tags).
+    containment: Literal["auto", "cgroup", "tags"] = "auto"
     backends: dict[str, BackendConfig] = {}
     routers: list[RouterConfig] = []
 

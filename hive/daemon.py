@@ -28,6 +28,7 @@ from aiohttp import web
 
 from hive.api import create_app
 from hive.config import Config, ConfigError
+from hive.containment import choose as choose_containment
 from hive.context import Context
 from hive.devices import cpu
 from hive.devices.gpu import GpuMonitor
@@ -50,7 +51,7 @@ log = logging.getLogger("hive")
 RESTART_ONLY = frozenset(
     {
         "listen", "token", "token_file", "socket", "state_dir", "port_range", "worker_host",
-        "events_buffer", "events_queue", "device_refresh", "usage_refresh",
+        "events_buffer", "events_queue", "device_refresh", "usage_refresh", "containment",
     }
 )  # fmt: skip
 
@@ -182,9 +183,24 @@ class Daemon:
         metrics = Metrics(registry)
         upstream = RouterSync(config, registry, metrics)
         self._upstream = upstream
+        try:
+            containment, how = choose_containment(config.containment, config.state_path)
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        log.info("%s", how)
         supervisor = Supervisor(
-            config, registry, placer, logs, _api_url(config), metrics, journal, upstream
+            config,
+            registry,
+            placer,
+            logs,
+            _api_url(config),
+            metrics,
+            journal,
+            upstream,
+            containment=containment,
         )
+        if containment.kind == "tags":  # the child subreaper reaps what re-parents to it
+            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, supervisor.reap_orphans)
         events = EventHub(registry, config.events_buffer, config.events_queue)
         events.start()
         metrics.event_clients.set_function(lambda: events.clients)
@@ -202,6 +218,8 @@ class Daemon:
                 counts["gone"],
                 counts["restored"],
             )
+        if counts["stray"]:
+            log.warning("ended %d stray worker process(es) at start-up", counts["stray"])
         try:
             await self._listen(create_app(self.context))
         except StartupError:

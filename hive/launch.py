@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from hive.config import BackendConfig, Config
+from hive.containment import ATTEMPT_ENV, INSTANCE_ENV, WORKER_ENV
+from hive.models import Worker
 from hive.process import Launch
 from hive.registry import Entry
 
@@ -44,6 +46,11 @@ def placeholders(entry: Entry, config: Config) -> dict[str, str]:
     }
 
 
+def attempt_nonce(record: Worker) -> str:
+    """The tag of one attempt: a process carrying another is left from an earlier one."""
+    return f"{record.created_at.timestamp():.6f}.{record.restarts}"
+
+
 def build_launch(
     entry: Entry,
     backend: BackendConfig,
@@ -51,11 +58,14 @@ def build_launch(
     api_url: str,
     log_path: Path,
     environ: Mapping[str, str] | None = None,
+    instance: str = "",
 ) -> Launch:
     """argv, environment, log file and cores for the next attempt of ``entry``'s worker.
 
     The environment is hive's own (less :data:`SCRUBBED_ENV`), then the backend's ``env``, then
-    the request's, then what hive tells every worker (``HIVE_*``, ``CUDA_VISIBLE_DEVICES``).
+    the request's, then what hive tells every worker (``HIVE_*``, ``CUDA_VISIBLE_DEVICES``),
+    with the containment tag (``HIVE_INSTANCE``, ``HIVE_WORKER_ID``, ``HIVE_ATTEMPT``) that
+    every descendant inherits.
     """
     record, spec = entry.record, entry.spec
     values = placeholders(entry, config)
@@ -66,8 +76,11 @@ def build_launch(
     env.update(spec.env)
     env.update(
         {
-            "HIVE_WORKER_ID": record.id,
+            INSTANCE_ENV: instance,
+            WORKER_ENV: record.id,
+            ATTEMPT_ENV: attempt_nonce(record),
             "HIVE_MODEL": spec.model,
+            "HIVE_BACKEND": record.backend,
             "HIVE_PORT": str(record.port),
             "HIVE_DEVICE": record.device,
             "HIVE_URL": api_url,

@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from hive.config import BackendConfig, Config
+from hive.containment import Containment, Group
 from hive.errors import HiveError
 from hive.journal import Journal
 from hive.launch import build_launch
@@ -54,6 +55,7 @@ class Deps:
     prober: Prober
     reservations: Reservations
     api_url: str
+    containment: Containment
     journal: Journal | None = None
     upstream: RouterSync | None = None
     metrics: Metrics | None = None
@@ -92,9 +94,10 @@ class WorkerRun:
             raise LookupError(f"backend: no backend {backend_name!r}")
 
         def reserve(entries: Any) -> dict[str, Any]:
-            return deps.reservations.reserve(
+            reserved = deps.reservations.reserve(
                 spec, backend_name, backend, entries, self.id, entry.record.port
             )
+            return {**reserved, "containment": deps.containment.kind}
 
         deps.registry.begin_attempt(self.id, reserve, entry.record.restarts + restarts_delta)
 
@@ -186,9 +189,23 @@ class WorkerRun:
         if backend is None:
             self._fail(f"backend {entry.record.backend!r} is no longer configured", None)
             return
-        launch = build_launch(entry, backend, deps.config, deps.api_url, deps.logs.path(self.id))
+        launch = build_launch(
+            entry,
+            backend,
+            deps.config,
+            deps.api_url,
+            deps.logs.path(self.id),
+            instance=deps.containment.instance,
+        )
         attempt = entry.record.restarts + 1
         deps.logs.mark(self.id, f"attempt {attempt}: {' '.join(launch.argv)}")
+        try:
+            deps.containment.prepare(self.id)
+        except OSError as exc:
+            error = f"cannot create the worker's {deps.containment.kind}: {exc.strerror or exc}"
+            deps.logs.mark(self.id, error)
+            self._fail(error, None)
+            return
         try:
             self.process = await deps.spawner.start(launch)
         except OSError as exc:
@@ -196,6 +213,15 @@ class WorkerRun:
             error = f"cannot start {launch.argv[0]!r}: {reason}"
             deps.logs.mark(self.id, error)
             self._fail(error, None)
+            return
+        try:
+            deps.containment.enter(self.id, self.process.pid)
+        except OSError as exc:  # it runs, but not contained: end it rather than lose track
+            error = f"cannot move the worker into its cgroup: {exc.strerror or exc}"
+            deps.logs.mark(self.id, error)
+            await self._end_tree(1.0)
+            self._fail(error, None)
+            self.process = None
             return
         deps.registry.attempt_started(self.id, self.process.pid)
         if deps.journal is not None:
@@ -301,9 +327,23 @@ class WorkerRun:
     def _sweep(self) -> None:
         """After the leader exits, end whatever it left behind in its session."""
         if self.process is not None:
-            task = asyncio.create_task(terminate(self.process, 1.0, 1.0))
+            task = asyncio.create_task(self._end_tree(1.0, 1.0))
             self._sweeps.add(task)
             task.add_done_callback(self._sweeps.discard)
+
+    async def _end_tree(self, timeout: float, kill_timeout: float = 5.0) -> bool:
+        """End every process of the worker (SIGTERM, then SIGKILL after ``timeout``) and
+        release its containment once empty; True when nothing of it is left."""
+        assert self.process is not None
+        containment = self.deps.containment
+        gone = await terminate(self.process, timeout, kill_timeout, Group(containment, self.id))
+        if gone:
+            containment.release(self.id)
+        else:
+            log.error(
+                "worker %s: processes %s outlived SIGKILL", self.id, containment.members(self.id)
+            )
+        return gone
 
     def _fail(self, error: str, code: int | None) -> None:
         self.deps.registry.attempt_ended(self.id, State.FAILED, exit_code=code, error=error)
@@ -315,7 +355,7 @@ class WorkerRun:
         deps = self.deps
         self._fail(error, None)
         deps.logs.mark(self.id, error)
-        await terminate(self.process, min(deps.config.stop_timeout, 5.0))
+        await self._end_tree(min(deps.config.stop_timeout, 5.0))
         deps.registry.exit_code_known(self.id, self.process.returncode)
         return Outcome.FAILED
 
@@ -344,7 +384,7 @@ class WorkerRun:
         deps = self.deps
         await self._drain()
         timeout = self._stop_timeout if self._stop_timeout is not None else deps.config.stop_timeout
-        gone = await terminate(self.process, timeout)
+        gone = await self._end_tree(timeout)
         code = self.process.returncode
         deps.logs.mark(self.id, f"stopped: {describe_exit(code)}")
         error = None if gone else "some processes of the worker could not be killed"

@@ -189,6 +189,9 @@ class Worker(BaseModel):
     draining: bool = False
     #: Sync status per router URL: ``registered``, ``removed``, or why not yet.
     routers: dict[str, str] = {}
+    #: How hive holds the worker's whole process tree: its own ``cgroup`` (v2), or ``tags``
+    #: (an environment tag found by a scan of /proc, with hive as child subreaper).
+    containment: Literal["cgroup", "tags"] | None = None
 
 
 class WorkerList(BaseModel):

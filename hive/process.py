@@ -27,8 +27,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from hive.containment import Group
 
 _RESET_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name)
@@ -193,19 +197,22 @@ class _Member:
 
 
 class Tree:
-    """The processes that belong to a worker: its session, its group and its descendants.
+    """The processes that belong to a worker: its session, its group, its descendants, and
+    whatever its containment (cgroup or environment tag) says is its own.
 
     Each member is held through a pidfd from the moment it is found, so a signal can never
     reach a process that merely inherited a recycled pid.
     """
 
-    def __init__(self, leader: Process) -> None:
+    def __init__(self, leader: Process, group: Group | None = None) -> None:
         self.leader = leader
+        self.group = group
         self._members: dict[int, _Member] = {}
         self._loop = asyncio.get_running_loop()
 
     def scan(self) -> None:
-        """Find members: descendants of the leader, and processes in its session or group."""
+        """Find members: descendants of the leader, processes in its session or group, and
+        the members of its containment."""
         found: set[int] = set()
         with contextlib.suppress(psutil.NoSuchProcess):
             found.update(p.pid for p in psutil.Process(self.leader.pid).children(recursive=True))
@@ -215,6 +222,8 @@ class Tree:
             with contextlib.suppress(OSError):
                 if os.getsid(pid) == self.leader.pid or os.getpgid(pid) == self.leader.pid:
                     found.add(pid)
+        if self.group is not None:
+            found.update(self.group.members())
         for pid in found - self._members.keys() - {self.leader.pid, os.getpid()}:
             self._adopt(pid)
 
@@ -233,24 +242,43 @@ class Tree:
         self._loop.add_reader(pidfd, on_exit)
 
     def signal(self, sig: int) -> None:
-        self.leader.signal_group(sig)
-        if not self._leader_leads_group():
-            # Signalled once only: a second SIGTERM that lands after the worker's own handler
-            # is gone (it is on its way out) would turn a clean exit into "killed by SIGTERM".
-            self.leader.signal(sig)
-        for member in self._members.values():
-            if not member.gone.is_set():
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(member.pidfd, sig)
+        """Signal every process of the tree; SIGTERM comes with SIGCONT, so that a stopped
+        (SIGSTOPped) process can act on it."""
+        sigs = (sig, signal.SIGCONT) if sig == signal.SIGTERM else (sig,)
+        for one in sigs:
+            self.leader.signal_group(one)
+            if not self._leader_leads_group():
+                # Signalled once only: a second SIGTERM that lands after the worker's own
+                # handler is gone (it is on its way out) would turn a clean exit into
+                # "killed by SIGTERM".
+                self.leader.signal(one)
+            for member in self._members.values():
+                if not member.gone.is_set():
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(member.pidfd, one)
+
+    def kill(self) -> None:
+        """SIGKILL everything, through the containment first (it sees what a scan missed)."""
+        if self.group is not None:
+            self.group.kill()
+        self.signal(signal.SIGKILL)
 
     async def wait(self, timeout: float) -> bool:
-        """Wait until the leader and every member are gone; False if time ran out."""
+        """Wait until the leader, every member and the containment are empty; False if time
+        ran out."""
+        deadline = time.monotonic() + timeout
         waits: list[asyncio.Future[object]] = [asyncio.shield(self.leader.exited)]
         waits += [asyncio.ensure_future(m.gone.wait()) for m in self._members.values()]
         _, pending = await asyncio.wait(waits, timeout=timeout)
         for future in pending:
             future.cancel()
-        return not pending
+        if pending:
+            return False
+        while self.group is not None and not self.group.empty():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def _leader_leads_group(self) -> bool:
         """True when the leader is still in its own process group (the group signal hit it)."""
@@ -274,12 +302,14 @@ class Tree:
         self._members.clear()
 
 
-async def terminate(process: Process, timeout: float, kill_timeout: float = 5.0) -> bool:
+async def terminate(
+    process: Process, timeout: float, kill_timeout: float = 5.0, group: Group | None = None
+) -> bool:
     """SIGTERM the worker's whole tree, SIGKILL whatever is left after ``timeout``.
 
-    Returns True when every process of the tree is gone.
+    Returns True when every process of the tree is gone (and its containment is empty).
     """
-    tree = Tree(process)
+    tree = Tree(process, group)
     try:
         tree.scan()
         tree.signal(signal.SIGTERM)
@@ -288,10 +318,21 @@ async def terminate(process: Process, timeout: float, kill_timeout: float = 5.0)
             if not tree.alive():
                 return True
         tree.scan()
-        tree.signal(signal.SIGKILL)
+        tree.kill()
         return await tree.wait(kill_timeout)
     finally:
         tree.close()
+
+
+def zombie_children() -> set[int]:
+    """hive's own children that have exited and wait to be reaped."""
+    found = set()
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    found.add(child.pid)
+    return found
 
 
 def port_is_free(port: int) -> bool:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 from collections.abc import Mapping
 from typing import Any
 
 from hive.adoption import plan
 from hive.config import BackendConfig, Config
+from hive.containment import Containment, end_strays
 from hive.devices.placement import Placer
 from hive.errors import Conflict, Invalid
 from hive.journal import Journal, Saved
@@ -27,7 +29,7 @@ from hive.metrics import Metrics
 from hive.models import DOWN_STATES, Heartbeat, SpawnRequest, State, Worker
 from hive.ports import PortPool
 from hive.probes import Prober
-from hive.process import Spawner
+from hive.process import Spawner, zombie_children
 from hive.registry import Entry, Registry
 from hive.reservations import Reservations
 from hive.routers import RouterSync
@@ -48,11 +50,14 @@ class Supervisor:
         metrics: Metrics | None = None,
         journal: Journal | None = None,
         upstream: RouterSync | None = None,
+        *,
+        containment: Containment,
     ) -> None:
         self.registry = registry
         self.logs = logs
         self.journal = journal
         self.ports = PortPool(*config.port_range)
+        self.containment = containment
         self._deps = Deps(
             config=config,
             registry=registry,
@@ -61,6 +66,7 @@ class Supervisor:
             prober=Prober(),
             reservations=Reservations(placer, self.ports, config.worker_host),
             api_url=api_url,
+            containment=self.containment,
             journal=journal,
             upstream=upstream,
             metrics=metrics,
@@ -99,18 +105,23 @@ class Supervisor:
             else:
                 run.request_stop(None)
         await asyncio.gather(*(run.task for run in runs if run.task), return_exceptions=True)
+        if not detach:
+            self.containment.close()
         await self._deps.prober.close()
         self._deps.spawner.close()
 
     # -- adoption ------------------------------------------------------------------------------
 
-    def adopt(self, saved: list[Saved]) -> dict[str, int]:
+    def adopt(self, saved: list[Saved], rebuild: bool = False) -> dict[str, int]:
         """Take back what the previous hive left: running workers keep running.
 
-        :func:`hive.adoption.plan` decides what each saved worker becomes; here its record is
-        restored and, for a live process or a restart due, its lifecycle resumed.
+        :func:`hive.adoption.plan` reconciles the journal with what the containment finds
+        running; here each record is restored, its lifecycle resumed (a live process, or a
+        restart due), and every stray process ended. ``rebuild``: the journal was unreadable,
+        so running workers are rebuilt from their processes.
         """
-        decided = plan(saved, self.registry)
+        inventory = self.containment.inventory()
+        decided = plan(saved, self.registry, inventory=inventory, rebuild=rebuild)
         for adoption in decided.adoptions:
             record, item = adoption.record, adoption.saved
             self.registry.restore(item.spec, item.token, record)
@@ -129,6 +140,15 @@ class Supervisor:
                 )
             elif adoption.resume:
                 run.resume_failed()
+        for stray in decided.strays:
+            log.warning(
+                "ending %d stray process(es) of worker %s (%s): %s",
+                len(stray.pids),
+                stray.worker_id,
+                stray.why,
+                " ".join(map(str, sorted(stray.pids))),
+            )
+            end_strays(self.containment, stray.worker_id, stray.pids)
         return decided.counts()
 
     # -- requests ------------------------------------------------------------------------------
@@ -155,6 +175,7 @@ class Supervisor:
                 "labels": spec.labels,
                 "restart": restart,
                 "desired": "running",
+                "containment": self.containment.kind,
                 **reservations.reserve(spec, backend_name, backend, entries, worker_id, None),
             }
 
@@ -185,8 +206,21 @@ class Supervisor:
             if wait:
                 await asyncio.shield(run.task)
                 record = self.registry.get(worker_id)
+        else:
+            record = self._settle_unwatched(worker_id) or record
         await self._persist()
         return record
+
+    def _settle_unwatched(self, worker_id: str) -> Worker | None:
+        """A record in a live state with no lifecycle watching a process cannot be: end
+        whatever of the worker runs and record it stopped, so it can always be removed."""
+        run = self._runs.get(worker_id)
+        if run is not None and run.active:
+            return None
+        end_strays(self.containment, worker_id, self.containment.members(worker_id))
+        return self.registry.attempt_ended(
+            worker_id, State.STOPPED, exit_code=None, error="no process was being watched"
+        )
 
     async def restart(self, worker_id: str) -> Worker:
         """Stop the worker if it runs, then start it again (the same id, port when free)."""
@@ -211,7 +245,9 @@ class Supervisor:
     async def delete(self, worker_id: str) -> Worker:
         """Stop the worker if it runs, then forget it and its log."""
         await self.stop(worker_id, wait=True)
+        self._settle_unwatched(worker_id)
         record = self.registry.remove(worker_id)
+        self.containment.release(worker_id)
         self._runs.pop(worker_id, None)
         self.logs.remove(worker_id)
         await self._persist()
@@ -222,10 +258,12 @@ class Supervisor:
         record = self.registry.get(worker_id)
         if record.state in DOWN_STATES:
             raise Conflict(f"worker {worker_id!r} is {record.state}", worker=record)
-        record = self.registry.heartbeat(worker_id, State(beat.state), beat.in_flight)
         run = self._runs.get(worker_id)
-        if run is not None:
-            run.heard()
+        if run is None or run.process is None or not run.process.running:
+            # Never ready on the word of a process hive is not watching.
+            raise Conflict(f"worker {worker_id!r} has no process hive watches", worker=record)
+        record = self.registry.heartbeat(worker_id, State(beat.state), beat.in_flight)
+        run.heard()
         return record
 
     @property
@@ -241,6 +279,18 @@ class Supervisor:
         """True when the worker's process is gone and no restart is coming."""
         run = self._runs.get(worker_id)
         return run is None or not run.active
+
+    def reap_orphans(self) -> None:
+        """Reap exited children that are not a worker's leader (their lifecycle reaps those):
+        descendants of workers that re-parented to hive, the child subreaper."""
+        leaders = {
+            run.process.pid
+            for run in self._runs.values()
+            if run.process is not None and run.process.child and run.process.running
+        }
+        for pid in zombie_children() - leaders:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
     # -- naming and backends -------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from hivetest import TAG, free_port
 
 from hive.adoption import GONE_ERROR, plan, reattach
 from hive.config import BackendConfig, Config
+from hive.containment import choose
 from hive.devices import cpu
 from hive.devices.placement import Placer
 from hive.journal import Saved
@@ -61,11 +62,13 @@ async def deps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
         prober=Prober(),
         reservations=Reservations(Placer(cpu.discover()), ports, "127.0.0.1"),
         api_url="http://127.0.0.1:9",
+        containment=choose("auto", tmp_path)[0],
     )
     await deps.prober.start()
     yield deps
     await deps.prober.close()
     deps.spawner.close()
+    deps.containment.close()
 
 
 def add(deps: Deps, backend: str, restart: str = "no") -> WorkerRun:
@@ -228,7 +231,13 @@ async def test_adoption_plan_against_live_processes(monkeypatch: pytest.MonkeyPa
             assert by_id[wid].record.error == GONE_ERROR
             assert by_id[wid].resume  # its restart policy applies now
         assert by_id["rests"].record.state == State.STOPPED and not by_id["rests"].resume
-        assert decided.counts() == {"adopted": 1, "gone": 2, "restored": 3}
+        assert decided.counts() == {
+            "adopted": 1,
+            "gone": 2,
+            "restored": 3,
+            "rebuilt": 0,
+            "stray": 0,
+        }
         by_id["alive"].process.detach()
         assert live.poll() is None  # planning never touches a process
     finally:

@@ -1,0 +1,193 @@
+"""A worker is its whole tree, whatever it does: an escapee that double-forks and calls
+``setsid()`` is ended on stop, rm, a crash of the worker, and across a SIGKILL of hive. Both
+kinds of containment: a cgroup per worker (where this host lets hive write one) and
+environment tags with hive as child subreaper."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+from hivetest import Hive, async_wait_for, running_hive, wait_for
+
+from hive.containment import Cgroups, instance_of
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+def _cgroups_here() -> bool:
+    cgroups, _ = Cgroups.discover(f"probe-{os.getpid()}")
+    if cgroups is None:
+        return False
+    cgroups.close()
+    return True
+
+
+KINDS = [
+    pytest.param(
+        "cgroup",
+        marks=pytest.mark.skipif(not _cgroups_here(), reason="no writable cgroup v2 here"),
+    ),
+    "tags",
+]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def hive(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Hive]:
+    escapees = tmp_path_factory.mktemp("escapees")
+    config = f"""
+containment = "{request.param}"
+restart_delay = 0.2
+
+[backends.escaping]
+command = ["{{python}}", "{WORKERS / "escaping_worker.py"}",
+           "--port", "{{port}}", "--model", "{{model}}"]
+env = {{ ESCAPEE_FILE = "{escapees}/{{id}}" }}
+"""
+    with running_hive(config) as daemon:
+        daemon.escapees = escapees  # type: ignore[attr-defined]
+        daemon.kind = request.param  # type: ignore[attr-defined]
+        yield daemon
+
+
+def escapee(hive: Hive, worker: dict[str, Any]) -> psutil.Process:
+    path = hive.escapees / worker["id"]  # type: ignore[attr-defined]
+    pid = int(wait_for(lambda: path.exists() and path.read_text(), what=f"{path}"))
+    path.unlink()
+    proc = psutil.Process(pid)
+    # It left the worker's session and process group, and is no descendant of the worker.
+    assert os.getsid(pid) != worker["pid"] and os.getpgid(pid) != worker["pid"]
+    assert pid not in {p.pid for p in psutil.Process(worker["pid"]).children(recursive=True)}
+    return proc
+
+
+def gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def spawn(s: aiohttp.ClientSession, worker_id: str, **body: Any) -> dict[str, Any]:
+    body = {"model": "m", "id": worker_id, "backend": "escaping", **body}
+    async with s.post("/v1/workers", params={"wait": "ready", "timeout": "60"}, json=body) as r:
+        data = await r.json()
+        assert r.status == 200, data
+        return data
+
+
+async def record(s: aiohttp.ClientSession, worker_id: str) -> dict[str, Any]:
+    async with s.get(f"/v1/workers/{worker_id}") as r:
+        assert r.status == 200
+        return await r.json()
+
+
+async def test_the_record_says_which_containment(hive: Hive) -> None:
+    async with hive.session() as s:
+        w = await spawn(s, "says")
+        assert w["containment"] == hive.kind  # type: ignore[attr-defined]
+        escapee(hive, w)
+        async with s.delete("/v1/workers/says") as r:
+            assert r.status == 200
+
+
+async def test_stop_ends_an_escapee(hive: Hive) -> None:
+    async with hive.session() as s:
+        proc = escapee(hive, await spawn(s, "esc-stop"))
+        async with s.post("/v1/workers/esc-stop/stop", params={"wait": "true"}) as r:
+            assert r.status == 200
+            assert (await r.json())["state"] == "stopped"
+        assert gone(proc), "the escapee outlived hive stop"
+        async with s.delete("/v1/workers/esc-stop") as r:
+            assert r.status == 200
+
+
+async def test_rm_ends_an_escapee(hive: Hive) -> None:
+    async with hive.session() as s:
+        proc = escapee(hive, await spawn(s, "esc-rm"))
+        async with s.delete("/v1/workers/esc-rm") as r:
+            assert r.status == 200
+        assert gone(proc), "the escapee outlived hive rm"
+
+
+async def test_a_crash_of_the_worker_ends_its_escapee(hive: Hive) -> None:
+    async with hive.session() as s:
+        w = await spawn(s, "esc-crash", restart="no")
+        proc = escapee(hive, w)
+        os.kill(w["pid"], signal.SIGKILL)
+        await async_wait_for(lambda: _is(s, "esc-crash", "failed"), what="the crash to be recorded")
+        wait_for(lambda: gone(proc), what="the escapee to be ended after the crash")
+        async with s.delete("/v1/workers/esc-crash") as r:
+            assert r.status == 200
+
+
+async def test_a_stopped_worker_gets_sigcont_with_its_sigterm(hive: Hive) -> None:
+    async with hive.session() as s:
+        w = await spawn(s, "esc-sigstop")
+        escapee(hive, w)
+        os.kill(w["pid"], signal.SIGSTOP)
+        async with s.post("/v1/workers/esc-sigstop/stop", params={"wait": "true"}) as r:
+            stopped = await r.json()
+        # A stopped process cannot act on SIGTERM: only SIGCONT lets it exit cleanly.
+        assert stopped["exit_code"] == 0, stopped
+        async with s.delete("/v1/workers/esc-sigstop") as r:
+            assert r.status == 200
+
+
+async def _is(s: aiohttp.ClientSession, worker_id: str, state: str) -> dict[str, Any] | None:
+    body = await record(s, worker_id)
+    return body if body["state"] == state else None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sigkill_of_hive_then_start_ends_what_nothing_accounts_for(
+    kind: str, tmp_path: Path
+) -> None:
+    """Across a SIGKILL of hive: a worker still running is adopted whole (stop still ends its
+    escapee); the escapee of a worker that died while hive was down is ended at start-up."""
+    config = f"""
+containment = "{kind}"
+[backends.escaping]
+command = ["{{python}}", "{WORKERS / "escaping_worker.py"}",
+           "--port", "{{port}}", "--model", "{{model}}"]
+env = {{ ESCAPEE_FILE = "{tmp_path}/{{id}}" }}
+"""
+    with running_hive(config) as hive:
+        hive.escapees = tmp_path  # type: ignore[attr-defined]
+        async with hive.session() as s:
+            kept = await spawn(s, "kept")
+            kept_escapee = escapee(hive, kept)
+            died = await spawn(s, "died", restart="no")
+            died_escapee = escapee(hive, died)
+        hive.kill()
+        os.kill(died["pid"], signal.SIGKILL)
+        wait_for(lambda: gone(psutil.Process(died["pid"])), what="the worker to die")
+        assert not gone(died_escapee)  # hive is down: nothing has ended it yet
+        hive.start()
+        wait_for(lambda: gone(died_escapee), what="the stray escapee to be ended at start")
+        assert "stray" in hive.log()
+        async with hive.session() as s:
+            adopted = await record(s, "kept")
+            assert adopted["pid"] == kept["pid"] and adopted["state"] == "ready"
+            assert (await record(s, "died"))["state"] == "failed"
+            assert not gone(kept_escapee)
+            async with s.delete("/v1/workers/kept") as r:
+                assert r.status == 200
+            assert gone(kept_escapee), "the adopted worker's escapee outlived rm"
+            async with s.delete("/v1/workers/died") as r:
+                assert r.status == 200
+
+
+def test_instance_is_stable_per_state_dir(tmp_path: Path) -> None:
+    assert instance_of(tmp_path) == instance_of(tmp_path / ".")
+    assert instance_of(tmp_path) != instance_of(tmp_path / "other")
+    asyncio.set_event_loop(None)
