@@ -53,6 +53,8 @@ class Adoption:
     process: Process | None
     #: A failed record whose restart policy must run now (it was live, or a restart was due).
     resume: bool
+    #: The processes of the adopted attempt, as the containment found them.
+    members: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,7 @@ def plan(
                 result.gone += 1
                 record = _failed(record, GONE_ERROR)
                 log.warning("worker %s (pid %s) is gone: failed", record.id, item.record.pid)
+        stale: set[int] = set()
         if process is not None:
             result.adopted += 1
             nonce = attempt_nonce(record)
@@ -157,7 +160,10 @@ def plan(
             and pending
             and (record.next_restart_at is not None or item.record.pid is not None)
         )
-        result.adoptions.append(Adoption(item, record, process, resume))
+        current = members - stale if process is not None else set()
+        if process is not None:
+            current.add(process.pid)
+        result.adoptions.append(Adoption(item, record, process, resume, frozenset(current)))
     for worker_id, members in running.items():
         if worker_id in known:
             continue
@@ -242,7 +248,8 @@ def _rebuild(worker_id: str, members: set[int], find: Reattach) -> tuple[Adoptio
         return None
     token = env.get("HIVE_WORKER_TOKEN", "")
     saved = Saved(record, spec, token, start_time(leader))
-    return Adoption(saved, record, process, resume=False), leader
+    current = frozenset(pid for pid in members if _attempt(pid) == env.get("HIVE_ATTEMPT"))
+    return Adoption(saved, record, process, resume=False, members=current | {leader}), leader
 
 
 def _is_zombie(pid: int) -> bool:

@@ -89,6 +89,17 @@ def read_tag(pid: int) -> Tag | None:
     )
 
 
+def _tagged(instance: str) -> Iterator[Tag]:
+    """Every live process whose environment carries this hive instance's tag."""
+    me = os.getpid()
+    for pid in _pids():
+        if pid == me:
+            continue
+        tag = read_tag(pid)
+        if tag is not None and tag.instance == instance and not _is_zombie(pid):
+            yield tag
+
+
 def _pids() -> Iterator[int]:
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -129,17 +140,8 @@ class Tags:
     def enter(self, worker_id: str, pid: int) -> None:
         return None
 
-    def _tagged(self) -> Iterator[Tag]:
-        me = os.getpid()
-        for pid in _pids():
-            if pid == me:
-                continue
-            tag = read_tag(pid)
-            if tag is not None and tag.instance == self.instance and not _is_zombie(pid):
-                yield tag
-
     def members(self, worker_id: str) -> set[int]:
-        return {tag.pid for tag in self._tagged() if tag.worker_id == worker_id}
+        return {tag.pid for tag in _tagged(self.instance) if tag.worker_id == worker_id}
 
     def kill(self, worker_id: str) -> None:
         for pid in self.members(worker_id):
@@ -153,7 +155,7 @@ class Tags:
 
     def inventory(self) -> dict[str, set[int]]:
         found: dict[str, set[int]] = {}
-        for tag in self._tagged():
+        for tag in _tagged(self.instance):
             found.setdefault(tag.worker_id, set()).add(tag.pid)
         return found
 
@@ -241,11 +243,15 @@ class Cgroups:
         _remove_tree(self.path(worker_id))
 
     def inventory(self) -> dict[str, set[int]]:
+        """Every worker cgroup and its processes, and every tagged process of this hive that
+        is in none (hive died between spawning it and moving it into its cgroup)."""
         found: dict[str, set[int]] = {}
         with contextlib.suppress(OSError):
             for child in self.base.iterdir():
                 if child.is_dir() and child.name.startswith(_PREFIX):
                     found[child.name.removeprefix(_PREFIX)] = _procs(child)
+        for tag in _tagged(self.instance):
+            found.setdefault(tag.worker_id, set()).add(tag.pid)
         return found
 
     def owner_of(self, pid: int) -> str | None:

@@ -128,6 +128,9 @@ class Supervisor:
             run = WorkerRun(record.id, self._deps)
             self._runs[record.id] = run
             if adoption.process is not None:
+                for pid in adoption.members:  # hive may have died before it moved them
+                    with contextlib.suppress(OSError):
+                        self.containment.enter(record.id, pid)
                 if self.journal is not None and record.pid is not None:
                     self.journal.remember_start_time(record.id, record.pid, item.start_time)
                 run.adopt(
@@ -180,6 +183,10 @@ class Supervisor:
             }
 
         self.registry.add(spec, secrets.token_urlsafe(24), build)
+        # The intent reaches the disk before the process starts, and its pid before the
+        # answer: a hive killed at any instruction between leaves a journal that, with what
+        # the containment finds running, says exactly what to adopt and what to end.
+        await self._persist()
         await self._start(WorkerRun(worker_id, self._deps))
         await self._persist()
         return self.registry.get(worker_id)

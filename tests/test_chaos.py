@@ -5,12 +5,14 @@ agrees with the process table."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import hypothesis
 import psutil
 import pytest
@@ -217,3 +219,45 @@ def test_stateful_lifecycle(hive: Hive) -> None:
         suppress_health_check=list(hypothesis.HealthCheck),
     )
     run().runTest()
+
+
+async def test_sigkill_of_hive_mid_spawn_in_rounds() -> None:
+    """hive killed at random moments while spawns are in flight, five rounds: afterwards the
+    records and the process table agree exactly (no stray process, no record without one),
+    and every record can be removed."""
+    rng = random.Random(11)
+    with running_hive(CONFIG) as hive:
+        for round_ in range(5):
+            async with hive.session() as s:
+
+                async def spawn(n: int, s: Any = s, round_: int = round_) -> None:
+                    body = {"model": "m", "id": f"k{round_}-{n}", "restart": "no"}
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with s.post("/v1/workers", json=body):
+                            pass
+
+                inflight = [asyncio.create_task(spawn(n)) for n in range(3)]
+                await asyncio.sleep(rng.uniform(0.0, 0.04))
+                hive.kill()
+                await asyncio.gather(*inflight)
+            hive.start()
+
+            async def agreed() -> list[dict[str, Any]] | None:
+                async with hive.session() as s, s.get("/v1/workers") as r:
+                    records = (await r.json())["workers"]
+                try:
+                    assert_agrees_with_processes(hive, records)
+                except AssertionError:
+                    return None
+                return records
+
+            await async_wait_for(agreed, timeout=30, what=f"round {round_}: records agree")
+        records = await agreed()
+        assert records is not None
+        async with hive.session() as s:
+            for record in records:
+                async with s.delete(f"/v1/workers/{record['id']}") as r:
+                    assert r.status == 200, await r.text()
+            async with s.get("/v1/workers") as r:
+                assert (await r.json())["total"] == 0
+        wait_for(lambda: not worker_processes(hive), what="no worker process left")
