@@ -27,28 +27,32 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+# The repository's root, for harness/ (what the bench shares with the tests).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchlib import (
     BENCH,
     PYTHON,
     ROOT,
     TAG,
     EventStream,
-    Hive,
     OtherLoad,
     bench_env,
-    free_port,
+    bench_hive,
     log,
     new_home,
-    port_block,
     ready_at,
     remove_homes,
-    summarize,
-    sweep,
-    tagged_processes,
-    wait_http_ok,
     watch_usage,
 )
 from peers import Circus, PeerUnavailable, Router, Supervisord
+
+from harness.daemon import Hive, HiveFailed
+from harness.net import free_port, port_block
+from harness.procs import sweep, tagged_processes
+from harness.stats import summarize
+from harness.waits import wait_http_ok
 
 # -- settings -------------------------------------------------------------------------------------
 
@@ -527,7 +531,7 @@ async def figure_router(
     settings: Settings, peer: RouterDefaults | None, peer_error: str | None
 ) -> Figure:
     router = Router("sgr-hive")
-    hive = Hive("router", f'\n[[routers]]\nkind = "sglang"\nurl = "{router.url}"\n')
+    hive = bench_hive("router", f'\n[[routers]]\nkind = "sglang"\nurl = "{router.url}"\n')
     figure = Figure(
         "4",
         "crash: SIGKILL -> gone from sglang-router",
@@ -539,8 +543,8 @@ async def figure_router(
     try:
         await router.start()
         try:
-            await hive.start()
-        except RuntimeError as exc:
+            await hive.start_async()
+        except HiveFailed as exc:
             figure.hive = unavailable(f"hive does not start with [[routers]]: {exc}"[:300])
             return figure
         events = await EventStream(hive).start()
@@ -652,8 +656,8 @@ async def loadgen(
 
 
 async def figures_api(settings: Settings, popened: Popened) -> list[Figure]:
-    hive = Hive("api", HIVE_API_CONFIG, port_span=max(2 * settings.records, 500))
-    await hive.start()
+    hive = bench_hive("api", HIVE_API_CONFIG, port_span=max(2 * settings.records, 500))
+    await hive.start_async()
     floor_home = new_home("floor")
     floor: subprocess.Popen[bytes] | None = None
     try:
@@ -852,14 +856,14 @@ def memory_cap(count: int, notes: list[str]) -> int:
 async def figures_scale(settings: Settings) -> list[Figure]:
     small, large = (*settings.scale, 0, 0)[:2]
     notes: list[str] = []
-    hive = Hive(
+    hive = bench_hive(
         "scale",
         "\n[backends.tiny]\n"
         f'command = ["{{python}}", "{BENCH / "tiny_worker.py"}", "--port", "{{port}}"]\n'
         'health_path = "/health"\nstartup_timeout = 300\n',
         port_span=2 * max(small, large) + 100,
     )
-    await hive.start()
+    await hive.start_async()
     events = await EventStream(hive).start()
     figures: list[Figure] = []
     try:
@@ -1157,8 +1161,8 @@ async def bench(settings: Settings) -> dict[str, Any]:
                 peer = None
 
         if settings.only & {"1", "2", "3"}:
-            hive = Hive("main", HIVE_MAIN_CONFIG)
-            await hive.start()
+            hive = bench_hive("main", HIVE_MAIN_CONFIG)
+            await hive.start_async()
             events = await EventStream(hive).start()
             try:
                 if settings.only & {"1", "2"}:
@@ -1234,7 +1238,7 @@ def main() -> int:
     whole = OtherLoad()
     outcome = asyncio.run(bench(settings))
     figures: list[Figure] = outcome["figures"]
-    left = sweep()
+    left = sweep(TAG)
     if os.environ.get("BENCH_KEEP", "") in ("", "0"):
         remove_homes()
     info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -1287,7 +1291,7 @@ def main() -> int:
             + ": those figures are skewed; run again on a quiet machine"
         )
     print(f"results: {settings.out}")
-    still = tagged_processes()
+    still = tagged_processes(TAG)
     print(f"leftover processes: {len(left)} killed by the final sweep, {len(still)} still alive")
     return 0 if not left and not still else 1
 
