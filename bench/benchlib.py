@@ -32,6 +32,7 @@ from harness.daemon import Hive
 from harness.env import isolated_env
 from harness.net import port_block
 from harness.procs import Tag, tagged_processes
+from hive.sse import SSEParser
 
 BENCH = ROOT / "bench"
 PYTHON = sys.executable
@@ -247,22 +248,11 @@ class EventStream:
         async with self._session.get(f"{self.hive.url}/v1/events") as response:
             response.raise_for_status()
             self._connected.set()
-            kind, data = "", ""
+            parser = SSEParser()
             async for raw in response.content:
-                line = raw.decode().rstrip("\r\n")
-                if line.startswith(":"):
-                    continue
-                if line:
-                    name, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if name == "event":
-                        kind = value
-                    elif name == "data":
-                        data += value
-                    continue
-                if kind == "worker" and data:
-                    self._deliver(Received(time.time(), json.loads(data)))
-                kind, data = "", ""
+                for event in parser.feed(raw):
+                    if event.event == "worker" and event.data:
+                        self._deliver(Received(time.time(), json.loads(event.data)))
 
     def _deliver(self, event: Received) -> None:
         self.history.append(event)
