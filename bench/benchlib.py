@@ -1,4 +1,5 @@
-"""What the benchmark's figures share: statistics, tagged processes, a hive under test, its events.
+"""What the benchmark's figures share beyond ``harness/``: its tag, temp dirs and environment,
+CPU accounting, a hive set up for it, and hive's event stream.
 
 Every process the bench starts (hive, its workers, supervisord, circusd, sglang-router, the
 load generator, bare ``Popen`` workers) carries ``BENCH_TAG`` in its environment, so that the
@@ -10,19 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
-import random
 import re
 import resource
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,11 +27,17 @@ from typing import Any
 import aiohttp
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT
+from harness.daemon import Hive
+from harness.env import isolated_env
+from harness.net import port_block
+from harness.procs import Tag, tagged_processes
+from hive.sse import SSEParser
+
 BENCH = ROOT / "bench"
 PYTHON = sys.executable
 #: Marks every process started by this run of the bench.
-TAG = f"hive-bench-{os.getpid()}-{random.randrange(1 << 30)}"
+TAG = Tag.new("BENCH_TAG", "hive-bench")
 READY_AT = re.compile(rb"ready_at=(\d+(?:\.\d+)?)")
 
 
@@ -43,91 +45,14 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# -- statistics -----------------------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of sorted values, linearly interpolated (numpy's default)."""
-    if not sorted_values:
-        return math.nan
-    pos = (len(sorted_values) - 1) * q
-    low = math.floor(pos)
-    high = math.ceil(pos)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
-
-
-def summarize(values: Sequence[float], *, keep: bool = True) -> dict[str, Any]:
-    """n, p50, p95, p99, min, max, mean of ``values`` (and the values themselves)."""
-    ordered = sorted(values)
-    out: dict[str, Any] = {"n": len(ordered)}
-    if ordered:
-        out.update(
-            p50=round(percentile(ordered, 0.50), 3),
-            p95=round(percentile(ordered, 0.95), 3),
-            p99=round(percentile(ordered, 0.99), 3),
-            min=round(ordered[0], 3),
-            max=round(ordered[-1], 3),
-            mean=round(sum(ordered) / len(ordered), 3),
-        )
-    if keep:
-        out["samples"] = [round(v, 3) for v in values]
-    return out
-
-
-# -- ports and environment ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def port_block(size: int) -> int:
-    """The first port of ``size`` consecutive ports that are all free now (below the
-    ephemeral range, so that outgoing connections do not take them meanwhile)."""
-    low_ephemeral = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        base = random.randrange(20000, max(20001, low_ephemeral - size - 1), 10)
-        if all(port_free(p) for p in range(base, base + size)):
-            return base
-    raise RuntimeError(f"no block of {size} free ports")
+#: What every environment the bench makes adds, and the prefixes of its own that it keeps out.
+EXTRA_ENV = {"PYTHONDONTWRITEBYTECODE": "1"}
+DROP_ENV = ("BENCH_",)
 
 
 def bench_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """An environment whose platformdirs point under ``home``, tagged for the leak sweep."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("HIVE_", "XDG_", "NOTIFY_SOCKET", "WATCHDOG_", "BENCH_"))
-    }
-    env.update(
-        {
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / "config"),
-            "XDG_STATE_HOME": str(home / "state"),
-            "XDG_RUNTIME_DIR": str(home / "run"),
-            "XDG_DATA_HOME": str(home / "data"),
-            "XDG_CACHE_HOME": str(home / "cache"),
-            "BENCH_TAG": TAG,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
-    )
-    env.update(extra or {})
-    return env
+    return isolated_env(home, TAG, {**EXTRA_ENV, **(extra or {})}, drop=DROP_ENV)
 
 
 #: Every temp dir the bench made, removed at the end (unless BENCH_KEEP=1).
@@ -147,64 +72,7 @@ def remove_homes() -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-# -- processes ------------------------------------------------------------------------------------
-
-
-def tagged_processes(tag: str = TAG) -> list[psutil.Process]:
-    """Live processes (not zombies) whose environment carries the bench's tag."""
-    found = []
-    marker = f"BENCH_TAG={tag}".encode()
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{proc.pid}/environ", "rb") as file:
-                environ = file.read()
-            if marker in environ.split(b"\0") and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return found
-
-
-def kill_tree(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM a process we started and wait; past ``grace``, SIGKILL it and what it started."""
-    if proc.poll() is not None:
-        return
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-        for child in children:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-
-
-def wait_quietly(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Wait up to ``timeout`` for a process to exit; whether it did."""
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        return False
-    return True
-
-
-def sweep(tag: str = TAG) -> list[str]:
-    """Kill whatever the bench left (there should be nothing); describe what was found."""
-    left = []
-    for proc in tagged_processes(tag):
-        with contextlib.suppress(psutil.Error):
-            left.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
-            proc.kill()
-    return left
+# -- CPU time --------------------------------------------------------------------------------------
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -227,7 +95,7 @@ def own_seconds() -> float:
     me = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-    for proc in tagged_processes():
+    for proc in tagged_processes(TAG):
         with contextlib.suppress(psutil.Error):
             t = proc.cpu_times()
             total += t.user + t.system + t.children_user + t.children_system
@@ -299,20 +167,6 @@ async def watch_usage(procs: dict[str, psutil.Process], seconds: float) -> dict[
     return usage.result()
 
 
-async def wait_http_ok(url: str, timeout: float, interval: float = 0.02) -> float:
-    """Poll ``url`` until it answers 2xx; returns when (``time.time()``)."""
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while True:
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with http.get(url) as response:
-                    if 200 <= response.status < 300:
-                        return time.time()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer 2xx in {timeout:g}s")
-            await asyncio.sleep(interval)
-
-
 async def wait_file_match(path: Path, pattern: re.Pattern[bytes], timeout: float) -> bytes:
     """Poll a log file until ``pattern`` matches in it; returns the first group."""
     deadline = time.monotonic() + timeout
@@ -338,120 +192,20 @@ def iso_time(text: str) -> float:
 # -- a hive under test ----------------------------------------------------------------------------
 
 
-class Hive:
-    """One ``hive serve`` in its own temp dir, on free loopback ports, with a config."""
-
-    def __init__(self, name: str, config: str = "", port_span: int = 500) -> None:
-        self.name = name
-        self.home = new_home(name)
-        self.port = free_port()
-        self.port_range = (low := port_block(port_span), low + port_span - 1)
-        self.socket = self.home / "run" / "hive.sock"
-        self.state_dir = self.home / "state" / "hive"
-        self.token_file = self.home / "config" / "hive" / "token"
-        self.config_path = self.home / "hive.toml"
-        self.config_path.write_text(
-            f'listen = "127.0.0.1:{self.port}"\n'
-            f'socket = "{self.socket}"\n'
-            f'state_dir = "{self.state_dir}"\n'
-            f'token_file = "{self.token_file}"\n'
-            f"port_range = [{self.port_range[0]}, {self.port_range[1]}]\n"
-            "stop_timeout = 5\n"
-            'default_restart = "no"\n' + config
-        )
-        self.env = bench_env(self.home)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = self.home / "hive.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.token = ""
-        self._http: aiohttp.ClientSession | None = None
-
-    async def start(self, timeout: float = 30.0) -> Hive:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [PYTHON, "-m", "hive", "serve", "--config", str(self.config_path)],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.home,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"hive exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(TimeoutError):
-                await wait_http_ok(f"{self.url}/health", 0.2)
-                if self.token_file.exists():
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"hive did not answer in {timeout:g}s:\n{self.log()}")
-        self.token = self.token_file.read_text().strip()
-        return self
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def http(self) -> aiohttp.ClientSession:
-        """A keep-alive session to the API with the token."""
-        if self._http is None:
-            self._http = aiohttp.ClientSession(
-                self.url,
-                headers=self.headers,
-                timeout=aiohttp.ClientTimeout(total=300),
-                connector=aiohttp.TCPConnector(limit=0),
-            )
-        return self._http
-
-    def worker_log(self, worker_id: str) -> Path:
-        return self.state_dir / "logs" / f"{worker_id}.log"
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        json_body: Any = None,
-        params: Mapping[str, str] | None = None,
-        ok: Sequence[int] = (200, 201, 202),
-    ) -> Any:
-        async with self.http().request(method, path, json=json_body, params=params) as response:
-            body = await response.json(content_type=None)
-            if response.status not in ok:
-                raise RuntimeError(f"{method} {path}: HTTP {response.status} {body}")
-            return body
-
-    async def spawn(self, spec: Mapping[str, Any], wait: bool = False) -> dict[str, Any]:
-        params = {"wait": "ready", "timeout": "60"} if wait else None
-        return dict(await self.call("POST", "/v1/workers", json_body=dict(spec), params=params))
-
-    async def stop_worker(self, worker_id: str, wait: bool = True) -> dict[str, Any]:
-        params = {"wait": "true"} if wait else None
-        return dict(await self.call("POST", f"/v1/workers/{worker_id}/stop", params=params))
-
-    async def close(self) -> int | None:
-        """SIGTERM hive (it stops its workers) and wait; returns its exit code."""
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-        code = None
-        if self.proc is not None:
-            proc = self.proc
-            await asyncio.to_thread(kill_tree, proc, 60.0)
-            code = proc.returncode
-            self.proc = None
-        return code
+def bench_hive(name: str, config: str = "", port_span: int = 500) -> Hive:
+    """A hive for the bench, in its own temp dir (``hb-<name>-*``), its workers on ``port_span``
+    free ports, restarting nothing unless ``config`` says so."""
+    home = new_home(name)
+    low = port_block(port_span)
+    return Hive(
+        'default_restart = "no"\n' + config,
+        EXTRA_ENV,
+        tag=TAG,
+        home=home,
+        port_range=(low, low + port_span - 1),
+        drop_env=DROP_ENV,
+        log_tail=4000,
+    )
 
 
 # -- hive's event stream --------------------------------------------------------------------------
@@ -494,22 +248,11 @@ class EventStream:
         async with self._session.get(f"{self.hive.url}/v1/events") as response:
             response.raise_for_status()
             self._connected.set()
-            kind, data = "", ""
+            parser = SSEParser()
             async for raw in response.content:
-                line = raw.decode().rstrip("\r\n")
-                if line.startswith(":"):
-                    continue
-                if line:
-                    name, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if name == "event":
-                        kind = value
-                    elif name == "data":
-                        data += value
-                    continue
-                if kind == "worker" and data:
-                    self._deliver(Received(time.time(), json.loads(data)))
-                kind, data = "", ""
+                for event in parser.feed(raw):
+                    if event.event == "worker" and event.data:
+                        self._deliver(Received(time.time(), json.loads(event.data)))
 
     def _deliver(self, event: Received) -> None:
         self.history.append(event)

@@ -15,16 +15,15 @@ import argparse
 import asyncio
 import json
 import math
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
+# The repository's root, for harness.stats (which imports nothing else).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return math.nan
-    pos = (len(ordered) - 1) * q
-    low, high = math.floor(pos), math.ceil(pos)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+from harness.stats import percentile
 
 
 class Connection(asyncio.Protocol):

@@ -17,16 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-from benchlib import (
-    BENCH,
-    PYTHON,
-    bench_env,
-    free_port,
-    kill_tree,
-    new_home,
-    wait_http_ok,
-    wait_quietly,
-)
+from benchlib import BENCH, PYTHON, bench_env, new_home
+
+from harness.net import free_port
+from harness.procs import kill_tree, wait_quietly
+from harness.waits import wait_http_ok
 
 
 class PeerUnavailable(Exception):

@@ -24,6 +24,7 @@ import aiohttp
 
 from hive.config import Config, ConfigError, load_config
 from hive.models import Devices, Health, Node, SpawnRequest, Worker, WorkerList
+from hive.sse import SSEParser
 
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=None)
 
@@ -241,23 +242,12 @@ class HiveClient:
             async with self._http().get(f"{self._base}/v1/events", headers=headers) as response:
                 if response.status >= 400:
                     raise _api_error(response.status, await response.json())
-                kind, data = "message", ""
+                parser = SSEParser()
                 async for raw in response.content:
-                    line = raw.decode().rstrip("\r\n")
-                    if line.startswith(":"):
-                        continue
-                    if line:
-                        name, _, value = line.partition(":")
-                        value = value.removeprefix(" ")
-                        if name == "event":
-                            kind = value
-                        elif name == "data":
-                            data += value
-                        continue
-                    if data:
-                        event = json.loads(data)
-                        yield {"reset": True, **event} if kind == "reset" else event
-                    kind, data = "message", ""
+                    for event in parser.feed(raw):
+                        if event.data:
+                            data = json.loads(event.data)
+                            yield {"reset": True, **data} if event.event == "reset" else data
         except aiohttp.ClientConnectionError as exc:
             raise HiveConnectionError(f"cannot reach hive at {self.url}: {exc}") from None
 

@@ -6,7 +6,10 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from hivetest import Hive, running_hive, tagged_processes, wait_for, zombie_children
+from hivetest import TAG, Hive, running_hive
+
+from harness.procs import tagged_processes, zombie_children
+from harness.waits import wait_for
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -14,10 +17,10 @@ def no_leaks() -> Iterator[None]:
     """After each module: nothing the tests started is still alive, and no zombie is left."""
     yield
     try:
-        wait_for(lambda: not tagged_processes(), timeout=15, what="test processes to end")
+        wait_for(lambda: not tagged_processes(TAG), timeout=15, what="test processes to end")
     except AssertionError:
-        leaked = [(p.pid, " ".join(p.cmdline())[:120]) for p in tagged_processes()]
-        for proc in tagged_processes():
+        leaked = [(p.pid, " ".join(p.cmdline())[:120]) for p in tagged_processes(TAG)]
+        for proc in tagged_processes(TAG):
             proc.kill()
         pytest.fail(f"processes leaked by this module: {leaked}")
     assert zombie_children(os.getpid()) == [], "the tests left zombie children"

@@ -12,7 +12,9 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from hivetest import TAG, Hive, async_wait_for, running_hive
+from hivetest import TAG, Hive, running_hive
+
+from harness.waits import async_wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -125,7 +127,7 @@ async def test_a_recycled_pid_is_never_adopted_or_signalled() -> None:
         os.kill(w["pid"], signal.SIGKILL)
         stranger = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(60)"],
-            env={**os.environ, "HIVE_TEST_TAG": TAG},
+            env={**os.environ, **TAG.env},
         )
         try:
             # Make the journal point at the stranger, as if the pid had been reused.

@@ -10,7 +10,11 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from hivetest import Hive, async_wait_for, port_in_use, tagged_processes
+from hivetest import TAG, Hive
+
+from harness.net import port_in_use
+from harness.procs import tagged_processes
+from harness.waits import async_wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -280,7 +284,7 @@ async def test_failure_at_start_names_exit_code_and_last_line(hive: Hive) -> Non
 async def _nothing_changed(s: aiohttp.ClientSession, before: list[str], procs: set[int]) -> None:
     _, body = await get(s, "/v1/workers")
     assert sorted(x["id"] for x in body["workers"]) == before
-    assert {p.pid for p in tagged_processes()} <= procs
+    assert {p.pid for p in tagged_processes(TAG)} <= procs
 
 
 @pytest.mark.parametrize(
@@ -306,7 +310,7 @@ async def test_bad_spawn_is_refused_and_changes_nothing(
     async with hive.session() as s:
         _, listing = await get(s, "/v1/workers")
         before = sorted(x["id"] for x in listing["workers"])
-        procs = {p.pid for p in tagged_processes()}
+        procs = {p.pid for p in tagged_processes(TAG)}
         status, data = await post(s, "/v1/workers", body)
         assert status in (400, 422), data
         assert field in error_of(data, "invalid")
@@ -355,20 +359,20 @@ async def test_too_large_body_is_413(hive: Hive) -> None:
         async with s.post("/v1/workers", json=big) as r:
             assert r.status == 413
             error_of(await r.json(), "too_large")
-        await _nothing_changed(s, before, {p.pid for p in tagged_processes()})
+        await _nothing_changed(s, before, {p.pid for p in tagged_processes(TAG)})
 
 
 async def test_duplicate_id_and_taken_port_are_409(hive: Hive) -> None:
     async with hive.session() as s:
         w = await spawn_ready(s, id="dup")
-        procs = {p.pid for p in tagged_processes()}
+        procs = {p.pid for p in tagged_processes(TAG)}
         status, body = await post(s, "/v1/workers", {"model": "m", "id": "dup"})
         assert status == 409 and "dup" in error_of(body, "conflict")
         status, body = await post(s, "/v1/workers", {"model": "m", "id": "dup2", "port": w["port"]})
         assert status == 409 and str(w["port"]) in error_of(body, "conflict")
         status, listing = await get(s, "/v1/workers")
         assert "dup2" not in [x["id"] for x in listing["workers"]]
-        assert {p.pid for p in tagged_processes()} <= procs
+        assert {p.pid for p in tagged_processes(TAG)} <= procs
         async with s.delete("/v1/workers/dup") as r:
             assert r.status == 200
 
@@ -377,7 +381,7 @@ async def test_gpu_request_without_gpu_is_503(hive: Hive) -> None:
     async with hive.session() as s:
         _, listing = await get(s, "/v1/workers")
         before = sorted(x["id"] for x in listing["workers"])
-        procs = {p.pid for p in tagged_processes()}
+        procs = {p.pid for p in tagged_processes(TAG)}
         for device in ("gpu", "GPU-0"):
             status, body = await post(s, "/v1/workers", {"model": "m", "device": device})
             assert status == 503, body

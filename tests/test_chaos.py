@@ -17,9 +17,12 @@ import hypothesis
 import psutil
 import pytest
 import requests
-from hivetest import Hive, async_wait_for, running_hive, tagged_processes, wait_for, zombie_children
+from hivetest import TAG, Hive, running_hive
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from harness.procs import tagged_processes, zombie_children
+from harness.waits import async_wait_for, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,7 +39,7 @@ def alive(pid: int) -> bool:
 def worker_processes(hive: Hive) -> set[int]:
     """Live demo-worker processes started by this hive (found by their environment)."""
     pids = set()
-    for proc in tagged_processes():
+    for proc in tagged_processes(TAG):
         try:
             env = proc.environ()
         except psutil.Error:

@@ -10,7 +10,9 @@ import sys
 
 import psutil
 import pytest
-from hivetest import Hive, wait_for
+from hivetest import Hive
+
+from harness.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

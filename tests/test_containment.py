@@ -15,8 +15,9 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from hivetest import Hive, async_wait_for, running_hive, wait_for
+from hivetest import Hive, running_hive
 
+from harness.waits import async_wait_for, wait_for
 from hive.containment import Cgroups, instance_of
 
 WORKERS = Path(__file__).parent / "workers"

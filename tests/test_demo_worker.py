@@ -29,8 +29,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from hivetest import ROOT, TAG, async_wait_for, free_port, wait_for
+from hivetest import TAG
 
+from harness import ROOT
+from harness.net import free_port
+from harness.waits import async_wait_for, wait_for
 from hive.models import Heartbeat
 
 pytestmark = pytest.mark.timeout(60)
@@ -82,7 +85,7 @@ def demo_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith("HIVE_") and k != "CUDA_VISIBLE_DEVICES"
     }
-    env.update({"HIVE_TEST_TAG": TAG, "PYTHONUNBUFFERED": "1", **(extra or {})})
+    env.update({**TAG.env, "PYTHONUNBUFFERED": "1", **(extra or {})})
     return env
 
 

@@ -12,7 +12,9 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from hivetest import Hive, async_wait_for, running_hive
+from hivetest import Hive, running_hive
+
+from harness.waits import async_wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from hivetest import TAG, free_port
+from hivetest import TAG
 
+from harness.net import free_port
 from hive.adoption import GONE_ERROR, plan, reattach
 from hive.config import BackendConfig, Config
 from hive.containment import choose
@@ -44,7 +45,7 @@ BACKENDS = {
 
 @pytest.fixture
 async def deps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Deps]:
-    monkeypatch.setenv("HIVE_TEST_TAG", TAG)  # the leak check finds what these tests start
+    monkeypatch.setenv(TAG.var, TAG.value)  # the leak check finds what these tests start
     low = random.randrange(20000, 60000, 500)
     config = Config(
         state_dir=tmp_path,
@@ -207,7 +208,7 @@ def saved(wid: str, state: State, pid: int | None, started: float | None, **fiel
 
 
 async def test_adoption_plan_against_live_processes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HIVE_TEST_TAG", TAG)
+    monkeypatch.setenv(TAG.var, TAG.value)
     live = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([PY, "-c", "pass"])
     dead.wait()

@@ -8,8 +8,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from hivetest import Hive, async_wait_for, running_hive
+from hivetest import Hive, running_hive
 from prometheus_client.parser import text_string_to_metric_families
+
+from harness.waits import async_wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

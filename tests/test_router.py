@@ -13,7 +13,10 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from hivetest import TAG, Hive, async_wait_for, free_port, running_hive, wait_for
+from hivetest import TAG, Hive, running_hive
+
+from harness.net import free_port
+from harness.waits import async_wait_for, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,7 +50,7 @@ class Router:
                 "warn",
                 "--disable-circuit-breaker",
             ],
-            env={**os.environ, "HIVE_TEST_TAG": TAG, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, **TAG.env, "HF_HUB_OFFLINE": "1"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hivetest import Hive, running_hive, wait_for
+from hivetest import Hive, running_hive
+
+from harness.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

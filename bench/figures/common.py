@@ -1,0 +1,213 @@
+"""What the figures share: the settings, the row each figure fills, the main hive's backends,
+and the processes the bench starts itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchlib import BENCH, PYTHON, bench_env
+
+# -- settings -------------------------------------------------------------------------------------
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to run and how much of it; every knob is an environment variable."""
+
+    quick: bool
+    samples: int
+    idle_seconds: float
+    api_seconds: float
+    records: int
+    scale: tuple[int, ...]
+    stop_count: int
+    connections: int
+    list_connections: int
+    router_peer_samples: int
+    router_peer_stagger: float
+    router_peer_cap: float
+    only: frozenset[str]
+    out: Path
+    pyspy: Path | None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+        scale = os.environ.get("BENCH_SCALE", "") or ("20,50" if quick else "200,500")
+        only = os.environ.get("BENCH_ONLY", "") or "1,2,3,4,5,6,7"
+        out = os.environ.get("BENCH_OUT", "") or str(
+            BENCH / ("results-quick.json" if quick else "results.json")
+        )
+        pyspy = os.environ.get("BENCH_PYSPY", "")
+        return cls(
+            quick=quick,
+            samples=_env_int("BENCH_SAMPLES", 5 if quick else 30),
+            idle_seconds=_env_float("BENCH_IDLE_SECONDS", 3 if quick else 30),
+            api_seconds=_env_float("BENCH_API_SECONDS", 1.5 if quick else 5),
+            records=_env_int("BENCH_RECORDS", 100 if quick else 1000),
+            scale=tuple(int(x) for x in scale.split(",") if x.strip()),
+            stop_count=_env_int("BENCH_STOP_COUNT", 10 if quick else 100),
+            connections=_env_int("BENCH_CONNECTIONS", 16),
+            list_connections=_env_int("BENCH_LIST_CONNECTIONS", 4),
+            router_peer_samples=_env_int("BENCH_ROUTER_PEER_SAMPLES", 3 if quick else 30),
+            router_peer_stagger=_env_float("BENCH_ROUTER_PEER_STAGGER", 0 if quick else 60),
+            router_peer_cap=_env_float("BENCH_ROUTER_PEER_CAP", 0 if quick else 240),
+            only=frozenset(x.strip() for x in only.split(",")),
+            out=Path(out),
+            pyspy=Path(pyspy).resolve() if pyspy else None,
+        )
+
+
+# -- a row -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    """One row of the table. ``hive`` and each peer hold a summary (n, p50, p95, p99, max) or a
+    single ``value``; ``stat`` says which of them the target is checked on."""
+
+    key: str
+    title: str
+    unit: str
+    hive: dict[str, Any]
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    target: str = ""
+    met: bool | None = None
+    stat: str = "p50"
+    notes: list[str] = field(default_factory=list)
+    #: CPU used by processes that are not the bench's while this figure ran (see OtherLoad).
+    other_load: dict[str, float] = field(default_factory=dict)
+
+    def main(self) -> float | None:
+        value = self.hive.get(self.stat)
+        return float(value) if isinstance(value, int | float) else None
+
+
+def unavailable(why: str) -> dict[str, Any]:
+    return {"unavailable": why}
+
+
+def ms(values: list[float]) -> list[float]:
+    return [v * 1000 for v in values]
+
+
+def check(value: float | None, op: str, limit: float | None) -> bool | None:
+    if value is None or limit is None:
+        return None
+    return value <= limit if op == "<=" else value >= limit
+
+
+# -- pieces used by several figures ---------------------------------------------------------------
+
+
+def demo_argv(port: int, *extra: str) -> list[str]:
+    return [PYTHON, "-m", "hive.demo_worker", "--port", str(port), "--model", "bench", *extra]
+
+
+class Popened:
+    """Processes the bench starts itself (floor workers, peers' workers), killed at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log_path: Path, home: Path) -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=bench_env(home),
+                cwd=home,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    async def reap(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+        await asyncio.to_thread(proc.wait)
+
+    async def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await asyncio.to_thread(proc.wait)
+
+
+async def profile(settings: Settings, pid: int, name: str, seconds: float) -> str | None:
+    """Record a py-spy flame graph of ``pid`` (only with BENCH_PYSPY=DIR)."""
+    spy = shutil.which("py-spy", path=str(Path(PYTHON).parent))
+    if settings.pyspy is None or spy is None:
+        return None
+    settings.pyspy.mkdir(parents=True, exist_ok=True)
+    kind = os.environ.get("BENCH_PYSPY_FORMAT", "") or "flamegraph"
+    suffix = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}.get(kind, kind)
+    out = settings.pyspy / f"{name}.{suffix}"
+    proc = await asyncio.create_subprocess_exec(
+        spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+        "--rate", "250", "--nonblocking", "--format", kind, "--output", str(out),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await proc.wait()
+    return str(out) if out.exists() else None
+
+
+def tiny_command(flags: str) -> str:
+    return f"{PYTHON} {BENCH / 'tiny_worker.py'} {flags}"
+
+
+#: The backends of the one hive that figures 1 to 3 share: ``probe`` is made ready by its health
+#: probe (``spawn.py``), ``beat`` by its first heartbeat (``crash.py``).
+HIVE_MAIN_CONFIG = """
+[backends.probe]
+command = ["{python}", "-m", "hive.demo_worker", "--port", "{port}", "--model", "{model}",
+           "--no-heartbeat"]
+health_path = "/health"
+
+[backends.beat]
+command = ["{python}", "-m", "hive.demo_worker", "--port", "{port}", "--model", "{model}"]
+health_path = ""
+"""
+
+
+async def wait_listening(ports: list[int], timeout: float) -> float:
+    """Poll until every port accepts a connection; returns when (``time.time()``)."""
+    pending = set(ports)
+    deadline = time.monotonic() + timeout
+    gate = asyncio.Semaphore(64)
+
+    async def try_one(port: int) -> None:
+        async with gate:
+            with contextlib.suppress(OSError, TimeoutError):
+                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.5)
+                writer.close()
+                pending.discard(port)
+
+    while pending:
+        await asyncio.gather(*(try_one(p) for p in list(pending)))
+        if not pending:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} of {len(ports)} ports never listened")
+        await asyncio.sleep(0.05)
+    return time.time()
