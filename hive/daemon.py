@@ -213,10 +213,11 @@ class Daemon:
         if saved:
             log.info(
                 "journal: adopted %d running worker(s), %d gone while hive was down, "
-                "%d stopped or failed record(s) restored",
+                "%d stopped or failed record(s) restored (from %s)",
                 counts["adopted"],
                 counts["gone"],
                 counts["restored"],
+                journal.loaded_from,
             )
         if counts["stray"]:
             log.warning("ended %d stray worker process(es) at start-up", counts["stray"])

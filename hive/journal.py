@@ -2,9 +2,28 @@
 
 ``<state_dir>/journal.json`` holds, for each worker, its spawn request, its record (state, pid,
 port, cores, GPUs...), its heartbeat token and the start time of its process (to tell it from a
-recycled pid). It is rewritten whole after each change: written to a temporary file, fsynced,
-renamed over the old one, and the directory fsynced, so a crash at any moment leaves either the
-old journal or the new one, never a torn one.
+recycled pid). It is rewritten whole after each change, and a write is complete or not done at
+all:
+
+1. the new journal goes to ``journal.json.tmp``, every byte of it (short writes are resumed),
+   and is fsynced;
+2. the current ``journal.json`` is hard-linked as ``journal.json.1.tmp``, renamed over
+   ``journal.json.1`` (the previous generation, one write behind);
+3. ``journal.json.tmp`` is renamed over ``journal.json`` and the directory is fsynced.
+
+At every instant ``journal.json`` is a complete journal, and so is ``journal.json.1`` once a
+second write has happened. On a filesystem without hard links, step 2 renames ``journal.json`` to
+``journal.json.1`` instead: ``journal.json`` is then briefly missing, and :meth:`Journal.load`
+reads ``journal.json.1``. When any step fails (``ENOSPC``, ``EIO``, ``EDQUOT``...) the temporary
+files are removed, ``journal.json`` is left as it was, and the failure is reported:
+:meth:`Journal.flush` raises :class:`JournalError` to a caller whose change that write was to
+hold, so it can refuse its request, and :attr:`Journal.healthy` / :attr:`Journal.last_error` say
+so until a later write succeeds (a failed journal retries on its own every ``retry_interval``).
+
+On load, a ``journal.json`` that cannot be read or parsed (torn, garbage, another version, not a
+dict) is moved aside to ``journal.json.bad`` and ``journal.json.1`` is read instead;
+:attr:`Journal.loaded_from` says which file the records came from. Entries that do not validate
+are skipped one by one.
 
 Writes happen off the event loop in one writer task; changes that arrive while a write is under
 way are folded into the next write. The journal only records; deciding what to adopt is the
@@ -15,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -26,6 +46,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hive.errors import HiveError
 from hive.models import SpawnRequest, Worker
 from hive.process import start_time
 from hive.registry import Change, Registry
@@ -33,6 +54,26 @@ from hive.registry import Change, Registry
 log = logging.getLogger("hive.journal")
 
 VERSION = 1
+
+#: ``link(2)`` errors that mean "this filesystem has no hard links", not "the write failed".
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+class JournalError(HiveError):
+    """The journal could not be written: the change it was to hold is not on disk.
+
+    Raised by :meth:`Journal.flush`; as a :class:`~hive.errors.HiveError` it refuses the request
+    that waited for it (500 ``internal``, with this message).
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class _Unreadable(Exception):
+    """A journal file that exists but cannot be used."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,33 +86,124 @@ class Saved:
     start_time: float | None
 
 
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
 class Journal:
-    def __init__(self, path: Path, registry: Registry) -> None:
+    def __init__(self, path: Path, registry: Registry, retry_interval: float = 5.0) -> None:
         self.path = path
         self.registry = registry
+        #: While the journal cannot be written, how often it tries again without a new change.
+        self.retry_interval = retry_interval
+        #: The file :meth:`load` took the records from (``journal.json`` or ``journal.json.1``);
+        #: None when there was none to use.
+        self.loaded_from: Path | None = None
         self._dirty = asyncio.Event()
         self._progress = asyncio.Event()
         self._marked = 0
-        self._written = 0
+        self._attempted = 0  # the mark count that the last finished write covered
+        self._durable = 0  # the mark count that the last successful write covered
+        self._reason: str | None = None
+        self._failures = 0
+        self._closing = False
         self._loop_thread: int | None = None
         self._writer: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._start_times: dict[tuple[str, int], float | None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def previous(self) -> Path:
+        """``journal.json.1``: the journal as it was before the last write."""
+        return _sibling(self.path, ".1")
+
+    @property
+    def _temporary(self) -> Path:
+        return _sibling(self.path, ".tmp")
+
+    @property
+    def _previous_temporary(self) -> Path:
+        return _sibling(self.previous, ".tmp")
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the last write succeeded (True before the first)."""
+        return self._reason is None
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last write failed (``cannot write <path>: <reason>``); None when it did not."""
+        return None if self._reason is None else f"cannot write {self.path}: {self._reason}"
+
     # -- reading -------------------------------------------------------------------------------
 
     def load(self) -> list[Saved]:
-        """What the last hive left; an unreadable journal is set aside, never fatal."""
+        """What the last hive left; an unreadable journal is set aside, never fatal.
+
+        ``journal.json`` first; when it cannot be used (torn, garbage, another version, or
+        missing while a previous generation exists) ``journal.json.1``. :attr:`loaded_from` says
+        which; neither usable means an empty list, logged as an error.
+        """
+        self.loaded_from = None
+        for leftover in (self._temporary, self._previous_temporary):  # a write cut short
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         try:
-            data = json.loads(self.path.read_text())
+            data = self._read(self.path)
         except FileNotFoundError:
+            if not self.previous.exists():
+                return []  # the first start in this state_dir
+            log.warning(
+                "journal %s is missing but %s exists (hive stopped in the middle of a write?)",
+                self.path,
+                self.previous,
+            )
+        except _Unreadable as exc:
+            self._set_aside(self.path, str(exc))
+        else:
+            self.loaded_from = self.path
+            return self._entries(data)
+        try:
+            data = self._read(self.previous)
+        except (FileNotFoundError, _Unreadable) as exc:
+            if isinstance(exc, _Unreadable):
+                self._set_aside(self.previous, str(exc))
+            log.error(
+                "journal: no usable journal in %s (neither %s nor %s); starting empty, running"
+                " workers are not adopted",
+                self.path.parent,
+                self.path.name,
+                self.previous.name,
+            )
             return []
-        except (OSError, ValueError) as exc:
-            self._set_aside(f"cannot read: {exc}")
-            return []
+        log.warning("journal: loading the previous generation, %s", self.previous)
+        self.loaded_from = self.previous
+        return self._entries(data)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        """The parsed journal at ``path``; FileNotFoundError, or _Unreadable saying why."""
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise _Unreadable(f"cannot be read: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise _Unreadable(f"is not valid JSON (torn or garbage): {exc}") from None
+        if not isinstance(data, dict):
+            raise _Unreadable(f"is not a journal (a JSON {type(data).__name__})")
+        if data.get("version") != VERSION:
+            raise _Unreadable(f"has version {data.get('version')!r}, not {VERSION}")
+        if not isinstance(data.get("workers"), list):
+            raise _Unreadable("has no list of workers")
+        return data
+
+    @staticmethod
+    def _entries(data: dict[str, Any]) -> list[Saved]:
         saved = []
-        for item in data.get("workers", []) if isinstance(data, dict) else []:
+        for item in data["workers"]:
             try:
                 saved.append(
                     Saved(
@@ -85,11 +217,12 @@ class Journal:
                 log.warning("journal: skipping an entry that does not validate: %s", exc)
         return saved
 
-    def _set_aside(self, why: str) -> None:
-        aside = self.path.with_suffix(".json.bad")
-        log.error("journal %s %s; moved to %s, starting empty", self.path, why, aside)
+    @staticmethod
+    def _set_aside(path: Path, why: str) -> None:
+        aside = _sibling(path, ".bad")
+        log.error("journal %s %s; moved to %s", path, why, aside)
         with contextlib.suppress(OSError):
-            self.path.replace(aside)
+            path.replace(aside)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -97,6 +230,7 @@ class Journal:
         """Follow the registry from now on and write after every change."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._closing = False
         self._unsubscribe = self.registry.subscribe(self._on_change)
         self._writer = asyncio.create_task(self._write_loop(), name="hive-journal")
         self.mark()
@@ -113,37 +247,99 @@ class Journal:
         self._dirty.set()
 
     async def flush(self) -> None:
-        """Wait until everything marked so far is on disk (hive answers only after that)."""
+        """Wait until everything marked so far is on disk (hive answers only after that).
+
+        Raises :class:`JournalError` when the write that was to hold it failed: the change is
+        not on disk, and the request that made it should be refused.
+        """
         if self._writer is None:
             return
         target = self._marked
-        while self._written < target and not self._writer.done():
+        while self._durable < target:
+            if self._attempted >= target:  # the write covering ``target`` ended, and failed
+                raise JournalError(self.path, self._reason or "unknown error")
+            if self._writer.done():  # closing: close() writes the last state itself
+                return
             await self._progress.wait()
 
     async def close(self) -> None:
+        """Stop following the registry and write the journal one last time.
+
+        A failure of that last write is logged and shows in :attr:`healthy`; it is not raised,
+        so that the rest of hive's shutdown still happens.
+        """
         if self._unsubscribe is not None:
             self._unsubscribe()
+            self._unsubscribe = None
         if self._writer is not None:
-            await self.flush()
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            self._closing = True
+            self._dirty.set()
+            await self._writer  # a write under way ends first: never two at once
             self._writer = None
-        self._write(self._snapshot())
+        target = self._marked
+        try:
+            self._write(self._snapshot())
+        except JournalError as exc:
+            self._record(target, exc)
+        else:
+            self._record(target, None)
 
     async def _write_loop(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            target = self._marked
-            snapshot = self._snapshot()
-            try:
-                await asyncio.to_thread(self._write, snapshot)
-            except OSError as exc:
-                log.error("journal: cannot write %s: %s", self.path, exc)
-            self._written = target
-            self._progress.set()
-            self._progress = asyncio.Event()
+        try:
+            while not self._closing:
+                if self._reason is None:
+                    await self._dirty.wait()
+                else:  # failing: try again now and then, the disk may have room again
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._dirty.wait(), self.retry_interval)
+                if self._closing:
+                    break
+                self._dirty.clear()
+                target = self._marked
+                try:
+                    await asyncio.to_thread(self._write, self._snapshot())
+                except JournalError as exc:
+                    self._record(target, exc)
+                except Exception as exc:  # a bug, not the disk: still no change is durable
+                    failure = JournalError(self.path, f"{type(exc).__name__}: {exc}")
+                    failure.__cause__ = exc
+                    self._record(target, failure)
+                else:
+                    self._record(target, None)
+        finally:
+            self._wake()
+
+    def _record(self, target: int, failure: JournalError | None) -> None:
+        """How the write that covered marks up to ``target`` ended; logs changes of condition
+        only (the first failure, a new reason, the recovery), not every write."""
+        self._attempted = max(self._attempted, target)
+        if failure is None:
+            self._durable = max(self._durable, target)
+            if self._reason is not None:
+                log.warning(
+                    "journal: %s written again, after %d failed write(s)",
+                    self.path,
+                    self._failures,
+                )
+            self._reason, self._failures = None, 0
+        else:
+            if failure.reason != self._reason:
+                cause = failure.__cause__
+                bug = cause if cause is not None and not isinstance(cause, OSError) else None
+                log.error(
+                    "journal: %s; changes to workers are not on disk until a write succeeds"
+                    " (retrying every %gs)",
+                    failure,
+                    self.retry_interval,
+                    exc_info=bug,
+                )
+            self._reason = failure.reason
+            self._failures += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
 
     def _snapshot(self) -> dict[str, Any]:
         workers = []
@@ -175,19 +371,78 @@ class Journal:
         self._start_times[(worker_id, pid)] = started
 
     def _write(self, snapshot: dict[str, Any]) -> None:
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".json.tmp")
+        """Make ``snapshot`` the journal, the current one becoming ``journal.json.1``.
+
+        Complete or not done at all: on failure no temporary file is left, ``journal.json`` is
+        as it was, and :class:`JournalError` says which step failed and why.
+        """
         data = json.dumps(snapshot, separators=(",", ":")).encode()
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        directory = self.path.parent
+        temporary = self._temporary
+        step, moved = "", False
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, self.path)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, data)
+                step = "fsync: "
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            step = f"keeping the previous journal as {self.previous.name}: "
+            moved = self._keep_previous()
+            step = "rename: "
+            os.replace(temporary, self.path)
+            moved = False
+            step = "fsync of the directory: "
+            _fsync_directory(directory)
+        except OSError as exc:
+            for leftover in (temporary, self._previous_temporary):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            if moved:  # no hard links, and journal.json went to .1: put it back
+                with contextlib.suppress(OSError):
+                    os.replace(self.previous, self.path)
+            raise JournalError(self.path, f"{step}{exc.strerror or exc}") from exc
+
+    def _keep_previous(self) -> bool:
+        """The current journal becomes ``journal.json.1``; both stay complete journals.
+
+        A hard link renamed over ``.1``, so ``journal.json`` never goes missing. Where the
+        filesystem has no hard links, ``journal.json`` is renamed to ``.1`` (True: it moved).
+        """
+        link = self._previous_temporary
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            os.link(self.path, link)
+        except FileNotFoundError:
+            return False  # no journal yet: nothing to keep
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            try:
+                os.replace(self.path, self.previous)
+            except FileNotFoundError:
+                return False
+            return True
+        os.replace(link, self.previous)
+        return False
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is on its way: one call may write only part of them."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "a write made no progress")
+        view = view[written:]
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

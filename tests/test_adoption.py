@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -117,6 +118,52 @@ async def test_a_worker_that_died_while_hive_was_down_is_failed_then_restarted()
             assert "while hive was not running" in gone["error"]
             back = await async_wait_for(lambda: state_is(s, "died", "ready"), what="restarted")
             assert back["pid"] != w["pid"] and back["restarts"] == 1
+
+
+async def test_a_torn_journal_is_survived_by_adopting_from_the_previous_generation() -> None:
+    with running_hive() as hive:
+        previous = hive.state_dir / "journal.json.1"
+        async with hive.session() as s:
+            a = await spawn_ready(s, id="torn-a")
+            b = await spawn_ready(s, id="torn-b", cpus=1)
+            # journal.json.1 is one write behind: later writes, so that it holds both, ready.
+            await spawn_ready(s, id="torn-later", restart="no")
+            async with s.delete("/v1/workers/torn-later") as r:
+                assert r.status == 200
+        await async_wait_for(
+            lambda: _holds_ready(previous, a, b), what="both workers ready in journal.json.1"
+        )
+        hive.kill()
+        whole = hive.journal_path.read_bytes()
+        assert _holds_ready(hive.journal_path, a, b)
+        hive.journal_path.write_bytes(whole[: len(whole) // 2])
+
+        hive.start()
+        async with hive.session() as s:
+            for before in (a, b):
+                after = await get(s, before["id"])
+                assert after["state"] == "ready" and after["pid"] == before["pid"]
+                assert after["port"] == before["port"] and after["cpus"] == before["cpus"]
+                assert after["restarts"] == 0
+        log = hive.log()
+        assert f"journal {hive.journal_path} is not valid JSON" in log
+        assert f"(from {previous})" in log
+        assert (hive.state_dir / "journal.json.bad").read_bytes() == whole[: len(whole) // 2]
+
+
+def _holds_ready(path: Path, *workers: dict[str, Any]) -> bool:
+    """Whether the journal at ``path`` has each worker ready, with its pid."""
+    try:
+        items = json.loads(path.read_bytes())["workers"]
+    except (OSError, ValueError):
+        return False
+    records = {item["record"]["id"]: item["record"] for item in items}
+    return all(
+        w["id"] in records
+        and records[w["id"]]["pid"] == w["pid"]
+        and records[w["id"]]["state"] == "ready"
+        for w in workers
+    )
 
 
 async def test_a_recycled_pid_is_never_adopted_or_signalled() -> None:
