@@ -209,7 +209,7 @@ class Daemon:
         )
         await supervisor.start()
         # Adopt before serving, so no request ever sees a registry without the old workers.
-        counts = supervisor.adopt(saved)
+        counts = supervisor.adopt(saved, rebuild=journal.lost)
         if saved:
             log.info(
                 "journal: adopted %d running worker(s), %d gone while hive was down, "
@@ -218,6 +218,10 @@ class Daemon:
                 counts["gone"],
                 counts["restored"],
                 journal.loaded_from,
+            )
+        if counts["rebuilt"]:
+            log.warning(
+                "journal: rebuilt %d running worker(s) from their processes", counts["rebuilt"]
             )
         if counts["stray"]:
             log.warning("ended %d stray worker process(es) at start-up", counts["stray"])

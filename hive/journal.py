@@ -46,7 +46,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hive.errors import HiveError
+from hive.errors import NoCapacity
 from hive.models import SpawnRequest, Worker
 from hive.process import start_time
 from hive.registry import Change, Registry
@@ -59,11 +59,11 @@ VERSION = 1
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
 
-class JournalError(HiveError):
+class JournalError(NoCapacity):
     """The journal could not be written: the change it was to hold is not on disk.
 
-    Raised by :meth:`Journal.flush`; as a :class:`~hive.errors.HiveError` it refuses the request
-    that waited for it (500 ``internal``, with this message).
+    Raised by :meth:`Journal.flush`; it refuses the request that waited for it (503
+    ``no_capacity``: the host has no room for the change, with this message).
     """
 
     def __init__(self, path: Path, reason: str) -> None:
@@ -99,6 +99,9 @@ class Journal:
         #: The file :meth:`load` took the records from (``journal.json`` or ``journal.json.1``);
         #: None when there was none to use.
         self.loaded_from: Path | None = None
+        #: True when a journal existed but neither generation could be read: the running
+        #: workers must be rebuilt from their processes.
+        self.lost = False
         self._dirty = asyncio.Event()
         self._progress = asyncio.Event()
         self._marked = 0
@@ -146,6 +149,7 @@ class Journal:
         which; neither usable means an empty list, logged as an error.
         """
         self.loaded_from = None
+        self.lost = False
         for leftover in (self._temporary, self._previous_temporary):  # a write cut short
             with contextlib.suppress(OSError):
                 leftover.unlink()
@@ -169,9 +173,10 @@ class Journal:
         except (FileNotFoundError, _Unreadable) as exc:
             if isinstance(exc, _Unreadable):
                 self._set_aside(self.previous, str(exc))
+            self.lost = True
             log.error(
                 "journal: no usable journal in %s (neither %s nor %s); starting empty, running"
-                " workers are not adopted",
+                " workers are rebuilt from their own processes",
                 self.path.parent,
                 self.path.name,
                 self.previous.name,

@@ -10,11 +10,14 @@ appends a ``--- hive:`` line, so the log of an earlier attempt is kept, not over
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+
+log = logging.getLogger("hive.logs")
 
 MARKER = "--- hive: "
 _BLOCK = 64 * 1024
@@ -26,6 +29,7 @@ class Logs:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self._failing = False
         directory.mkdir(parents=True, exist_ok=True, mode=0o750)
 
     def path(self, worker_id: str) -> Path:
@@ -34,8 +38,17 @@ class Logs:
     def mark(self, worker_id: str, text: str) -> None:
         """Append one line of hive's own, e.g. at each start of the worker."""
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
-        with self.path(worker_id).open("a") as log:
-            log.write(f"{MARKER}{stamp} {text}\n")
+        try:
+            with self.path(worker_id).open("a") as file:
+                file.write(f"{MARKER}{stamp} {text}\n")
+        except OSError as exc:  # a full disk costs the marker, never the worker
+            if not self._failing:
+                log.error("cannot write to the worker logs in %s: %s", self.directory, exc)
+                self._failing = True
+        else:
+            if self._failing:
+                log.info("worker logs in %s are writable again", self.directory)
+                self._failing = False
 
     def tail(self, worker_id: str, lines: int) -> str:
         """The last ``lines`` lines of the log (reaching into the rotated part if needed)."""

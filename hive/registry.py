@@ -306,6 +306,16 @@ class Registry:
             self._publish(worker_id, entry.record.state, None, entry.record)
             return entry.record
 
+    def forget_unstarted(self, worker_id: str) -> Worker:
+        """Forget a record whose process never started (its spawn was refused half-way)."""
+        with self._lock:
+            entry = self._entry(worker_id)
+            if entry.record.pid is not None:
+                raise IllegalTransition(worker_id, entry.record.state, State.STOPPED)
+            del self._entries[worker_id]
+            self._publish(worker_id, entry.record.state, None, entry.record)
+            return entry.record
+
     def expire(self, at: datetime | None = None) -> list[str]:
         """Forget stopped and failed records older than ``retention`` with no restart pending."""
         cutoff = (at or now()) - timedelta(seconds=self.retention)

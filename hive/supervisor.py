@@ -21,8 +21,8 @@ from hive.adoption import plan
 from hive.config import BackendConfig, Config
 from hive.containment import Containment, end_strays
 from hive.devices.placement import Placer
-from hive.errors import Conflict, Invalid
-from hive.journal import Journal, Saved
+from hive.errors import Conflict, Invalid, NoCapacity
+from hive.journal import Journal, JournalError, Saved
 from hive.lifecycle import Deps, WorkerRun
 from hive.logs import Logs
 from hive.metrics import Metrics
@@ -30,11 +30,14 @@ from hive.models import DOWN_STATES, Heartbeat, SpawnRequest, State, Worker
 from hive.ports import PortPool
 from hive.probes import Prober
 from hive.process import Spawner, zombie_children
-from hive.registry import Entry, Registry
+from hive.registry import Entry, Registry, RegistryError
 from hive.reservations import Reservations
 from hive.routers import RouterSync
 
 log = logging.getLogger("hive.supervisor")
+
+#: Below this much free space in state_dir, a spawn is refused before anything is started.
+_MIN_FREE_BYTES = 1 << 20
 
 
 class Supervisor:
@@ -72,6 +75,7 @@ class Supervisor:
             metrics=metrics,
         )
         self._runs: dict[str, WorkerRun] = {}
+        self._disk_full = False
         self._housekeeping: asyncio.Task[None] | None = None
 
     @property
@@ -182,14 +186,59 @@ class Supervisor:
                 **reservations.reserve(spec, backend_name, backend, entries, worker_id, None),
             }
 
+        self._refuse_if_disk_full()
         self.registry.add(spec, secrets.token_urlsafe(24), build)
         # The intent reaches the disk before the process starts, and its pid before the
         # answer: a hive killed at any instruction between leaves a journal that, with what
         # the containment finds running, says exactly what to adopt and what to end.
-        await self._persist()
-        await self._start(WorkerRun(worker_id, self._deps))
-        await self._persist()
+        try:
+            await self._persist()
+        except JournalError:
+            self.registry.forget_unstarted(worker_id)
+            raise
+        run = WorkerRun(worker_id, self._deps)
+        await self._start(run)
+        try:
+            await self._persist()
+        except JournalError:
+            await self._undo_spawn(run)
+            raise
         return self.registry.get(worker_id)
+
+    async def _undo_spawn(self, run: WorkerRun) -> None:
+        """A spawn whose pid could not reach the disk: end it and forget it, leaving nothing."""
+        self.registry.set_desired(run.id, "stopped")
+        if run.active and run.task is not None:
+            run.request_stop(None)
+            await asyncio.shield(run.task)
+        self._runs.pop(run.id, None)
+        with contextlib.suppress(RegistryError):
+            self.registry.remove(run.id)
+        self.containment.release(run.id)
+        self.logs.remove(run.id)
+
+    def _refuse_if_disk_full(self) -> None:
+        """No room in state_dir for a worker's log and the journal: a clear 503, up front."""
+        path = self.logs.directory
+        try:
+            stat = os.statvfs(path)
+        except OSError:
+            return
+        free = stat.f_bavail * stat.f_frsize
+        if free >= _MIN_FREE_BYTES and (stat.f_files == 0 or stat.f_favail > 0):
+            if self._disk_full:
+                log.info("state_dir %s has room again (%d KiB free)", path.parent, free // 1024)
+                self._disk_full = False
+            return
+        what = f"{free // 1024} KiB free" if free < _MIN_FREE_BYTES else "no free inodes"
+        message = (
+            f"state_dir {path.parent} is full ({what}): no room for a worker's log or the "
+            "journal; free space there, or move state_dir"
+        )
+        if not self._disk_full:  # one line per condition, not one per refused request
+            log.error("%s", message)
+            self._disk_full = True
+        raise NoCapacity(message)
 
     async def _start(self, run: WorkerRun) -> None:
         self._runs[run.id] = run
