@@ -252,7 +252,7 @@ class Daemon:
             await self._stopping.wait()
         finally:
             unsubscribe()
-            notifier.send(STOPPING=1, STATUS=f"stopping ({status_line(registry)})")
+            notifier.stopping(f"stopping ({status_line(registry)})")
             # Stopping workers may take stop_timeout and more: keep systemd from giving up.
             background.append(
                 asyncio.create_task(

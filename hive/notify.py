@@ -140,9 +140,11 @@ class Notifier:
             RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         )
 
-    def stopping(self) -> bool:
-        """Shutdown began: ``STOPPING=1``."""
-        return self.send(STOPPING=1)
+    def stopping(self, status: str | None = None) -> bool:
+        """Shutdown began: ``STOPPING=1`` (with ``STATUS=`` when given)."""
+        if status is None:
+            return self.send(STOPPING=1)
+        return self.send(STOPPING=1, STATUS=status)
 
     def extend_timeout(self, seconds: float) -> bool:
         """Ask for ``seconds`` more before systemd's start/stop timeout fires, counted from now."""

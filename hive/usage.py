@@ -51,7 +51,7 @@ class Usage:
         while True:
             try:
                 await asyncio.to_thread(self.refresh)
-            except Exception:
+            except (OSError, psutil.Error):  # the process table moved under the refresh
                 log.exception("refreshing worker figures failed")
             await asyncio.sleep(self.interval)
 
