@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hivetest import async_wait_for
 
 import hive.journal
+from harness.waits import async_wait_for
 from hive.journal import Journal, JournalError
 from hive.models import SpawnRequest, Worker
 from hive.registry import Registry
