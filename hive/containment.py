@@ -255,18 +255,21 @@ class Cgroups:
         return found
 
     def owner_of(self, pid: int) -> str | None:
+        """The worker whose cgroup holds ``pid`` (or, before it was moved there, whose tag it
+        carries); None for any other process."""
         try:
             text = Path(f"/proc/{pid}/cgroup").read_text()
         except OSError:
-            return None
+            text = ""
         for line in text.splitlines():
             if line.startswith("0::"):
                 path = self.mount / line[3:].lstrip("/")
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, IndexError):
                     first = path.relative_to(self.base).parts[0]
                     if first.startswith(_PREFIX):
                         return first.removeprefix(_PREFIX)
-        return None
+        tag = read_tag(pid)
+        return tag.worker_id if tag is not None and tag.instance == self.instance else None
 
     def close(self) -> None:
         """At a clean exit: remove the empty worker cgroups, and the base if hive made it."""

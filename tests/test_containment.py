@@ -6,6 +6,7 @@ environment tags with hive as child subreaper."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -192,3 +193,36 @@ def test_instance_is_stable_per_state_dir(tmp_path: Path) -> None:
     assert instance_of(tmp_path) == instance_of(tmp_path / ".")
     assert instance_of(tmp_path) != instance_of(tmp_path / "other")
     asyncio.set_event_loop(None)
+
+
+async def test_a_worker_on_the_unix_socket_gets_only_its_own_heartbeat(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    with running_hive() as hive:
+        config = f"""
+[backends.prober]
+command = ["{{python}}", "{WORKERS / "socket_worker.py"}",
+           "--port", "{{port}}", "--model", "{{model}}"]
+env = {{ PROBE_SOCKET = "{hive.socket}", PROBE_RESULTS = "{results}", PROBE_OTHER = "bystander" }}
+"""
+        hive.stop()
+        hive.config_path.write_text(hive.config_path.read_text() + config)
+        hive.start()
+        async with hive.unix_session() as s:
+            async with s.post("/v1/workers", json={"model": "m", "id": "bystander"}) as r:
+                assert r.status == 201, await r.text()
+            body = {"model": "m", "id": "intruder", "backend": "prober"}
+            async with s.post("/v1/workers", params={"wait": "ready"}, json=body) as r:
+                assert r.status == 200, await r.text()
+            answers = json.loads(wait_for(lambda: results.exists() and results.read_text()))
+            for name in ("list", "spawn", "stop_other"):
+                status, error = answers[name]
+                assert status == 403, (name, answers[name])
+                assert error["error"]["code"] == "forbidden"
+                assert "intruder" in error["error"]["message"]
+            assert answers["own_heartbeat"][0] == 200, answers
+            async with s.get("/v1/workers") as r:  # the operator, on the same socket, may
+                ids = sorted(w["id"] for w in (await r.json())["workers"])
+            assert ids == ["bystander", "intruder"]
+            for wid in ids:
+                async with s.delete(f"/v1/workers/{wid}") as r:
+                    assert r.status == 200

@@ -1,6 +1,8 @@
 """Every error in one JSON shape, and bearer-token authentication for TCP clients.
 
-Over the unix socket a client is trusted by the socket's file mode (0600). Over TCP every
+Over the unix socket a client is trusted by the socket's file mode (0600), except a process that
+belongs to a worker (found by its peer credentials, then its cgroup or tag): it may send only
+its own worker's heartbeat. Over TCP every
 ``/v1`` route needs ``Authorization: Bearer <token>``; a worker's own token is good only for its
 own heartbeat. Tokens are compared in constant time.
 """
@@ -11,6 +13,7 @@ import hmac
 import logging
 import re
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +29,7 @@ log = logging.getLogger("hive.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _HEARTBEAT = re.compile(r"^/v1/workers/([^/]+)/heartbeat$")
 _STATUS_CODES: dict[int, ErrorCode] = {
     400: "invalid", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "invalid",
@@ -89,10 +93,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(HiveError("internal error; see hive's log"))
 
 
-def _over_unix_socket(request: web.Request) -> bool:
+def _unix_peer(request: web.Request) -> int | None:
+    """The pid of the process at the other end of a unix-socket connection (``SO_PEERCRED``);
+    None over TCP. 0 when the kernel does not say."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
-    return sock is not None and sock.family == socket.AF_UNIX
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except OSError:
+        return 0
+    return int(_PEERCRED.unpack(creds)[0])
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -129,9 +141,22 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if _open(request) or _over_unix_socket(request):
+    if _open(request):
         return await handler(request)
     context = request.app[CONTEXT]
+    peer = _unix_peer(request)
+    if peer is not None:
+        # The socket's mode admits hive's own user, and workers run as that user too: a
+        # process that belongs to a worker (its cgroup, or its tag) gets its own heartbeat only.
+        owner = context.supervisor.containment.owner_of(peer) if peer else None
+        if owner is None:
+            return await handler(request)
+        match = _HEARTBEAT.match(request.path)
+        if match is not None and match.group(1) == owner and request.method == "POST":
+            return await handler(request)
+        raise Forbidden(
+            f"a process of worker {owner!r} may only send that worker's own heartbeat"
+        )
     token = _bearer(request)
     if token is None:
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
