@@ -63,6 +63,9 @@ class BackendConfig(BaseModel):
     #: failures in a row make the worker ``failed``.
     liveness_period: Annotated[float, Field(gt=0)] = 10.0
     liveness_failures: Annotated[int, Field(ge=1)] = 3
+    #: When hive runs as root: the user (and group) its workers run as. Default: hive's own.
+    user: Annotated[str, Field(min_length=1)] | None = None
+    group: Annotated[str, Field(min_length=1)] | None = None
 
     @field_validator("command")
     @classmethod

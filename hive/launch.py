@@ -93,4 +93,4 @@ def build_launch(
     if spec.cpus is not None:
         env["OMP_NUM_THREADS"] = str(len(record.cpus))
     cpus = frozenset(record.cpus) if record.cpus else None
-    return Launch(argv, env, log_path, cpus)
+    return Launch(argv, env, log_path, cpus, user=backend.user, group=backend.group)

@@ -16,7 +16,9 @@ the supervisor are the only code that touches worker processes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -207,7 +209,18 @@ class WorkerRun:
             self._fail(error, None)
             return
         try:
+            if (launch.user or launch.group) and os.geteuid() != 0:
+                raise PermissionError(
+                    errno.EPERM,
+                    f"backend {entry.record.backend!r} sets user or group, "
+                    "and only a hive running as root can switch to them",
+                )
             self.process = await deps.spawner.start(launch)
+        except KeyError as exc:
+            error = f"cannot start {launch.argv[0]!r}: this host has no {exc.args[0]}"
+            deps.logs.mark(self.id, error)
+            self._fail(error, None)
+            return
         except OSError as exc:
             reason = exc.strerror or str(exc)
             error = f"cannot start {launch.argv[0]!r}: {reason}"

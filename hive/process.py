@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import grp
 import os
+import pwd
 import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +50,9 @@ class Launch:
     env: dict[str, str]
     log_path: Path
     cpus: frozenset[int] | None = None
+    #: Run as this user and group (hive must be root); None: as hive itself.
+    user: str | None = None
+    group: str | None = None
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -82,12 +88,56 @@ class Spawner:
         self._executor.shutdown(wait=True)
 
     async def start(self, launch: Launch) -> Process:
-        """Start the process; raises OSError (for example FileNotFoundError) if it cannot."""
+        """Start the process; raises OSError (for example FileNotFoundError) if it cannot,
+        and KeyError for a ``user`` or ``group`` this host does not have."""
         loop = asyncio.get_running_loop()
-        pid = await loop.run_in_executor(self._executor, self._spawn, launch)
-        return Process.watch(pid, child=True)
+        pid, popen = await loop.run_in_executor(self._executor, self._spawn, launch)
+        process = Process.watch(pid, child=True)
+        process.popen = popen
+        return process
 
-    def _spawn(self, launch: Launch) -> int:
+    def _spawn(self, launch: Launch) -> tuple[int, subprocess.Popen[bytes] | None]:
+        if launch.user is not None or launch.group is not None:
+            return self._spawn_as(launch)
+        return self._posix_spawn(launch), None
+
+    def _spawn_as(self, launch: Launch) -> tuple[int, subprocess.Popen[bytes]]:
+        """Fork and exec as another user: posix_spawn cannot change credentials.
+
+        The child runs in ``/`` (hive's own directory may not be readable by that user).
+        """
+        if launch.user is not None:
+            try:
+                pwd.getpwnam(launch.user)
+            except KeyError:
+                raise KeyError(f"user {launch.user!r}") from None
+        if launch.group is not None:
+            try:
+                grp.getgrnam(launch.group)
+            except KeyError:
+                raise KeyError(f"group {launch.group!r}") from None
+        with open(launch.log_path, "ab") as log, self._lock:
+            if launch.cpus is not None:
+                os.sched_setaffinity(0, launch.cpus)
+            try:
+                popen = subprocess.Popen(
+                    launch.argv,
+                    env=launch.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd="/",
+                    start_new_session=True,
+                    user=launch.user,
+                    group=launch.group,
+                    extra_groups=[] if launch.user is not None else None,
+                )
+            finally:
+                if launch.cpus is not None:
+                    os.sched_setaffinity(0, self._own_affinity)
+        return popen.pid, popen
+
+    def _posix_spawn(self, launch: Launch) -> int:
         fd = os.open(launch.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             actions = [
@@ -128,6 +178,9 @@ class Process:
         #: ``time.monotonic()`` when the exit was noticed (the pidfd turned readable).
         self.exited_at: float | None = None
         self._pidfd: int | None = pidfd
+        #: When started through subprocess (to change user): kept so that subprocess never
+        #: reaps it behind hive's back, and told the exit code once hive has reaped it.
+        self.popen: subprocess.Popen[bytes] | None = None
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int | None] = self._loop.create_future()
         self._loop.add_reader(pidfd, self._on_exit)
@@ -154,6 +207,9 @@ class Process:
                 if pid == 0:  # not exited after all
                     return
             self.returncode = os.waitstatus_to_exitcode(status) if status is not None else None
+            if self.popen is not None:
+                self.popen.returncode = self.returncode if self.returncode is not None else -1
+                self.popen = None
         self.exited_at = noticed
         self._close()
         if not self.exited.done():

@@ -6,8 +6,10 @@ environment tags with hive as child subreaper."""
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import os
+import pwd
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +228,37 @@ env = {{ PROBE_SOCKET = "{hive.socket}", PROBE_RESULTS = "{results}", PROBE_OTHE
             for wid in ids:
                 async with s.delete(f"/v1/workers/{wid}") as r:
                     assert r.status == 200
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+async def test_a_backend_runs_its_workers_as_its_user() -> None:
+    config = """
+[backends.asnobody]
+command = ["/bin/sleep", "300"]
+health_path = ""
+user = "nobody"
+group = "nogroup"
+
+[backends.asnoone]
+command = ["/bin/sleep", "300"]
+user = "no-such-user-here"
+"""
+    with running_hive(config) as hive:
+        async with hive.session() as s:
+            body = {"model": "m", "id": "nobody", "backend": "asnobody"}
+            async with s.post("/v1/workers", json=body) as r:
+                assert r.status == 201, await r.text()
+                worker = await r.json()
+            proc = psutil.Process(worker["pid"])
+            assert proc.uids().real == pwd.getpwnam("nobody").pw_uid
+            assert proc.gids().real == grp.getgrnam("nogroup").gr_gid
+            assert "HIVE_WORKER_TOKEN" in proc.environ()  # hive's env, not the user's login
+            body = {"model": "m", "id": "noone", "backend": "asnoone", "restart": "no"}
+            async with s.post("/v1/workers", json=body) as r:
+                failed = await r.json()
+            failed = await async_wait_for(lambda: _is(s, "noone", "failed"), what="noone failed")
+            assert "this host has no user 'no-such-user-here'" in failed["error"]
+            for wid in ("nobody", "noone"):
+                async with s.delete(f"/v1/workers/{wid}") as r:
+                    assert r.status == 200
+            assert gone(proc)

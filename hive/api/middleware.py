@@ -154,9 +154,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         match = _HEARTBEAT.match(request.path)
         if match is not None and match.group(1) == owner and request.method == "POST":
             return await handler(request)
-        raise Forbidden(
-            f"a process of worker {owner!r} may only send that worker's own heartbeat"
-        )
+        raise Forbidden(f"a process of worker {owner!r} may only send that worker's own heartbeat")
     token = _bearer(request)
     if token is None:
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
