@@ -392,17 +392,27 @@ def zombie_children() -> set[int]:
 
 
 def port_is_free(port: int) -> bool:
-    """True when nothing listens on ``port`` on any address (checked by binding the wildcard).
+    """True when nothing listens on ``port`` on any address, IPv4 or IPv6 (checked by binding
+    each family's wildcard; the IPv6 one alone, so that a listener on ``[::1]`` or ``[::]``
+    only counts too).
 
     SO_REUSEADDR mirrors what servers set, so a connection lingering in TIME_WAIT does not count
     as a listener, while any socket listening on the port, on any address, does.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         try:
-            sock.bind(("0.0.0.0", port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host: nothing can listen there
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, port))
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    return False
+                if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise
     return True

@@ -3,6 +3,7 @@ launch's argv and environment, and the registry's named writes."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 from hive.config import BackendConfig, Config
 from hive.launch import SCRUBBED_ENV, build_launch
 from hive.models import SpawnRequest, State, Worker
+from hive.ports import PortPool
+from hive.process import port_is_free
 from hive.registry import Entry, Figures, IllegalTransition, Registry, now
 from hive.restart import Backoff, Outcome, next_delay
 
@@ -215,3 +218,25 @@ def test_router_status_merges_per_router_and_ignores_a_forgotten_worker() -> Non
     reg.router_status("w", "http://r2", "pending: HTTP 503")
     assert reg.get("w").routers == {"http://r1": "registered", "http://r2": "pending: HTTP 503"}
     assert reg.router_status("ghost", "http://r1", "registered") is None
+
+
+# -- ports -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["::1", "::", "127.0.0.1"])
+def test_a_port_held_by_a_foreign_listener_is_skipped(address: str) -> None:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        foreign = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        pytest.skip(f"no {family.name} here")
+    with foreign:
+        if family == socket.AF_INET6:
+            foreign.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        foreign.bind((address, 0))
+        foreign.listen()
+        held = foreign.getsockname()[1]
+        assert not port_is_free(held)
+        pool = PortPool(held, held + 1)
+        assert pool.allocate({}, "w") == held + 1 or not port_is_free(held + 1)
+    assert port_is_free(held)
