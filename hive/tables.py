@@ -8,8 +8,18 @@ from datetime import UTC, datetime
 from hive.models import CpuDevice, Devices, GpuDevice, Node, Worker
 
 
+def escape(text: str) -> str:
+    """``text`` with every control or other non-printable character shown as an escape
+    (``\\x1b``): a model name or label must never move a person's cursor or recolour their
+    terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Columns padded to their widest cell; the last column is not padded."""
+    rows = [[escape(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):
@@ -115,9 +125,10 @@ def worker(w: Worker) -> str:
         ("cpu", _opt(w.cpu_percent, "%")),
         ("gpu memory", _opt(w.gpu_memory_used_mib, " MiB")),
         ("labels", ", ".join(f"{k}={v}" for k, v in w.labels.items()) or "-"),
+        ("containment", _opt(w.containment)),
     ]
     width = max(len(name) for name, _ in fields)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in fields)
+    return "\n".join(f"{name.ljust(width)}  {escape(str(value))}" for name, value in fields)
 
 
 def _cores(cores: Sequence[int]) -> str:

@@ -206,3 +206,15 @@ def test_sigterm_stops_every_worker_and_exits_0() -> None:
         daemon.proc = None
         wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 10, what="workers gone")
         assert not daemon.socket.exists()
+
+
+def test_control_characters_are_shown_escaped(hive: Hive) -> None:
+    """A model name or label cannot move the cursor or recolour the operator's terminal."""
+    evil = "m\x1b[31mred\x07"
+    ok(hive.cli("spawn", evil, "--id", "evil", "--label", "k=v\x1b[2J", "--no-wait"))
+    for args in (("list",), ("show", "evil")):
+        out = ok(hive.cli(*args))
+        assert "\x1b" not in out and "\x07" not in out
+        assert "m\\x1b[31mred\\x07" in out
+    assert "k=v\\x1b[2J" in ok(hive.cli("show", "evil"))
+    ok(hive.cli("rm", "--force", "evil"))
