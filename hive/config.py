@@ -173,6 +173,11 @@ class Config(BaseModel):
     device_refresh: Annotated[float, Field(gt=0)] = 2.0
     usage_refresh: Annotated[float, Field(gt=0)] = 5.0
     router_reconcile: Annotated[float, Field(gt=0)] = 5.0
+    #: An API connection must have a request under way this many seconds after it opens
+    #: (and after each answer), or it is dropped: slow or silent clients hold nothing.
+    http_header_timeout: Annotated[float, Field(gt=0)] = 10.0
+    #: Open API connections over TCP at most (and as many over the unix socket).
+    http_max_connections: Annotated[int, Field(ge=1)] = 1024
     events_keepalive: Annotated[float, Field(gt=0)] = 15.0
     events_buffer: Annotated[int, Field(ge=1)] = 10_000
     events_queue: Annotated[int, Field(ge=1)] = 1_000

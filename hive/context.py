@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from hive import __version__
+from hive.api.guard import ConnectionGuard
 from hive.config import Config
 from hive.devices.cpu import CpuNode
 from hive.devices.gpu import GpuMonitor
@@ -30,6 +31,8 @@ class Context:
     token: str
     events: EventHub
     metrics: Metrics
+    #: Set when the API listens: the deadlines and caps of its connections.
+    guard: ConnectionGuard | None = None
     version: str = __version__
     hostname: str = field(default_factory=socket.gethostname)
     started_at: datetime = field(default_factory=now)

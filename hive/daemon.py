@@ -27,6 +27,8 @@ from pathlib import Path
 from aiohttp import web
 
 from hive.api import create_app
+from hive.api.guard import ConnectionGuard
+from hive.api.keys import CONTEXT
 from hive.config import Config, ConfigError
 from hive.containment import choose as choose_containment
 from hive.context import Context
@@ -52,6 +54,7 @@ RESTART_ONLY = frozenset(
     {
         "listen", "token", "token_file", "socket", "state_dir", "port_range", "worker_host",
         "events_buffer", "events_queue", "device_refresh", "usage_refresh", "containment",
+        "http_header_timeout", "http_max_connections",
     }
 )  # fmt: skip
 
@@ -345,6 +348,11 @@ class Daemon:
             app, handle_signals=False, access_log=None, shutdown_timeout=5.0
         )
         await self._runner.setup()
+        guard = ConnectionGuard(config.http_header_timeout, config.http_max_connections)
+        app[CONTEXT].guard = guard
+        # Both sites build their connections with the runner's server: guard each of them.
+        # (aiohttp has no public hook for a listener's protocol factory.)
+        self._runner._server = guard.wrap(self._runner.server)  # type: ignore[assignment]
         try:
             await web.TCPSite(
                 self._runner, config.listen_host, config.listen_port, reuse_address=True

@@ -5,7 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from hive.api.keys import CONTEXT
-from hive.api.middleware import auth_middleware, error_middleware, metrics_middleware
+from hive.api.middleware import (
+    auth_middleware,
+    error_middleware,
+    guard_middleware,
+    metrics_middleware,
+)
 from hive.api.routes import routes
 from hive.context import Context
 
@@ -15,7 +20,7 @@ MAX_BODY = 1024 * 1024
 
 def create_app(context: Context) -> web.Application:
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[guard_middleware, metrics_middleware, error_middleware, auth_middleware],
         client_max_size=MAX_BODY,
     )
     app[CONTEXT] = context

@@ -120,6 +120,20 @@ def _open(request: web.Request) -> bool:
 
 
 @web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """While a request is served, its connection has no deadline; after it, the next must
+    come in time (see :mod:`hive.api.guard`)."""
+    guard = request.app[CONTEXT].guard
+    if guard is None:
+        return await handler(request)
+    guard.begin(request.transport)
+    try:
+        return await handler(request)
+    finally:
+        guard.end(request.transport)
+
+
+@web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time every request by its route's pattern (not its path: worker ids stay out of labels)."""
     started = time.perf_counter()

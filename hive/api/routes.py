@@ -63,6 +63,8 @@ async def _body(request: web.Request, model: type[M]) -> M:
         data = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("body: not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("body: nested too deeply") from None
     if not isinstance(data, dict):
         raise Invalid("body: must be a JSON object")
     return model.model_validate(data)

@@ -1,0 +1,159 @@
+"""The connection guard: slow, silent and too many clients cannot take the API from others.
+
+aiohttp bounds a request's size but not how long a client may take to send its headers, nor how
+many connections may be open. The guard wraps each listener's protocol factory:
+
+- a connection must have a request under way within ``header_timeout`` seconds of opening, and
+  again within ``header_timeout`` of its last answer: one that sends nothing, or dribbles its
+  headers byte by byte, is dropped (a request being served, such as an event stream, is never
+  cut by the guard);
+- at most ``max_connections`` are open over TCP, and as many over the unix socket, each
+  counted on its own so that the local operator always gets in; past that a new connection
+  is dropped at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("hive.api")
+
+
+class ConnectionGuard:
+    """hive's API connections, and their deadlines."""
+
+    def __init__(self, header_timeout: float, max_connections: int) -> None:
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self._open: dict[asyncio.BaseTransport, _Guarded] = {}
+        self._count = {"TCP": 0, "unix socket": 0}
+        self._refused = {"TCP": 0, "unix socket": 0}
+
+    def open(self, kind: str) -> int:
+        """Connections open now over ``TCP`` or the ``unix socket``."""
+        return self._count[kind]
+
+    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> GuardedFactory:
+        return GuardedFactory(factory, self)
+
+    def begin(self, transport: asyncio.BaseTransport | None) -> None:
+        """A request on this connection reached hive: no deadline while it is served."""
+        guarded = self._open.get(transport) if transport is not None else None
+        if guarded is not None:
+            guarded.busy += 1
+            guarded.disarm()
+
+    def end(self, transport: asyncio.BaseTransport | None) -> None:
+        """The request was answered: the next must come within ``header_timeout``."""
+        guarded = self._open.get(transport) if transport is not None else None
+        if guarded is not None:
+            guarded.busy -= 1
+            if guarded.busy == 0:
+                guarded.arm()
+
+    def admit(self, guarded: _Guarded, transport: asyncio.BaseTransport) -> bool:
+        """Count a new connection in, or refuse it when its listener is full."""
+        kind = _kind(transport)
+        if self._count[kind] >= self.max_connections:
+            self._refused[kind] += 1
+            if self._refused[kind] == 1:  # one line per condition, not one per connection
+                log.warning(
+                    "%s: %d connections open (http_max_connections): dropping new ones",
+                    kind,
+                    self._count[kind],
+                )
+            return False
+        if self._refused[kind]:
+            log.info("%s: accepting connections again (%d dropped)", kind, self._refused[kind])
+            self._refused[kind] = 0
+        self._open[transport] = guarded
+        self._count[kind] += 1
+        return True
+
+    def forget(self, transport: asyncio.BaseTransport) -> None:
+        if self._open.pop(transport, None) is not None:
+            self._count[_kind(transport)] -= 1
+
+
+def _kind(transport: asyncio.BaseTransport) -> str:
+    sock = transport.get_extra_info("socket")
+    return "unix socket" if sock is not None and sock.family == socket.AF_UNIX else "TCP"
+
+
+class GuardedFactory:
+    """A protocol factory (aiohttp's ``web.Server``) whose protocols the guard watches.
+
+    Everything but the call goes to the wrapped server, which the runner still manages.
+    """
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], guard: ConnectionGuard) -> None:
+        self._factory = factory
+        self._guard = guard
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Guarded(self._factory, self._guard)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._factory, name)
+
+
+class _Guarded(asyncio.Protocol):
+    """One connection: aiohttp's protocol inside, with a deadline around it."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], guard: ConnectionGuard) -> None:
+        self._factory = factory
+        self._guard = guard
+        self._inner: asyncio.Protocol | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.busy = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        if not self._guard.admit(self, transport):
+            transport.abort()
+            return
+        self._inner = self._factory()
+        self._inner.connection_made(transport)
+        self.arm()
+
+    def arm(self) -> None:
+        self.disarm()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._guard.header_timeout, self._expire)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.busy == 0 and self._transport is not None:
+            self._transport.abort()  # silent, or its headers never came: nothing to answer
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm()
+        if self._transport is not None:
+            self._guard.forget(self._transport)
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
