@@ -11,24 +11,20 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
+from hive import views
 from hive.api.keys import CONTEXT
 from hive.api.openapi import build_openapi
 from hive.context import Context
-from hive.devices import cpu
-from hive.devices.placement import holds_resources
 from hive.errors import BadRequest, Conflict, Invalid
 from hive.events import Closed, Overflow, Subscription
 from hive.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hive.models import (
     LIVE_STATES,
-    Devices,
-    DeviceSummary,
     EventsQuery,
     Health,
     Heartbeat,
     ListQuery,
     LogsQuery,
-    Node,
     SpawnQuery,
     SpawnRequest,
     State,
@@ -79,37 +75,12 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/v1/node")
 async def node(request: web.Request) -> web.Response:
-    context = _context(request)
-    snapshot = context.gpus.snapshot()
-    summary = DeviceSummary(
-        cpus=len(context.cpu_nodes),
-        cores=sum(len(n.cores) for n in context.cpu_nodes),
-        gpus=len(snapshot.gpus),
-        gpu_error=snapshot.error,
-    )
-    return _reply(
-        Node(
-            hostname=context.hostname,
-            version=context.version,
-            started_at=context.started_at,
-            devices=summary,
-            workers=context.registry.counts(),
-        )
-    )
+    return _reply(views.node_view(_context(request)))
 
 
 @routes.get("/v1/devices")
 async def devices(request: web.Request) -> web.Response:
-    context = _context(request)
-    records = [r for r in context.registry.list() if holds_resources(r)]
-    cpus = cpu.snapshot(context.cpu_nodes, records)
-    on_gpu: dict[str, list[str]] = {}
-    for record in records:
-        for uuid in record.gpus:
-            on_gpu.setdefault(uuid, []).append(record.id)
-    snapshot = context.gpus.snapshot()
-    gpus = snapshot.to_models(on_gpu)
-    return _reply(Devices(cpus=cpus, gpus=gpus, gpu_error=snapshot.error))
+    return _reply(views.devices_view(_context(request)))
 
 
 @routes.get("/v1/workers")
