@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import socket
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -16,7 +13,7 @@ from hive.api.keys import CONTEXT
 from hive.api.openapi import build_openapi
 from hive.context import Context
 from hive.errors import BadRequest, Conflict, Invalid
-from hive.events import Closed, Overflow, Subscription
+from hive.events import SSE_HEADERS, limit_send_buffer
 from hive.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hive.models import (
     LIVE_STATES,
@@ -182,65 +179,16 @@ async def events(request: web.Request) -> web.StreamResponse:
     context = _context(request)
     last = request.headers.get("Last-Event-ID", query.last_event_id)
     last_seq = EventsQuery.model_validate({"last_event_id": last}).last_event_id
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
+    response = web.StreamResponse(headers=SSE_HEADERS)
     with context.events.subscribe() as subscription:
         await response.prepare(request)
-        _limit_send_buffer(request)
-        try:
-            await _send(response, b": hive events\n\n", subscription)
-            if last_seq is not None:
-                missed, replay = subscription.replay(last_seq)
-                if missed:
-                    oldest = replay[0].seq if replay else context.registry.seq + 1
-                    data = json.dumps({"oldest": oldest})
-                    await _send(response, f"event: reset\ndata: {data}\n\n".encode(), subscription)
-                for event in replay:
-                    await _send(response, event.encode(), subscription)
-            keepalive = context.config.events_keepalive
-            while True:
-                event = await subscription.get(keepalive)
-                data = event.encode() if event else b": keep-alive\n\n"
-                await _send(response, data, subscription)
-        except (Overflow, Closed, ConnectionResetError):
-            # Cut off (too far behind) or shutting down: drop the connection at once rather
-            # than wait on a socket the client does not drain. It may resume with Last-Event-ID.
-            if request.transport is not None:
-                request.transport.abort()
+        limit_send_buffer(request.transport)
+        await subscription.stream(response.write, last_seq, context.config.events_keepalive)
+        # Cut off (too far behind) or shutting down: drop the connection at once rather than
+        # wait on a socket the client does not drain. It may resume with Last-Event-ID.
+        if request.transport is not None:
+            request.transport.abort()
     return response
-
-
-#: Kernel send buffer of an event stream: with the writer's own buffer it bounds what a client
-#: that stops reading can hold in hive before its queue overflows and it is cut off.
-EVENT_SNDBUF = 64 * 1024
-
-
-def _limit_send_buffer(request: web.Request) -> None:
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, EVENT_SNDBUF)
-
-
-async def _send(response: web.StreamResponse, data: bytes, subscription: Subscription) -> None:
-    """Write, unless the client falls too far behind while the write waits on its socket."""
-    if subscription.cut.is_set():
-        raise Overflow
-    write = asyncio.ensure_future(response.write(data))
-    cut = asyncio.ensure_future(subscription.cut.wait())
-    try:
-        await asyncio.wait({write, cut}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        cut.cancel()
-    if not write.done():
-        write.cancel()
-        raise Overflow
-    write.result()
 
 
 __all__ = ["Worker", "routes"]
