@@ -17,6 +17,7 @@ from pydantic.json_schema import models_json_schema
 
 from hive import __version__
 from hive.models import (
+    WORKER_ID_PATTERN,
     Devices,
     ErrorBody,
     Health,
@@ -62,7 +63,7 @@ def _parameters(op: Operation, schemas: dict[str, Any]) -> list[dict[str, Any]]:
                 "name": "id",
                 "in": "path",
                 "required": True,
-                "schema": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9._-]{0,62}$"},
+                "schema": {"type": "string", "pattern": WORKER_ID_PATTERN},
             }
         )
     if op.query is not None:
