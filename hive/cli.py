@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from hive import __version__, tables
 from hive.client import HiveAPIError, HiveClient, HiveClientError
 from hive.config import Config, ConfigError, load_config
+from hive.devices.cpu import parse_cpulist
 from hive.models import LIVE_STATES, State, Worker
 
 OK, FAILED, USAGE = 0, 1, 2
@@ -56,10 +57,9 @@ def _cpus(text: str) -> int | list[int]:
     try:
         if text.isdigit():
             return int(text)
-        cores: list[int] = []
-        for part in text.split(","):
-            first, _, last = part.partition("-")
-            cores.extend(range(int(first), int(last or first) + 1))
+        if not text:
+            raise ValueError
+        cores = parse_cpulist(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a count or core ids like 0-3,8: {text!r}"

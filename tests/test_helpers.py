@@ -9,6 +9,8 @@ from pydantic import ValidationError
 
 from hive.api.openapi import build_openapi
 from hive.api.routes import operations
+from hive.cli import build_parser
+from hive.devices.cpu import parse_cpulist
 from hive.models import WORKER_ID_PATTERN, SpawnRequest
 
 # -- the worker-id pattern -----------------------------------------------------------------------
@@ -37,3 +39,48 @@ def test_openapi_documents_the_same_worker_id_pattern() -> None:
         if param["in"] == "path" and param["name"] == "id"
     }
     assert patterns == {WORKER_ID_PATTERN}
+
+
+# -- the cpulist parser ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "cores"),
+    [
+        ("0", [0]),
+        ("0-3", [0, 1, 2, 3]),
+        ("0-3,8,10-11", [0, 1, 2, 3, 8, 10, 11]),
+        ("8,0-1", [8, 0, 1]),  # in the order given
+        ("5-", [5]),
+        ("3-1", []),  # an empty range
+        ("", []),  # a NUMA node without CPUs
+        (" 1, 2 ", [1, 2]),  # int() takes the spaces around a number
+    ],
+)
+def test_parse_cpulist(text: str, cores: list[int]) -> None:
+    assert parse_cpulist(text) == cores
+
+
+@pytest.mark.parametrize("text", ["a", "0,,1", "0,", ",0", "-", "-1", "1-2-3", "0-a", " "])
+def test_parse_cpulist_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_cpulist(text)
+
+
+def _cpus_option(value: str) -> int | list[int]:
+    args = build_parser().parse_args(["spawn", "m", "--cpus", value])
+    return args.cpus
+
+
+def test_cli_cpus_is_a_count_or_a_cpulist() -> None:
+    assert _cpus_option("4") == 4
+    assert _cpus_option("0-3,8") == [0, 1, 2, 3, 8]
+    assert _cpus_option("3-1") == []  # passed on: the API says why it is refused
+
+
+@pytest.mark.parametrize("value", ["", " ", "0,", "a-b"])
+def test_cli_cpus_refuses(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _cpus_option(value)
+    assert exit_.value.code == 2
+    assert f"expected a count or core ids like 0-3,8: {value!r}" in capsys.readouterr().err
