@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hive.addresses import http_url
+
 APP = "hive"
 
 #: Names a backend ``command`` may use as ``{placeholder}``.
@@ -240,6 +242,11 @@ class Config(BaseModel):
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def api_url(self) -> str:
+        """The TCP API as a client on this host reaches it (a wildcard ``listen`` as loopback)."""
+        return http_url(self.listen_host, self.listen_port)
 
 
 def _format_error(path: Path | str, error: ValidationError) -> str:

@@ -116,17 +116,6 @@ def load_token(config: Config) -> str:
     return token
 
 
-def _api_url(config: Config) -> str:
-    host = config.listen_host
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.listen_port}"
-
-
 def _claim_socket(path: Path) -> None:
     """Remove a stale socket; refuse if another hive is answering on it."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -183,7 +172,7 @@ class Daemon:
         upstream = RouterSync(config, registry, metrics)
         self._upstream = upstream
         supervisor = Supervisor(
-            config, registry, placer, logs, _api_url(config), metrics, journal, upstream
+            config, registry, placer, logs, config.api_url, metrics, journal, upstream
         )
         events = EventHub(registry, config.events_buffer, config.events_queue)
         events.start()

@@ -7,9 +7,11 @@ import re
 import pytest
 from pydantic import ValidationError
 
+from hive.addresses import connect_host, http_url
 from hive.api.openapi import build_openapi
 from hive.api.routes import operations
 from hive.cli import build_parser
+from hive.config import Config
 from hive.devices.cpu import parse_cpulist
 from hive.models import WORKER_ID_PATTERN, SpawnRequest
 
@@ -84,3 +86,41 @@ def test_cli_cpus_refuses(value: str, capsys: pytest.CaptureFixture[str]) -> Non
         _cpus_option(value)
     assert exit_.value.code == 2
     assert f"expected a count or core ids like 0-3,8: {value!r}" in capsys.readouterr().err
+
+
+# -- the host to connect to --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "connect"),
+    [
+        ("0.0.0.0", "127.0.0.1"),
+        ("", "127.0.0.1"),
+        ("::", "[::1]"),
+        ("[::]", "[::1]"),
+        ("::1", "[::1]"),
+        ("[::1]", "[::1]"),
+        ("fd00::7", "[fd00::7]"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("node-7.example", "node-7.example"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_connect_host(host: str, connect: str) -> None:
+    assert connect_host(host) == connect
+    assert http_url(host, 7070) == f"http://{connect}:7070"
+
+
+@pytest.mark.parametrize(
+    ("listen", "url"),
+    [
+        ("127.0.0.1:7070", "http://127.0.0.1:7070"),
+        ("0.0.0.0:8000", "http://127.0.0.1:8000"),
+        ("[::]:7070", "http://[::1]:7070"),
+        ("[::1]:7071", "http://[::1]:7071"),
+        ("hive.local:7070", "http://hive.local:7070"),
+    ],
+)
+def test_config_api_url(listen: str, url: str) -> None:
+    assert Config(listen=listen).api_url == url
