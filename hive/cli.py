@@ -23,6 +23,7 @@ from hive.client import HiveAPIError, HiveClient, HiveClientError
 from hive.config import Config, ConfigError, load_config
 from hive.devices.cpu import parse_cpulist
 from hive.models import LIVE_STATES, State, Worker
+from hive.validation import field_errors
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -467,9 +468,8 @@ def _load_for_serve(args: argparse.Namespace) -> Config:
     try:
         return Config.model_validate({**config.model_dump(), **updates})
     except ValidationError as exc:
-        problem = exc.errors()[0]
-        key = ".".join(str(p) for p in problem["loc"])
-        raise ConfigError(f"--{key}: {problem['msg'].removeprefix('Value error, ')}") from None
+        key, message = field_errors(exc, top="")[0]
+        raise ConfigError(f"--{key}: {message}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:

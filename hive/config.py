@@ -18,6 +18,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hive.addresses import http_url
+from hive.validation import field_errors
 
 APP = "hive"
 
@@ -250,12 +251,8 @@ class Config(BaseModel):
 
 
 def _format_error(path: Path | str, error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {key}: {message}")
-    return "\n".join(lines)
+    errors = field_errors(error, top="(top level)")
+    return "\n".join(f"{path}: {key}: {message}" for key, message in errors)
 
 
 def find_config_path(explicit: str | os.PathLike[str] | None = None) -> tuple[Path, bool]:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from hive.addresses import connect_host, http_url
+from hive.api.middleware import validation_message
 from hive.api.openapi import build_openapi
 from hive.api.routes import operations
-from hive.cli import build_parser
-from hive.config import Config
+from hive.cli import build_parser, main
+from hive.config import Config, ConfigError, parse_config
 from hive.devices.cpu import parse_cpulist
-from hive.models import WORKER_ID_PATTERN, SpawnRequest
+from hive.models import WORKER_ID_PATTERN, Heartbeat, SpawnRequest
+from hive.validation import field_errors
 
 # -- the worker-id pattern -----------------------------------------------------------------------
 
@@ -124,3 +128,95 @@ def test_connect_host(host: str, connect: str) -> None:
 )
 def test_config_api_url(listen: str, url: str) -> None:
     assert Config(listen=listen).api_url == url
+
+
+# -- pydantic errors in hive's words -----------------------------------------------------------
+
+
+class _Either(BaseModel):
+    x: int | list[int]
+
+
+def _error(model: type[BaseModel], data: dict[str, Any]) -> ValidationError:
+    with pytest.raises(ValidationError) as caught:
+        model.model_validate(data)
+    return caught.value
+
+
+def test_field_errors_names_each_field_and_drops_the_value_error_prefix() -> None:
+    exc = _error(SpawnRequest, {"model": "-m", "gpus": 0})
+    assert field_errors(exc, top="body") == [
+        ("model", "must not start with '-' (it would be read as an option)"),
+        ("gpus", "Input should be greater than or equal to 1"),
+    ]
+
+
+def test_field_errors_of_the_whole_input_use_top() -> None:
+    exc = _error(Config, {"default_backend": "nope"})
+    assert field_errors(exc, top="(top level)") == [
+        ("(top level)", "default_backend: 'nope' is not a configured backend")
+    ]
+
+
+def test_field_errors_keeps_or_drops_the_names_of_union_arms() -> None:
+    exc = _error(Config, {"backends": {"demo": {"gpu": 5}}})  # gpu: bool | "optional"
+    assert [field for field, _ in field_errors(exc, top="")] == [
+        "backends.demo.gpu.bool",
+        "backends.demo.gpu.literal['optional']",
+    ]
+    dropped = field_errors(exc, top="", drop_type_tags=True)
+    assert [field for field, _ in dropped] == [
+        "backends.demo.gpu",
+        "backends.demo.gpu.literal['optional']",
+    ]
+    # A list index is part of the field, not a type tag.
+    exc = _error(SpawnRequest, {"model": "m", "args": ["ok", "a\nb"]})
+    assert field_errors(exc, top="body", drop_type_tags=True) == [
+        ("args.1", "must not contain NUL or line breaks")
+    ]
+
+
+def test_the_api_says_each_field_once() -> None:
+    exc = _error(SpawnRequest, {"model": "m", "port": 1, "env": {"1A": "x"}, "extra": 1})
+    message, fields = validation_message(exc)
+    assert message == (
+        "port: Input should be greater than or equal to 1024; "
+        "env: '1A' is not a valid environment variable name; "
+        "extra: Extra inputs are not permitted"
+    )
+    assert [f["field"] for f in fields] == ["port", "env", "extra"]
+    assert validation_message(_error(Heartbeat, {}))[0] == "state: Field required"
+    # Both arms of a union fail: one entry, the first arm's message.
+    message, fields = validation_message(_error(_Either, {"x": "a"}))
+    assert message == "x: Input should be a valid integer, unable to parse string as an integer"
+    assert fields == [{"field": "x", "message": message.removeprefix("x: ")}]
+    exc = _error(Config, {"backends": {"demo": {"gpu": 5}}})
+    assert [f["field"] for f in validation_message(exc)[1]] == [
+        "backends.demo.gpu",
+        "backends.demo.gpu.literal['optional']",
+    ]
+
+
+def test_a_config_file_error_names_the_file_and_each_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config('listen = "x"\nstop_timeout = 0\n', "/etc/hive.toml")
+    assert str(caught.value) == (
+        "/etc/hive.toml: listen: must be HOST:PORT, got 'x'\n"
+        "/etc/hive.toml: stop_timeout: Input should be greater than 0"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config('default_backend = "nope"\n', "h.toml")
+    assert (
+        str(caught.value)
+        == "h.toml: (top level): default_backend: 'nope' is not a configured backend"
+    )
+
+
+def test_serve_names_a_bad_listen_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HIVE_CONFIG", raising=False)
+    config = tmp_path / "hive.toml"
+    config.write_text("")
+    assert main(["serve", "--config", str(config), "--listen", "nowhere"]) == 1
+    assert capsys.readouterr().err == "hive: --listen: must be HOST:PORT, got 'nowhere'\n"
