@@ -22,6 +22,7 @@ from hive import __version__, tables
 from hive.client import HiveAPIError, HiveClient, HiveClientError
 from hive.config import Config, ConfigError, load_config
 from hive.devices.cpu import parse_cpulist
+from hive.logs import MARKER
 from hive.models import LIVE_STATES, State, Worker
 from hive.validation import field_errors
 
@@ -234,7 +235,7 @@ async def _wait_ready(
         polls += 1
         if polls % 5 == 0:
             lines = (await client.logs(record.id, tail=5)).splitlines()
-            output = [line for line in lines if line.strip() and not line.startswith("--- hive:")]
+            output = [line for line in lines if line.strip() and not line.startswith(MARKER)]
             last_line = output[-1][:100] if output else last_line
     progress.done()
     return record

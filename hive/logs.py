@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+#: What starts each line hive writes into a worker's log; readers (the CLI, tests) match it too.
 MARKER = "--- hive: "
 _BLOCK = 64 * 1024
 

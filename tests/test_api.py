@@ -12,6 +12,8 @@ import psutil
 import pytest
 from hivetest import Hive, async_wait_for, port_in_use, tagged_processes
 
+from hive.logs import MARKER
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -241,7 +243,7 @@ async def test_logs_tail_and_follow(hive: Hive) -> None:
             status, _ = await post(s, "/v1/workers/logs/stop", wait="true")
             assert status == 200
             rest = (await asyncio.wait_for(r.read(), 30)).decode()
-        assert "--- hive:" in rest and "stopped: exited with code 0" in rest
+        assert MARKER in rest and "stopped: exited with code 0" in rest
         assert not psutil.pid_exists(w["pid"])
         async with s.delete("/v1/workers/logs") as r:
             assert r.status == 200

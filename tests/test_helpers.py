@@ -16,6 +16,7 @@ from hive.api.routes import operations
 from hive.cli import build_parser, main
 from hive.config import Config, ConfigError, parse_config
 from hive.devices.cpu import parse_cpulist
+from hive.logs import MARKER, Logs
 from hive.models import WORKER_ID_PATTERN, Heartbeat, SpawnRequest
 from hive.validation import field_errors
 
@@ -220,3 +221,21 @@ def test_serve_names_a_bad_listen_option(
     config.write_text("")
     assert main(["serve", "--config", str(config), "--listen", "nowhere"]) == 1
     assert capsys.readouterr().err == "hive: --listen: must be HOST:PORT, got 'nowhere'\n"
+
+
+# -- the log marker ----------------------------------------------------------------------------
+
+
+def test_marker_lines_are_hives_own(tmp_path: Path) -> None:
+    logs = Logs(tmp_path, 1 << 20)
+    with logs.path("w").open("a") as log:
+        log.write("loading\n")
+    logs.mark("w", "attempt 1: python -m demo")
+    with logs.path("w").open("a") as log:
+        log.write("serving on 18000\n")
+    logs.mark("w", "stopped: exited with code 0")
+    lines = logs.tail("w", 10).splitlines()
+    assert [line.startswith(MARKER) for line in lines] == [False, True, False, True]
+    assert lines[1].endswith(" attempt 1: python -m demo")
+    assert MARKER == "--- hive: "  # the docs and README show it; workers' logs are read by people
+    assert logs.last_line("w") == "serving on 18000"  # the worker's, never a marker
