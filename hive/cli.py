@@ -21,7 +21,10 @@ from pydantic import BaseModel, ValidationError
 from hive import __version__, tables
 from hive.client import HiveAPIError, HiveClient, HiveClientError
 from hive.config import Config, ConfigError, load_config
+from hive.devices.cpu import parse_cpulist
+from hive.logs import MARKER
 from hive.models import LIVE_STATES, State, Worker
+from hive.validation import field_errors
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -56,10 +59,9 @@ def _cpus(text: str) -> int | list[int]:
     try:
         if text.isdigit():
             return int(text)
-        cores: list[int] = []
-        for part in text.split(","):
-            first, _, last = part.partition("-")
-            cores.extend(range(int(first), int(last or first) + 1))
+        if not text:
+            raise ValueError
+        cores = parse_cpulist(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a count or core ids like 0-3,8: {text!r}"
@@ -233,7 +235,7 @@ async def _wait_ready(
         polls += 1
         if polls % 5 == 0:
             lines = (await client.logs(record.id, tail=5)).splitlines()
-            output = [line for line in lines if line.strip() and not line.startswith("--- hive:")]
+            output = [line for line in lines if line.strip() and not line.startswith(MARKER)]
             last_line = output[-1][:100] if output else last_line
     progress.done()
     return record
@@ -467,9 +469,8 @@ def _load_for_serve(args: argparse.Namespace) -> Config:
     try:
         return Config.model_validate({**config.model_dump(), **updates})
     except ValidationError as exc:
-        problem = exc.errors()[0]
-        key = ".".join(str(p) for p in problem["loc"])
-        raise ConfigError(f"--{key}: {problem['msg'].removeprefix('Value error, ')}") from None
+        key, message = field_errors(exc, top="")[0]
+        raise ConfigError(f"--{key}: {message}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -17,6 +17,9 @@ from typing import Annotated, Any, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hive.addresses import http_url
+from hive.validation import field_errors
+
 APP = "hive"
 
 #: Names a backend ``command`` may use as ``{placeholder}``.
@@ -252,14 +255,15 @@ class Config(BaseModel):
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
 
+    @property
+    def api_url(self) -> str:
+        """The TCP API as a client on this host reaches it (a wildcard ``listen`` as loopback)."""
+        return http_url(self.listen_host, self.listen_port)
+
 
 def _format_error(path: Path | str, error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {key}: {message}")
-    return "\n".join(lines)
+    errors = field_errors(error, top="(top level)")
+    return "\n".join(f"{path}: {key}: {message}" for key, message in errors)
 
 
 def find_config_path(explicit: str | os.PathLike[str] | None = None) -> tuple[Path, bool]:

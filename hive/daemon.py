@@ -120,17 +120,6 @@ def load_token(config: Config) -> str:
     return token
 
 
-def _api_url(config: Config) -> str:
-    host = config.listen_host
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.listen_port}"
-
-
 def _claim_socket(path: Path) -> None:
     """Remove a stale socket; refuse if another hive is answering on it."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -196,7 +185,7 @@ class Daemon:
             registry,
             placer,
             logs,
-            _api_url(config),
+            config.api_url,
             metrics,
             journal,
             upstream,

@@ -7,14 +7,20 @@ has its own bounded queue: a client that falls more than ``queue_size`` events b
 off (it may reconnect and resume from the ring), so a slow reader can never make hive's memory
 grow. Registry subscribers may be called from any thread; the hub hands events to the event
 loop with ``call_soon_threadsafe``, which keeps their order.
+
+The server side of the stream is here too (:meth:`Subscription.stream`): the replay, the
+``reset`` event for a client that asks for events the ring no longer has, keep-alives, and the
+cut-off of a client whose socket stops draining; the handler only parses and writes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from hive.registry import Change, Registry
@@ -51,6 +57,28 @@ class Closed(Exception):
 
 
 _CLOSE = Event(-1, "")
+
+#: The response headers of an event stream.
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+#: Kernel send buffer of an event stream: with the writer's own buffer it bounds what a client
+#: that stops reading can hold in hive before its queue overflows and it is cut off.
+EVENT_SNDBUF = 64 * 1024
+
+#: Writes bytes to the client, e.g. ``aiohttp.web.StreamResponse.write``.
+Write = Callable[[bytes], Awaitable[None]]
+
+
+def limit_send_buffer(transport: asyncio.BaseTransport | None) -> None:
+    """Shrink the kernel's send buffer of a TCP event stream to ``EVENT_SNDBUF``."""
+    sock = transport.get_extra_info("socket") if transport else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, EVENT_SNDBUF)
 
 
 class Subscription:
@@ -103,6 +131,45 @@ class Subscription:
             if event.seq > self._newest:  # skip what the replay already gave
                 self._newest = event.seq
                 return event
+
+    async def send(self, write: Write, data: bytes) -> None:
+        """Write, unless the client falls too far behind while the write waits on its socket."""
+        if self.cut.is_set():
+            raise Overflow
+        written = asyncio.ensure_future(write(data))
+        cut = asyncio.ensure_future(self.cut.wait())
+        try:
+            await asyncio.wait({written, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+        if not written.done():
+            written.cancel()
+            raise Overflow
+        written.result()
+
+    async def stream(self, write: Write, last_seq: int | None, keepalive: float) -> None:
+        """The whole event stream: a comment, the replay after ``last_seq``, then live events.
+
+        When events after ``last_seq`` are already gone from the ring, an ``event: reset`` naming
+        the oldest one still there comes first. A comment goes out after ``keepalive`` seconds
+        without an event. Returns once the client is cut off (too far behind), hive shuts down
+        or the connection resets: the caller should then drop the connection at once.
+        """
+        try:
+            await self.send(write, b": hive events\n\n")
+            if last_seq is not None:
+                missed, replay = self.replay(last_seq)
+                if missed:
+                    oldest = replay[0].seq if replay else self._hub.registry.seq + 1
+                    data = json.dumps({"oldest": oldest})
+                    await self.send(write, f"event: reset\ndata: {data}\n\n".encode())
+                for event in replay:
+                    await self.send(write, event.encode())
+            while True:
+                event = await self.get(keepalive)
+                await self.send(write, event.encode() if event else b": keep-alive\n\n")
+        except (Overflow, Closed, ConnectionResetError):
+            return
 
 
 class EventHub:

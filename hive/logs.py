@@ -19,6 +19,7 @@ from pathlib import Path
 
 log = logging.getLogger("hive.logs")
 
+#: What starts each line hive writes into a worker's log; readers (the CLI, tests) match it too.
 MARKER = "--- hive: "
 _BLOCK = 64 * 1024
 

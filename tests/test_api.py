@@ -15,6 +15,7 @@ from hivetest import TAG, Hive
 from harness.net import port_in_use
 from harness.procs import tagged_processes
 from harness.waits import async_wait_for
+from hive.logs import MARKER
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -245,7 +246,7 @@ async def test_logs_tail_and_follow(hive: Hive) -> None:
             status, _ = await post(s, "/v1/workers/logs/stop", wait="true")
             assert status == 200
             rest = (await asyncio.wait_for(r.read(), 30)).decode()
-        assert "--- hive:" in rest and "stopped: exited with code 0" in rest
+        assert MARKER in rest and "stopped: exited with code 0" in rest
         assert not psutil.pid_exists(w["pid"])
         async with s.delete("/v1/workers/logs") as r:
             assert r.status == 200

@@ -11,7 +11,7 @@ from hive.api.middleware import (
     guard_middleware,
     metrics_middleware,
 )
-from hive.api.routes import routes
+from hive.api.routes import ROUTES
 from hive.context import Context
 
 #: Request bodies larger than this are refused with 413 ``too_large``.
@@ -24,5 +24,5 @@ def create_app(context: Context) -> web.Application:
         client_max_size=MAX_BODY,
     )
     app[CONTEXT] = context
-    app.add_routes(routes)
+    app.add_routes([r.definition() for r in ROUTES])
     return app

@@ -24,6 +24,7 @@ from hive.api.keys import CONTEXT
 from hive.errors import Conflict, Forbidden, HiveError, Invalid, NotFound, Unauthorized
 from hive.models import ErrorBody, ErrorCode, ErrorDetail
 from hive.registry import DuplicateWorker, IllegalTransition, UnknownWorker
+from hive.validation import field_errors
 
 log = logging.getLogger("hive.api")
 
@@ -50,18 +51,11 @@ def error_response(error: HiveError, fields: list[dict[str, str]] | None = None)
     return web.json_response(text=text, status=error.status)
 
 
-_TYPE_TAG = re.compile(
-    r"^(constrained-\w+|function-\w+|(list|dict|tuple)\[.*\]|int|str|float|bool)$"
-)
-
-
 def validation_message(exc: ValidationError) -> tuple[str, list[dict[str, str]]]:
     """One line naming each bad field, and the same as a list (one entry per field)."""
     fields: dict[str, str] = {}
-    for item in exc.errors():
-        parts = [str(p) for p in item["loc"] if not _TYPE_TAG.match(str(p))]
-        name = ".".join(parts) or "body"
-        fields.setdefault(name, item["msg"].removeprefix("Value error, "))
+    for name, message in field_errors(exc, top="body", drop_type_tags=True):
+        fields.setdefault(name, message)
     listed = [{"field": name, "message": message} for name, message in fields.items()]
     return "; ".join(f"{name}: {message}" for name, message in fields.items()), listed
 

@@ -2,11 +2,13 @@
 
 Each operation names its query model, body model and responses; the schemas come from pydantic
 (``models_json_schema``), so the description cannot drift from what the handlers validate and
-return. Error responses all share the ``ErrorBody`` schema.
+return. Error responses all share the ``ErrorBody`` schema. The operations themselves are
+declared with the routes (:data:`hive.api.routes.ROUTES`), one per route.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,17 +17,13 @@ from pydantic.json_schema import models_json_schema
 
 from hive import __version__
 from hive.models import (
+    WORKER_ID_PATTERN,
     Devices,
     ErrorBody,
-    EventsQuery,
     Health,
     Heartbeat,
-    ListQuery,
-    LogsQuery,
     Node,
-    SpawnQuery,
     SpawnRequest,
-    StopQuery,
     Worker,
     WorkerList,
 )
@@ -44,6 +42,8 @@ _ERRORS = {
 
 @dataclass(frozen=True)
 class Operation:
+    """How ``/openapi.json`` describes one route."""
+
     method: str
     path: str
     summary: str
@@ -55,105 +55,6 @@ class Operation:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-_WORKER_ERRORS = ("401", "403", "404")
-
-OPERATIONS: list[Operation] = [
-    Operation("get", "/health", "Liveness of hive itself", {"200": ("ok", Health)}, auth=False),
-    Operation("get", "/v1/node", "The host: devices and worker counts", {"200": ("node", Node)}),
-    Operation(
-        "get", "/v1/devices", "CPU nodes and GPUs with live figures", {"200": ("ok", Devices)}
-    ),
-    Operation(
-        "get",
-        "/v1/workers",
-        "List workers, filtered",
-        {"200": ("the matching records", WorkerList)},
-        query=ListQuery,
-        errors=("422",),
-    ),
-    Operation(
-        "post",
-        "/v1/workers",
-        "Spawn a worker",
-        {
-            "201": ("created; `Location` names it", Worker),
-            "200": ("ready (with `wait=ready`)", Worker),
-            "202": ("still starting when `timeout` ran out (with `wait=ready`)", Worker),
-        },
-        query=SpawnQuery,
-        body=SpawnRequest,
-        errors=("400", "409", "413", "422", "503"),
-    ),
-    Operation(
-        "get",
-        "/v1/workers/{id}",
-        "One worker",
-        {"200": ("the record", Worker)},
-        errors=("404",),
-    ),
-    Operation(
-        "post",
-        "/v1/workers/{id}/stop",
-        "Stop gracefully; the record stays, stopped",
-        {"200": ("the record", Worker)},
-        query=StopQuery,
-        errors=("404", "422"),
-    ),
-    Operation(
-        "post",
-        "/v1/workers/{id}/restart",
-        "Stop if running, then start again",
-        {"200": ("the record, starting", Worker)},
-        errors=("404", "409", "503"),
-    ),
-    Operation(
-        "delete",
-        "/v1/workers/{id}",
-        "Stop if running, then forget the worker",
-        {"200": ("the last record", Worker)},
-        errors=("404",),
-    ),
-    Operation(
-        "post",
-        "/v1/workers/{id}/heartbeat",
-        "A worker reports ready or busy (its own token suffices)",
-        {"200": ("the record", Worker)},
-        body=Heartbeat,
-        errors=("400", "404", "409", "413", "422"),
-    ),
-    Operation(
-        "get",
-        "/v1/workers/{id}/logs",
-        "The worker's output: the last lines, or followed",
-        {"200": ("text", "text/plain")},
-        query=LogsQuery,
-        errors=("404", "422"),
-    ),
-    Operation(
-        "get",
-        "/v1/events",
-        "Every worker change as Server-Sent Events (`Last-Event-ID` resumes)",
-        {"200": ("`event: worker` messages with `id:` the sequence number", "text/event-stream")},
-        query=EventsQuery,
-        errors=("422",),
-        headers={"Last-Event-ID": "Resume after this sequence number"},
-    ),
-    Operation(
-        "get",
-        "/metrics",
-        "Prometheus metrics (no token when `metrics_public`)",
-        {"200": ("text format 0.0.4", "text/plain")},
-    ),
-    Operation(
-        "get",
-        "/openapi.json",
-        "This description",
-        {"200": ("OpenAPI 3.1", "application/json")},
-        auth=False,
-    ),
-]
-
-
 def _parameters(op: Operation, schemas: dict[str, Any]) -> list[dict[str, Any]]:
     params: list[dict[str, Any]] = []
     if "{id}" in op.path:
@@ -162,7 +63,7 @@ def _parameters(op: Operation, schemas: dict[str, Any]) -> list[dict[str, Any]]:
                 "name": "id",
                 "in": "path",
                 "required": True,
-                "schema": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9._-]{0,62}$"},
+                "schema": {"type": "string", "pattern": WORKER_ID_PATTERN},
             }
         )
     if op.query is not None:
@@ -214,8 +115,14 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def build_openapi(backends: list[str] | None = None) -> dict[str, Any]:
-    """The whole description, as a JSON-ready dict; ``backends`` are the configured names."""
+def build_openapi(
+    operations: Sequence[Operation], backends: list[str] | None = None
+) -> dict[str, Any]:
+    """The whole description, as a JSON-ready dict.
+
+    ``operations`` are the routes' (:func:`hive.api.routes.operations`), in the order to list
+    them; ``backends`` are the configured backend names.
+    """
     models: list[type[BaseModel]] = [ErrorBody, SpawnRequest, Heartbeat, Worker, WorkerList]
     models += [Node, Devices, Health]
     _, defs = models_json_schema(
@@ -227,7 +134,7 @@ def build_openapi(backends: list[str] | None = None) -> dict[str, Any]:
         backend = schemas["SpawnRequest"]["properties"]["backend"]
         backend["anyOf"] = [{"type": "string", "enum": sorted(backends)}, {"type": "null"}]
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
+    for op in operations:
         responses: dict[str, Any] = {
             status: {"description": description, **_content(kind)}
             for status, (description, kind) in op.responses.items()

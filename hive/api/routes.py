@@ -1,28 +1,31 @@
-"""The API's handlers: each parses its input, calls the registry or supervisor, serializes."""
+"""The API's routes: each handler parses its input, calls the registry or supervisor, serializes.
+
+Every route is declared once, with :func:`route`, together with the OpenAPI operation that
+describes it: :data:`ROUTES` is what the app serves (:mod:`hive.api.app`) and what
+``/openapi.json`` documents (:mod:`hive.api.openapi`), so neither can have a route the other
+lacks.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from hive import views
 from hive.api.keys import CONTEXT
-from hive.api.openapi import build_openapi
+from hive.api.openapi import Operation, build_openapi
 from hive.context import Context
-from hive.devices import cpu
-from hive.devices.placement import holds_resources
 from hive.errors import BadRequest, Conflict, Invalid
-from hive.events import Closed, Overflow, Subscription
+from hive.events import SSE_HEADERS, limit_send_buffer
 from hive.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hive.models import (
     LIVE_STATES,
     Devices,
-    DeviceSummary,
     EventsQuery,
     Health,
     Heartbeat,
@@ -37,8 +40,40 @@ from hive.models import (
     WorkerList,
 )
 
-routes = web.RouteTableDef()
 M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route of the API: the operation that describes it and the handler that serves it."""
+
+    operation: Operation
+    handler: Handler
+
+    def definition(self) -> web.RouteDef:
+        """For ``app.add_routes``; a GET also answers HEAD, as aiohttp's ``add_get`` does."""
+        return web.route(self.operation.method.upper(), self.operation.path, self.handler)
+
+
+#: Every route, in the order ``/openapi.json`` lists them.
+ROUTES: list[Route] = []
+
+
+def route(operation: Operation) -> Callable[[H], H]:
+    """Serve the decorated handler at ``operation``'s method and path, documented by it."""
+
+    def register(handler: H) -> H:
+        ROUTES.append(Route(operation, handler))
+        return handler
+
+    return register
+
+
+def operations() -> list[Operation]:
+    """The operations of every route, for :func:`hive.api.openapi.build_openapi`."""
+    return [r.operation for r in ROUTES]
 
 
 def _context(request: web.Request) -> Context:
@@ -74,47 +109,35 @@ def _worker_id(request: web.Request) -> str:
     return request.match_info["id"]
 
 
-@routes.get("/health")
+@route(Operation("get", "/health", "Liveness of hive itself", {"200": ("ok", Health)}, auth=False))
 async def health(request: web.Request) -> web.Response:
     return _reply(Health(version=_context(request).version))
 
 
-@routes.get("/v1/node")
+@route(Operation("get", "/v1/node", "The host: devices and worker counts", {"200": ("node", Node)}))
 async def node(request: web.Request) -> web.Response:
-    context = _context(request)
-    snapshot = context.gpus.snapshot()
-    summary = DeviceSummary(
-        cpus=len(context.cpu_nodes),
-        cores=sum(len(n.cores) for n in context.cpu_nodes),
-        gpus=len(snapshot.gpus),
-        gpu_error=snapshot.error,
-    )
-    return _reply(
-        Node(
-            hostname=context.hostname,
-            version=context.version,
-            started_at=context.started_at,
-            devices=summary,
-            workers=context.registry.counts(),
-        )
-    )
+    return _reply(views.node_view(_context(request)))
 
 
-@routes.get("/v1/devices")
+@route(
+    Operation(
+        "get", "/v1/devices", "CPU nodes and GPUs with live figures", {"200": ("ok", Devices)}
+    )
+)
 async def devices(request: web.Request) -> web.Response:
-    context = _context(request)
-    records = [r for r in context.registry.list() if holds_resources(r)]
-    cpus = cpu.snapshot(context.cpu_nodes, records)
-    on_gpu: dict[str, list[str]] = {}
-    for record in records:
-        for uuid in record.gpus:
-            on_gpu.setdefault(uuid, []).append(record.id)
-    snapshot = context.gpus.snapshot()
-    gpus = snapshot.to_models(on_gpu)
-    return _reply(Devices(cpus=cpus, gpus=gpus, gpu_error=snapshot.error))
+    return _reply(views.devices_view(_context(request)))
 
 
-@routes.get("/v1/workers")
+@route(
+    Operation(
+        "get",
+        "/v1/workers",
+        "List workers, filtered",
+        {"200": ("the matching records", WorkerList)},
+        query=ListQuery,
+        errors=("422",),
+    )
+)
 async def list_workers(request: web.Request) -> web.Response:
     query = _query(request, ListQuery)
     workers = _context(request).registry.list(
@@ -123,7 +146,21 @@ async def list_workers(request: web.Request) -> web.Response:
     return _reply(WorkerList(workers=workers, total=len(workers)))
 
 
-@routes.post("/v1/workers")
+@route(
+    Operation(
+        "post",
+        "/v1/workers",
+        "Spawn a worker",
+        {
+            "201": ("created; `Location` names it", Worker),
+            "200": ("ready (with `wait=ready`)", Worker),
+            "202": ("still starting when `timeout` ran out (with `wait=ready`)", Worker),
+        },
+        query=SpawnQuery,
+        body=SpawnRequest,
+        errors=("400", "409", "413", "422", "503"),
+    )
+)
 async def spawn(request: web.Request) -> web.Response:
     query = _query(request, SpawnQuery)
     spec = await _body(request, SpawnRequest)
@@ -142,12 +179,29 @@ async def spawn(request: web.Request) -> web.Response:
     raise Conflict(f"worker {record.id!r} {record.state}: {record.error}", worker=record)
 
 
-@routes.get("/v1/workers/{id}")
+@route(
+    Operation(
+        "get",
+        "/v1/workers/{id}",
+        "One worker",
+        {"200": ("the record", Worker)},
+        errors=("404",),
+    )
+)
 async def get_worker(request: web.Request) -> web.Response:
     return _reply(_context(request).registry.get(_worker_id(request)))
 
 
-@routes.post("/v1/workers/{id}/stop")
+@route(
+    Operation(
+        "post",
+        "/v1/workers/{id}/stop",
+        "Stop gracefully; the record stays, stopped",
+        {"200": ("the record", Worker)},
+        query=StopQuery,
+        errors=("404", "422"),
+    )
+)
 async def stop_worker(request: web.Request) -> web.Response:
     query = _query(request, StopQuery)
     supervisor = _context(request).supervisor
@@ -155,23 +209,57 @@ async def stop_worker(request: web.Request) -> web.Response:
     return _reply(record)
 
 
-@routes.post("/v1/workers/{id}/restart")
+@route(
+    Operation(
+        "post",
+        "/v1/workers/{id}/restart",
+        "Stop if running, then start again",
+        {"200": ("the record, starting", Worker)},
+        errors=("404", "409", "503"),
+    )
+)
 async def restart_worker(request: web.Request) -> web.Response:
     return _reply(await _context(request).supervisor.restart(_worker_id(request)))
 
 
-@routes.delete("/v1/workers/{id}")
+@route(
+    Operation(
+        "delete",
+        "/v1/workers/{id}",
+        "Stop if running, then forget the worker",
+        {"200": ("the last record", Worker)},
+        errors=("404",),
+    )
+)
 async def delete_worker(request: web.Request) -> web.Response:
     return _reply(await _context(request).supervisor.delete(_worker_id(request)))
 
 
-@routes.post("/v1/workers/{id}/heartbeat")
+@route(
+    Operation(
+        "post",
+        "/v1/workers/{id}/heartbeat",
+        "A worker reports ready or busy (its own token suffices)",
+        {"200": ("the record", Worker)},
+        body=Heartbeat,
+        errors=("400", "404", "409", "413", "422"),
+    )
+)
 async def heartbeat(request: web.Request) -> web.Response:
     beat = await _body(request, Heartbeat)
     return _reply(_context(request).supervisor.heartbeat(_worker_id(request), beat))
 
 
-@routes.get("/v1/workers/{id}/logs")
+@route(
+    Operation(
+        "get",
+        "/v1/workers/{id}/logs",
+        "The worker's output: the last lines, or followed",
+        {"200": ("text", "text/plain")},
+        query=LogsQuery,
+        errors=("404", "422"),
+    )
+)
 async def logs(request: web.Request) -> web.StreamResponse:
     query = _query(request, LogsQuery)
     context = _context(request)
@@ -195,83 +283,56 @@ async def logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
-@routes.get("/openapi.json")
-async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(build_openapi(list(_context(request).config.backends)))
-
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    body = _context(request).metrics.render()
-    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-
-@routes.get("/v1/events")
+@route(
+    Operation(
+        "get",
+        "/v1/events",
+        "Every worker change as Server-Sent Events (`Last-Event-ID` resumes)",
+        {"200": ("`event: worker` messages with `id:` the sequence number", "text/event-stream")},
+        query=EventsQuery,
+        errors=("422",),
+        headers={"Last-Event-ID": "Resume after this sequence number"},
+    )
+)
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: each worker change as ``event: worker`` with its sequence number."""
     query = _query(request, EventsQuery)
     context = _context(request)
     last = request.headers.get("Last-Event-ID", query.last_event_id)
     last_seq = EventsQuery.model_validate({"last_event_id": last}).last_event_id
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
+    response = web.StreamResponse(headers=SSE_HEADERS)
     with context.events.subscribe() as subscription:
         await response.prepare(request)
-        _limit_send_buffer(request)
-        try:
-            await _send(response, b": hive events\n\n", subscription)
-            if last_seq is not None:
-                missed, replay = subscription.replay(last_seq)
-                if missed:
-                    oldest = replay[0].seq if replay else context.registry.seq + 1
-                    data = json.dumps({"oldest": oldest})
-                    await _send(response, f"event: reset\ndata: {data}\n\n".encode(), subscription)
-                for event in replay:
-                    await _send(response, event.encode(), subscription)
-            keepalive = context.config.events_keepalive
-            while True:
-                event = await subscription.get(keepalive)
-                data = event.encode() if event else b": keep-alive\n\n"
-                await _send(response, data, subscription)
-        except (Overflow, Closed, ConnectionResetError):
-            # Cut off (too far behind) or shutting down: drop the connection at once rather
-            # than wait on a socket the client does not drain. It may resume with Last-Event-ID.
-            if request.transport is not None:
-                request.transport.abort()
+        limit_send_buffer(request.transport)
+        await subscription.stream(response.write, last_seq, context.config.events_keepalive)
+        # Cut off (too far behind) or shutting down: drop the connection at once rather than
+        # wait on a socket the client does not drain. It may resume with Last-Event-ID.
+        if request.transport is not None:
+            request.transport.abort()
     return response
 
 
-#: Kernel send buffer of an event stream: with the writer's own buffer it bounds what a client
-#: that stops reading can hold in hive before its queue overflows and it is cut off.
-EVENT_SNDBUF = 64 * 1024
+@route(
+    Operation(
+        "get",
+        "/metrics",
+        "Prometheus metrics (no token when `metrics_public`)",
+        {"200": ("text format 0.0.4", "text/plain")},
+    )
+)
+async def metrics(request: web.Request) -> web.Response:
+    body = _context(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
-def _limit_send_buffer(request: web.Request) -> None:
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, EVENT_SNDBUF)
-
-
-async def _send(response: web.StreamResponse, data: bytes, subscription: Subscription) -> None:
-    """Write, unless the client falls too far behind while the write waits on its socket."""
-    if subscription.cut.is_set():
-        raise Overflow
-    write = asyncio.ensure_future(response.write(data))
-    cut = asyncio.ensure_future(subscription.cut.wait())
-    try:
-        await asyncio.wait({write, cut}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        cut.cancel()
-    if not write.done():
-        write.cancel()
-        raise Overflow
-    write.result()
-
-
-__all__ = ["Worker", "routes"]
+@route(
+    Operation(
+        "get",
+        "/openapi.json",
+        "This description",
+        {"200": ("OpenAPI 3.1", "application/json")},
+        auth=False,
+    )
+)
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(build_openapi(operations(), list(_context(request).config.backends)))

@@ -26,11 +26,16 @@ class CpuNode:
 
 
 def parse_cpulist(text: str) -> list[int]:
-    """``0-3,8,10-11`` -> [0, 1, 2, 3, 8, 10, 11]."""
+    """The kernel's list format: ``0-3,8,10-11`` -> [0, 1, 2, 3, 8, 10, 11].
+
+    ``""`` (a node without CPUs) is []. Anything else that is not a comma-separated list of
+    ``N`` or ``N-M`` items, an empty item included, raises ValueError; strip a file's newline
+    first. The one parser of such lists: sysfs here, ``hive spawn --cpus`` in the CLI.
+    """
+    if not text:
+        return []
     cores: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
+    for part in text.split(","):
         low, _, high = part.partition("-")
         cores.extend(range(int(low), int(high or low) + 1))
     return cores
@@ -42,7 +47,7 @@ def discover(root: Path = NODE_ROOT) -> list[CpuNode]:
     nodes = []
     for path in sorted(root.glob("node[0-9]*"), key=lambda p: int(p.name[4:])):
         try:
-            cores = set(parse_cpulist((path / "cpulist").read_text())) & allowed
+            cores = set(parse_cpulist((path / "cpulist").read_text().strip())) & allowed
         except OSError:
             continue
         if cores:

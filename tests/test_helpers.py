@@ -1,0 +1,241 @@
+"""The small helpers that several modules share, each defined once: plain tests, no daemon."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from hive.addresses import connect_host, http_url
+from hive.api.middleware import validation_message
+from hive.api.openapi import build_openapi
+from hive.api.routes import operations
+from hive.cli import build_parser, main
+from hive.config import Config, ConfigError, parse_config
+from hive.devices.cpu import parse_cpulist
+from hive.logs import MARKER, Logs
+from hive.models import WORKER_ID_PATTERN, Heartbeat, SpawnRequest
+from hive.validation import field_errors
+
+# -- the worker-id pattern -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("worker_id", ["a", "0", "qwen-1.5b_x", "a" * 63, "m.2-x_y"])
+def test_worker_id_pattern_takes(worker_id: str) -> None:
+    assert re.match(WORKER_ID_PATTERN, worker_id)
+    assert SpawnRequest(model="m", id=worker_id).id == worker_id
+
+
+@pytest.mark.parametrize("worker_id", ["", "A", "-a", ".a", "_a", "a" * 64, "a/b", "a b", "é"])
+def test_worker_id_pattern_refuses(worker_id: str) -> None:
+    assert not re.match(WORKER_ID_PATTERN, worker_id)
+    with pytest.raises(ValidationError):
+        SpawnRequest(model="m", id=worker_id)
+
+
+def test_openapi_documents_the_same_worker_id_pattern() -> None:
+    paths = build_openapi(operations())["paths"]
+    patterns = {
+        param["schema"]["pattern"]
+        for ops in paths.values()
+        for op in ops.values()
+        for param in op["parameters"]
+        if param["in"] == "path" and param["name"] == "id"
+    }
+    assert patterns == {WORKER_ID_PATTERN}
+
+
+# -- the cpulist parser ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "cores"),
+    [
+        ("0", [0]),
+        ("0-3", [0, 1, 2, 3]),
+        ("0-3,8,10-11", [0, 1, 2, 3, 8, 10, 11]),
+        ("8,0-1", [8, 0, 1]),  # in the order given
+        ("5-", [5]),
+        ("3-1", []),  # an empty range
+        ("", []),  # a NUMA node without CPUs
+        (" 1, 2 ", [1, 2]),  # int() takes the spaces around a number
+    ],
+)
+def test_parse_cpulist(text: str, cores: list[int]) -> None:
+    assert parse_cpulist(text) == cores
+
+
+@pytest.mark.parametrize("text", ["a", "0,,1", "0,", ",0", "-", "-1", "1-2-3", "0-a", " "])
+def test_parse_cpulist_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_cpulist(text)
+
+
+def _cpus_option(value: str) -> int | list[int]:
+    args = build_parser().parse_args(["spawn", "m", "--cpus", value])
+    return args.cpus
+
+
+def test_cli_cpus_is_a_count_or_a_cpulist() -> None:
+    assert _cpus_option("4") == 4
+    assert _cpus_option("0-3,8") == [0, 1, 2, 3, 8]
+    assert _cpus_option("3-1") == []  # passed on: the API says why it is refused
+
+
+@pytest.mark.parametrize("value", ["", " ", "0,", "a-b"])
+def test_cli_cpus_refuses(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _cpus_option(value)
+    assert exit_.value.code == 2
+    assert f"expected a count or core ids like 0-3,8: {value!r}" in capsys.readouterr().err
+
+
+# -- the host to connect to --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "connect"),
+    [
+        ("0.0.0.0", "127.0.0.1"),
+        ("", "127.0.0.1"),
+        ("::", "[::1]"),
+        ("[::]", "[::1]"),
+        ("::1", "[::1]"),
+        ("[::1]", "[::1]"),
+        ("fd00::7", "[fd00::7]"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("node-7.example", "node-7.example"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_connect_host(host: str, connect: str) -> None:
+    assert connect_host(host) == connect
+    assert http_url(host, 7070) == f"http://{connect}:7070"
+
+
+@pytest.mark.parametrize(
+    ("listen", "url"),
+    [
+        ("127.0.0.1:7070", "http://127.0.0.1:7070"),
+        ("0.0.0.0:8000", "http://127.0.0.1:8000"),
+        ("[::]:7070", "http://[::1]:7070"),
+        ("[::1]:7071", "http://[::1]:7071"),
+        ("hive.local:7070", "http://hive.local:7070"),
+    ],
+)
+def test_config_api_url(listen: str, url: str) -> None:
+    assert Config(listen=listen).api_url == url
+
+
+# -- pydantic errors in hive's words -----------------------------------------------------------
+
+
+class _Either(BaseModel):
+    x: int | list[int]
+
+
+def _error(model: type[BaseModel], data: dict[str, Any]) -> ValidationError:
+    with pytest.raises(ValidationError) as caught:
+        model.model_validate(data)
+    return caught.value
+
+
+def test_field_errors_names_each_field_and_drops_the_value_error_prefix() -> None:
+    exc = _error(SpawnRequest, {"model": "-m", "gpus": 0})
+    assert field_errors(exc, top="body") == [
+        ("model", "must not start with '-' (it would be read as an option)"),
+        ("gpus", "Input should be greater than or equal to 1"),
+    ]
+
+
+def test_field_errors_of_the_whole_input_use_top() -> None:
+    exc = _error(Config, {"default_backend": "nope"})
+    assert field_errors(exc, top="(top level)") == [
+        ("(top level)", "default_backend: 'nope' is not a configured backend")
+    ]
+
+
+def test_field_errors_keeps_or_drops_the_names_of_union_arms() -> None:
+    exc = _error(Config, {"backends": {"demo": {"gpu": 5}}})  # gpu: bool | "optional"
+    assert [field for field, _ in field_errors(exc, top="")] == [
+        "backends.demo.gpu.bool",
+        "backends.demo.gpu.literal['optional']",
+    ]
+    dropped = field_errors(exc, top="", drop_type_tags=True)
+    assert [field for field, _ in dropped] == [
+        "backends.demo.gpu",
+        "backends.demo.gpu.literal['optional']",
+    ]
+    # A list index is part of the field, not a type tag.
+    exc = _error(SpawnRequest, {"model": "m", "args": ["ok", "a\nb"]})
+    assert field_errors(exc, top="body", drop_type_tags=True) == [
+        ("args.1", "must not contain NUL or line breaks")
+    ]
+
+
+def test_the_api_says_each_field_once() -> None:
+    exc = _error(SpawnRequest, {"model": "m", "port": 1, "env": {"1A": "x"}, "extra": 1})
+    message, fields = validation_message(exc)
+    assert message == (
+        "port: Input should be greater than or equal to 1024; "
+        "env: '1A' is not a valid environment variable name; "
+        "extra: Extra inputs are not permitted"
+    )
+    assert [f["field"] for f in fields] == ["port", "env", "extra"]
+    assert validation_message(_error(Heartbeat, {}))[0] == "state: Field required"
+    # Both arms of a union fail: one entry, the first arm's message.
+    message, fields = validation_message(_error(_Either, {"x": "a"}))
+    assert message == "x: Input should be a valid integer, unable to parse string as an integer"
+    assert fields == [{"field": "x", "message": message.removeprefix("x: ")}]
+    exc = _error(Config, {"backends": {"demo": {"gpu": 5}}})
+    assert [f["field"] for f in validation_message(exc)[1]] == [
+        "backends.demo.gpu",
+        "backends.demo.gpu.literal['optional']",
+    ]
+
+
+def test_a_config_file_error_names_the_file_and_each_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config('listen = "x"\nstop_timeout = 0\n', "/etc/hive.toml")
+    assert str(caught.value) == (
+        "/etc/hive.toml: listen: must be HOST:PORT, got 'x'\n"
+        "/etc/hive.toml: stop_timeout: Input should be greater than 0"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config('default_backend = "nope"\n', "h.toml")
+    assert (
+        str(caught.value)
+        == "h.toml: (top level): default_backend: 'nope' is not a configured backend"
+    )
+
+
+def test_serve_names_a_bad_listen_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HIVE_CONFIG", raising=False)
+    config = tmp_path / "hive.toml"
+    config.write_text("")
+    assert main(["serve", "--config", str(config), "--listen", "nowhere"]) == 1
+    assert capsys.readouterr().err == "hive: --listen: must be HOST:PORT, got 'nowhere'\n"
+
+
+# -- the log marker ----------------------------------------------------------------------------
+
+
+def test_marker_lines_are_hives_own(tmp_path: Path) -> None:
+    logs = Logs(tmp_path, 1 << 20)
+    with logs.path("w").open("a") as log:
+        log.write("loading\n")
+    logs.mark("w", "attempt 1: python -m demo")
+    with logs.path("w").open("a") as log:
+        log.write("serving on 18000\n")
+    logs.mark("w", "stopped: exited with code 0")
+    lines = logs.tail("w", 10).splitlines()
+    assert [line.startswith(MARKER) for line in lines] == [False, True, False, True]
+    assert lines[1].endswith(" attempt 1: python -m demo")
+    assert MARKER == "--- hive: "  # the docs and README show it; workers' logs are read by people
+    assert logs.last_line("w") == "serving on 18000"  # the worker's, never a marker
