@@ -50,6 +50,10 @@ _LEAF = "supervisor"
 _PREFIX = "worker."
 
 
+class ContainmentError(OSError):
+    """A worker's process could not be put in its containment."""
+
+
 def instance_of(state_dir: Path) -> str:
     """A short name for the hive that owns ``state_dir``, stable across its restarts."""
     return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
@@ -213,11 +217,27 @@ class Cgroups:
         self.path(worker_id).mkdir(exist_ok=True)
 
     def enter(self, worker_id: str, pid: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
+        """Move ``pid`` into the worker's cgroup; ContainmentError if the kernel refuses."""
+        try:
             (self.path(worker_id) / "cgroup.procs").write_text(str(pid))
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            raise ContainmentError(
+                f"cannot move the worker into its cgroup {self.path(worker_id)}: "
+                f"{exc.strerror or exc}"
+            ) from None
 
     def members(self, worker_id: str) -> set[int]:
-        return _procs(self.path(worker_id))
+        """The cgroup's processes, and any process with the worker's tag outside it (forked
+        in the instant between the spawn and the move), which is moved in."""
+        found = _procs(self.path(worker_id))
+        for tag in _tagged(self.instance):
+            if tag.worker_id == worker_id and tag.pid not in found:
+                with contextlib.suppress(OSError):
+                    self.enter(worker_id, tag.pid)
+                found.add(tag.pid)
+        return found
 
     def kill(self, worker_id: str) -> None:
         path = self.path(worker_id)

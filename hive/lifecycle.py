@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 from hive.config import BackendConfig, Config
-from hive.containment import Containment, Group
+from hive.containment import Containment, ContainmentError, Group
 from hive.errors import HiveError
 from hive.journal import Journal
 from hive.launch import build_launch
@@ -215,26 +215,23 @@ class WorkerRun:
                     f"backend {entry.record.backend!r} sets user or group, "
                     "and only a hive running as root can switch to them",
                 )
-            self.process = await deps.spawner.start(launch)
+            self.process = await deps.spawner.start(
+                launch, lambda pid: deps.containment.enter(self.id, pid)
+            )
         except KeyError as exc:
             error = f"cannot start {launch.argv[0]!r}: this host has no {exc.args[0]}"
             deps.logs.mark(self.id, error)
             self._fail(error, None)
+            return
+        except ContainmentError as exc:  # it ran, uncontained: killed rather than lost track of
+            deps.logs.mark(self.id, str(exc))
+            self._fail(str(exc), None)
             return
         except OSError as exc:
             reason = exc.strerror or str(exc)
             error = f"cannot start {launch.argv[0]!r}: {reason}"
             deps.logs.mark(self.id, error)
             self._fail(error, None)
-            return
-        try:
-            deps.containment.enter(self.id, self.process.pid)
-        except OSError as exc:  # it runs, but not contained: end it rather than lose track
-            error = f"cannot move the worker into its cgroup: {exc.strerror or exc}"
-            deps.logs.mark(self.id, error)
-            await self._end_tree(1.0)
-            self._fail(error, None)
-            self.process = None
             return
         deps.registry.attempt_started(self.id, self.process.pid)
         if deps.journal is not None:

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,19 +88,37 @@ class Spawner:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
-    async def start(self, launch: Launch) -> Process:
+    async def start(self, launch: Launch, spawned: Callable[[int], None] | None = None) -> Process:
         """Start the process; raises OSError (for example FileNotFoundError) if it cannot,
-        and KeyError for a ``user`` or ``group`` this host does not have."""
+        and KeyError for a ``user`` or ``group`` this host does not have.
+
+        ``spawned(pid)`` runs on the spawning thread the moment the process exists (to move
+        it into its cgroup before it can fork); if it raises, the process is killed and the
+        error raised here.
+        """
         loop = asyncio.get_running_loop()
-        pid, popen = await loop.run_in_executor(self._executor, self._spawn, launch)
+        pid, popen = await loop.run_in_executor(self._executor, self._spawn, launch, spawned)
         process = Process.watch(pid, child=True)
         process.popen = popen
         return process
 
-    def _spawn(self, launch: Launch) -> tuple[int, subprocess.Popen[bytes] | None]:
+    def _spawn(
+        self, launch: Launch, spawned: Callable[[int], None] | None
+    ) -> tuple[int, subprocess.Popen[bytes] | None]:
         if launch.user is not None or launch.group is not None:
-            return self._spawn_as(launch)
-        return self._posix_spawn(launch), None
+            pid, popen = self._spawn_as(launch)
+        else:
+            pid, popen = self._posix_spawn(launch), None
+        if spawned is not None:
+            try:
+                spawned(pid)
+            except BaseException:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                if popen is not None:
+                    popen.returncode = -signal.SIGKILL
+                raise
+        return pid, popen
 
     def _spawn_as(self, launch: Launch) -> tuple[int, subprocess.Popen[bytes]]:
         """Fork and exec as another user: posix_spawn cannot change credentials.
