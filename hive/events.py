@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -79,6 +80,18 @@ def limit_send_buffer(transport: asyncio.BaseTransport | None) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, EVENT_SNDBUF)
+
+
+def drop(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a stream's connection at once: a reset, so the backlog the client never read is
+    discarded by the kernel too, instead of a close queued behind it."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class Subscription:

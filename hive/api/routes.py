@@ -21,7 +21,7 @@ from hive.api.keys import CONTEXT
 from hive.api.openapi import Operation, build_openapi
 from hive.context import Context
 from hive.errors import BadRequest, Conflict, Invalid
-from hive.events import SSE_HEADERS, limit_send_buffer
+from hive.events import SSE_HEADERS, drop, limit_send_buffer
 from hive.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hive.models import (
     LIVE_STATES,
@@ -307,8 +307,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         await subscription.stream(response.write, last_seq, context.config.events_keepalive)
         # Cut off (too far behind) or shutting down: drop the connection at once rather than
         # wait on a socket the client does not drain. It may resume with Last-Event-ID.
-        if request.transport is not None:
-            request.transport.abort()
+        drop(request.transport)
     return response
 
 
