@@ -39,6 +39,15 @@ async def state_is(s: aiohttp.ClientSession, worker_id: str, state: str) -> dict
     return record if record["state"] == state else None
 
 
+async def assert_adopted(s: aiohttp.ClientSession, *workers: dict[str, Any]) -> None:
+    """Each worker is back as it was: the same process, port and cores, ready, not restarted."""
+    for before in workers:
+        after = await get(s, before["id"])
+        assert after["state"] == "ready" and after["pid"] == before["pid"]
+        assert after["port"] == before["port"] and after["cpus"] == before["cpus"]
+        assert after["restarts"] == 0
+
+
 async def test_sigkill_of_hive_keeps_workers_and_the_next_hive_adopts_them() -> None:
     with running_hive("heartbeat_timeout = 3\n") as hive:
         async with hive.session() as s:
@@ -52,11 +61,7 @@ async def test_sigkill_of_hive_keeps_workers_and_the_next_hive_adopts_them() -> 
 
         hive.start()
         async with hive.session() as s:
-            for before in (a, b):
-                after = await get(s, before["id"])
-                assert after["state"] == "ready" and after["pid"] == before["pid"]
-                assert after["port"] == before["port"] and after["cpus"] == before["cpus"]
-                assert after["restarts"] == 0
+            await assert_adopted(s, a, b)
             assert (await get(s, "keep-a"))["labels"] == {"k": "v"}
             assert (await get(s, "was-stopped"))["state"] == "stopped"
 
@@ -140,11 +145,7 @@ async def test_a_torn_journal_is_survived_by_adopting_from_the_previous_generati
 
         hive.start()
         async with hive.session() as s:
-            for before in (a, b):
-                after = await get(s, before["id"])
-                assert after["state"] == "ready" and after["pid"] == before["pid"]
-                assert after["port"] == before["port"] and after["cpus"] == before["cpus"]
-                assert after["restarts"] == 0
+            await assert_adopted(s, a, b)
         log = hive.log()
         assert f"journal {hive.journal_path} is not valid JSON" in log
         assert f"(from {previous})" in log

@@ -43,13 +43,10 @@ KINDS = [
 ]
 
 
-@pytest.fixture(scope="module", params=KINDS)
-def hive(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Hive]:
-    escapees = tmp_path_factory.mktemp("escapees")
-    config = f"""
-containment = "{request.param}"
+def escaping_config(kind: str, escapees: Path) -> str:
+    """hive with the given containment and a backend whose workers leave an escapee."""
+    return f"""
+containment = "{kind}"
 restart_delay = 0.2
 
 [backends.escaping]
@@ -57,7 +54,14 @@ command = ["{{python}}", "{WORKERS / "escaping_worker.py"}",
            "--port", "{{port}}", "--model", "{{model}}"]
 env = {{ ESCAPEE_FILE = "{escapees}/{{id}}" }}
 """
-    with running_hive(config) as daemon:
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def hive(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Hive]:
+    escapees = tmp_path_factory.mktemp("escapees")
+    with running_hive(escaping_config(request.param, escapees)) as daemon:
         daemon.escapees = escapees  # type: ignore[attr-defined]
         daemon.kind = request.param  # type: ignore[attr-defined]
         yield daemon
@@ -158,14 +162,7 @@ async def test_sigkill_of_hive_then_start_ends_what_nothing_accounts_for(
 ) -> None:
     """Across a SIGKILL of hive: a worker still running is adopted whole (stop still ends its
     escapee); the escapee of a worker that died while hive was down is ended at start-up."""
-    config = f"""
-containment = "{kind}"
-[backends.escaping]
-command = ["{{python}}", "{WORKERS / "escaping_worker.py"}",
-           "--port", "{{port}}", "--model", "{{model}}"]
-env = {{ ESCAPEE_FILE = "{tmp_path}/{{id}}" }}
-"""
-    with running_hive(config) as hive:
+    with running_hive(escaping_config(kind, tmp_path)) as hive:
         hive.escapees = tmp_path  # type: ignore[attr-defined]
         async with hive.session() as s:
             kept = await spawn(s, "kept")

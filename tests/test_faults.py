@@ -4,8 +4,6 @@ read at all while workers run. Each leaves a clear answer, nothing stuck, nothin
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,36 +13,17 @@ import psutil
 import pytest
 from hivetest import Hive, running_hive
 
+from harness.disk import CannotMount, fill, tmpfs
 from harness.waits import async_wait_for, wait_for
-
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+def mounted(path: Path, size: str) -> Iterator[Path]:
     try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file until the filesystem is full; returns it (remove it to free the space)."""
-    filler = directory / "filler"
-    with filler.open("wb") as file, contextlib.suppress(OSError):
-        while True:
-            file.write(b"\0" * 65536)
-            file.flush()
-    return filler
+        with tmpfs(path, size) as mount_point:
+            yield mount_point
+    except CannotMount as exc:
+        pytest.skip(str(exc))
 
 
 async def spawn(s: aiohttp.ClientSession, worker_id: str, **params: str) -> tuple[int, Any]:
@@ -52,11 +31,10 @@ async def spawn(s: aiohttp.ClientSession, worker_id: str, **params: str) -> tupl
         return r.status, await r.json()
 
 
-@root_only
 async def test_a_full_state_dir_refuses_spawns_clearly_and_keeps_what_runs() -> None:
     hive = Hive()
     try:
-        with tmpfs(hive.state_dir, "4m"):
+        with mounted(hive.state_dir, "4m"):
             hive.start()
             async with hive.session() as s:
                 status, kept = await spawn(s, "kept", wait="ready")

@@ -16,8 +16,6 @@ import errno
 import json
 import logging
 import os
-import shutil
-import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import pytest
 
 import hive.journal
+from harness.disk import CannotMount, fill, tmpfs
 from harness.waits import async_wait_for
 from hive.journal import Journal, JournalError
 from hive.models import SpawnRequest, Worker
@@ -131,39 +130,11 @@ def failing(name: str, fail: Callable[[int], bool], error: int = errno.EIO) -> C
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs: a real filesystem that can really be full. Needs root."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to mount a small tmpfs that can be filled up")
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip() or mounted.returncode}")
     try:
-        yield mount_point
-    finally:
-        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-
-
-def fill(directory: Path) -> Path:
-    """Fill the filesystem of ``directory`` to the last byte; the file that does it."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as file:
-        for chunk in (b"\0" * 4096, b"\0"):
-            with contextlib.suppress(OSError):
-                while True:
-                    file.write(chunk)
-    with pytest.raises(OSError) as full, open(directory / "probe", "wb", buffering=0) as probe:
-        probe.write(b"x")
-    (directory / "probe").unlink()
-    assert full.value.errno == errno.ENOSPC
-    return filler
+        with tmpfs(tmp_path / "small", "64k") as mount_point:
+            yield mount_point
+    except CannotMount as exc:
+        pytest.skip(str(exc))
 
 
 # -- every write complete ----------------------------------------------------------------------
