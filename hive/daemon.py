@@ -42,7 +42,7 @@ from hive.metrics import Metrics
 from hive.models import State
 from hive.notify import Notifier
 from hive.registry import Change, Registry
-from hive.routers import RouterSync
+from hive.router_sync import RouterSync
 from hive.supervisor import Supervisor
 from hive.usage import Usage
 

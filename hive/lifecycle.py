@@ -37,7 +37,7 @@ from hive.process import Process, Spawner, describe_exit, terminate
 from hive.registry import Registry, now
 from hive.reservations import Reservations
 from hive.restart import Backoff, Outcome, next_delay
-from hive.routers import RouterSync
+from hive.router_sync import RouterSync
 from hive.timeouts import within
 
 log = logging.getLogger("hive.lifecycle")

@@ -32,7 +32,7 @@ from hive.probes import Prober
 from hive.process import Spawner, zombie_children
 from hive.registry import Entry, Registry, RegistryError
 from hive.reservations import Reservations
-from hive.routers import RouterSync
+from hive.router_sync import RouterSync
 
 log = logging.getLogger("hive.supervisor")
 

@@ -30,7 +30,7 @@ from hive.models import State, Worker
 from hive.registry import Change, Registry, UnknownWorker
 from hive.timeouts import within
 
-log = logging.getLogger("hive.routers")
+log = logging.getLogger("hive.router_sync")
 
 _TIMEOUT = aiohttp.ClientTimeout(total=5)
 
