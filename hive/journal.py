@@ -91,6 +91,12 @@ def _sibling(path: Path, suffix: str) -> Path:
 
 
 class Journal:
+    """The registry on disk: the writer that follows it, and the loader for the next hive.
+
+    Over 300 lines on purpose: the crash-safe write sequence, its failure handling and the
+    generation fallback on load are one protocol, easier to check whole in one place.
+    """
+
     def __init__(self, path: Path, registry: Registry, retry_interval: float = 5.0) -> None:
         self.path = path
         self.registry = registry

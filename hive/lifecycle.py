@@ -68,7 +68,12 @@ class Deps:
 
 
 class WorkerRun:
-    """The lifecycle of one worker: its process, probes, hang timer, drain and stop."""
+    """The lifecycle of one worker: its process, probes, hang timer, drain and stop.
+
+    Over 300 lines on purpose: it is one state machine, and keeping every transition of an
+    attempt (started, ready, exited, failed, stopped) in one class is what makes a crash
+    followable in one place. Its policies already live outside it (restart, probes, launch).
+    """
 
     def __init__(self, worker_id: str, deps: Deps) -> None:
         self.id = worker_id

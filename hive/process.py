@@ -27,7 +27,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,6 +408,13 @@ def zombie_children() -> set[int]:
                 if child.status() == psutil.STATUS_ZOMBIE:
                     found.add(child.pid)
     return found
+
+
+def reap_orphans(leaders: Iterable[int]) -> None:
+    """Reap hive's exited children other than ``leaders`` (whose exit their watcher reaps)."""
+    for pid in zombie_children() - set(leaders):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 def port_is_free(port: int) -> bool:

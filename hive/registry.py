@@ -129,7 +129,11 @@ def _matches(
 
 
 class Registry:
-    """Worker records, the transition table, filters and ordered change notifications."""
+    """Worker records, the transition table, filters and ordered change notifications.
+
+    Over 300 lines on purpose: every write of a worker record is one of its named operations,
+    so that a reader finds all of them here, under the one lock.
+    """
 
     def __init__(self, retention: float = 3600.0) -> None:
         self.retention = retention

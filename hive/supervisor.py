@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +20,7 @@ from hive.adoption import plan
 from hive.config import BackendConfig, Config
 from hive.containment import Containment, end_strays
 from hive.devices.placement import Placer
-from hive.errors import Conflict, Invalid, NoCapacity
+from hive.errors import Conflict, Invalid
 from hive.journal import Journal, JournalError, Saved
 from hive.lifecycle import Deps, WorkerRun
 from hive.logs import Logs
@@ -29,15 +28,13 @@ from hive.metrics import Metrics
 from hive.models import DOWN_STATES, Heartbeat, SpawnRequest, State, Worker
 from hive.ports import PortPool
 from hive.probes import Prober
-from hive.process import Spawner, zombie_children
+from hive.process import Spawner, reap_orphans
 from hive.registry import Entry, Registry, RegistryError
 from hive.reservations import Reservations
+from hive.room import Room
 from hive.router_sync import RouterSync
 
 log = logging.getLogger("hive.supervisor")
-
-#: Below this much free space in state_dir, a spawn is refused before anything is started.
-_MIN_FREE_BYTES = 1 << 20
 
 
 class Supervisor:
@@ -75,7 +72,7 @@ class Supervisor:
             metrics=metrics,
         )
         self._runs: dict[str, WorkerRun] = {}
-        self._disk_full = False
+        self._room = Room(logs.directory, config.state_path)
         self._housekeeping: asyncio.Task[None] | None = None
 
     @property
@@ -186,7 +183,7 @@ class Supervisor:
                 **reservations.reserve(spec, backend_name, backend, entries, worker_id, None),
             }
 
-        self._refuse_if_disk_full()
+        self._room.check()
         self.registry.add(spec, secrets.token_urlsafe(24), build)
         # The intent reaches the disk before the process starts, and its pid before the
         # answer: a hive killed at any instruction between leaves a journal that, with what
@@ -216,29 +213,6 @@ class Supervisor:
             self.registry.remove(run.id)
         self.containment.release(run.id)
         self.logs.remove(run.id)
-
-    def _refuse_if_disk_full(self) -> None:
-        """No room in state_dir for a worker's log and the journal: a clear 503, up front."""
-        path = self.logs.directory
-        try:
-            stat = os.statvfs(path)
-        except OSError:
-            return
-        free = stat.f_bavail * stat.f_frsize
-        if free >= _MIN_FREE_BYTES and (stat.f_files == 0 or stat.f_favail > 0):
-            if self._disk_full:
-                log.info("state_dir %s has room again (%d KiB free)", path.parent, free // 1024)
-                self._disk_full = False
-            return
-        what = f"{free // 1024} KiB free" if free < _MIN_FREE_BYTES else "no free inodes"
-        message = (
-            f"state_dir {path.parent} is full ({what}): no room for a worker's log or the "
-            "journal; free space there, or move state_dir"
-        )
-        if not self._disk_full:  # one line per condition, not one per refused request
-            log.error("%s", message)
-            self._disk_full = True
-        raise NoCapacity(message)
 
     async def _start(self, run: WorkerRun) -> None:
         self._runs[run.id] = run
@@ -339,14 +313,11 @@ class Supervisor:
     def reap_orphans(self) -> None:
         """Reap exited children that are not a worker's leader (their lifecycle reaps those):
         descendants of workers that re-parented to hive, the child subreaper."""
-        leaders = {
+        reap_orphans(
             run.process.pid
             for run in self._runs.values()
             if run.process is not None and run.process.child and run.process.running
-        }
-        for pid in zombie_children() - leaders:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+        )
 
     # -- naming and backends -------------------------------------------------------------------
 
