@@ -55,6 +55,8 @@ class Adoption:
     resume: bool
     #: The processes of the adopted attempt, as the containment found them.
     members: frozenset[int] = frozenset()
+    #: The adopted process's start time (it tells the process from a recycled pid later).
+    started: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +129,12 @@ def plan(
             running.pop(record.id, None)
             continue
         members = running.pop(record.id, set())
-        process = None
+        process, started = None, None
         if record.state in LIVE_STATES and record.pid is None:
             leader = _leader(members, attempt_nonce(record))
+            started = start_time(leader) if leader is not None else None
             if leader is not None:
-                process = find(leader, start_time(leader))
+                process = find(leader, started)
             if process is not None:
                 record = record.model_copy(update={"pid": process.pid})
             else:
@@ -139,7 +142,8 @@ def plan(
                 record = _failed(record, UNSTARTED_ERROR)
                 log.warning("worker %s: %s", record.id, UNSTARTED_ERROR)
         elif record.state in LIVE_STATES and record.pid is not None:
-            process = find(record.pid, item.start_time)
+            started = item.start_time
+            process = find(record.pid, started)
             if process is None:
                 result.gone += 1
                 record = _failed(record, GONE_ERROR)
@@ -163,7 +167,9 @@ def plan(
         current = members - stale if process is not None else set()
         if process is not None:
             current.add(process.pid)
-        result.adoptions.append(Adoption(item, record, process, resume, frozenset(current)))
+        result.adoptions.append(
+            Adoption(item, record, process, resume, frozenset(current), started)
+        )
     for worker_id, members in running.items():
         if worker_id in known:
             continue
@@ -249,7 +255,8 @@ def _rebuild(worker_id: str, members: set[int], find: Reattach) -> tuple[Adoptio
     token = env.get("HIVE_WORKER_TOKEN", "")
     saved = Saved(record, spec, token, start_time(leader))
     current = frozenset(pid for pid in members if _attempt(pid) == env.get("HIVE_ATTEMPT"))
-    return Adoption(saved, record, process, resume=False, members=current | {leader}), leader
+    adoption = Adoption(saved, record, process, False, current | {leader}, started=saved.start_time)
+    return adoption, leader
 
 
 def _is_zombie(pid: int) -> bool:

@@ -132,8 +132,10 @@ class Supervisor:
                 for pid in adoption.members:  # hive may have died before it moved them
                     with contextlib.suppress(OSError):
                         self.containment.enter(record.id, pid)
-                if self.journal is not None and record.pid is not None:
-                    self.journal.remember_start_time(record.id, record.pid, item.start_time)
+                if self.journal is not None:
+                    self.journal.remember_start_time(
+                        record.id, adoption.process.pid, adoption.started
+                    )
                 run.adopt(
                     adoption.process,
                     ready=record.state in (State.READY, State.BUSY),
