@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint venv clean bench fuzz
+.PHONY: run test lint venv clean bench fuzz soak
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 # A longer API fuzz run than CI's (schemathesis against the live daemon).
 fuzz: $(STAMP)
 	HIVE_FUZZ_EXAMPLES=$${HIVE_FUZZ_EXAMPLES:-500} $(BIN)/python -m pytest tests/test_openapi.py --timeout 3600
+
+# Longer chaos than the suite's: 100 rounds of SIGKILL to hive with spawns in flight.
+soak: $(STAMP)
+	HIVE_CHAOS_ROUNDS=$${HIVE_CHAOS_ROUNDS:-100} $(BIN)/python -m pytest tests/test_chaos.py -s --timeout 3600
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

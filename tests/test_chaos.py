@@ -28,6 +28,8 @@ from harness.waits import async_wait_for, wait_for
 pytestmark = pytest.mark.timeout(240)
 
 CONFIG = "restart_delay = 0.1\nrestart_delay_max = 0.4\n"
+#: Rounds of SIGKILL-of-hive-mid-spawn; `make soak` runs many more.
+ROUNDS = int(os.environ.get("HIVE_CHAOS_ROUNDS", "5"))
 
 
 def alive(pid: int) -> bool:
@@ -226,12 +228,12 @@ def test_stateful_lifecycle(hive: Hive) -> None:
 
 
 async def test_sigkill_of_hive_mid_spawn_in_rounds() -> None:
-    """hive killed at random moments while spawns are in flight, five rounds: afterwards the
+    """hive killed at random moments while spawns are in flight, in rounds: afterwards the
     records and the process table agree exactly (no stray process, no record without one),
     and every record can be removed."""
     rng = random.Random(11)
     with running_hive(CONFIG) as hive:
-        for round_ in range(5):
+        for round_ in range(ROUNDS):
             async with hive.session() as s:
 
                 async def spawn(n: int, s: Any = s, round_: int = round_) -> None:
@@ -271,7 +273,8 @@ async def test_sigkill_of_hive_mid_spawn_in_rounds() -> None:
         log = hive.log()
         states = collections.Counter(r["state"] for r in records)
         print(  # the figures for a person reading the run with -s
-            f"\nmid-spawn chaos: 5 rounds, 5 SIGKILLs of hive, 15 spawns in flight; "
+            f"\nmid-spawn chaos: {ROUNDS} rounds, {ROUNDS} SIGKILLs of hive, "
+            f"{3 * ROUNDS} spawns in flight; "
             f"records after: {dict(states)}; adoptions: {log.count('adopted worker')}; "
             f"stray processes ended at start-up: {log.count('stray process')}; "
             "stray or missing processes after each round: 0; records stuck: 0"
