@@ -24,8 +24,11 @@ APP = "hive"
 
 #: Names a backend ``command`` may use as ``{placeholder}``.
 PLACEHOLDERS = frozenset(
-    {"model", "port", "host", "python", "id", "device", "gpus", "ncpus", "state_dir"}
-)
+    {
+        "model", "port", "host", "python", "id", "device", "gpus", "ncpus", "state_dir",
+        "bootstrap_port", "role",
+    }
+)  # fmt: skip
 
 RestartPolicy = Literal["no", "on-failure", "always"]
 
@@ -66,9 +69,19 @@ class BackendConfig(BaseModel):
     #: failures in a row make the worker ``failed``.
     liveness_period: Annotated[float, Field(gt=0)] = 10.0
     liveness_failures: Annotated[int, Field(ge=1)] = 3
+    #: Arguments added after ``command`` for a worker of each router role (placeholders as in
+    #: ``command``): how this engine is told to prefill or decode.
+    role_args: dict[Literal["regular", "prefill", "decode"], list[str]] = {}
     #: When hive runs as root: the user (and group) its workers run as. Default: hive's own.
     user: Annotated[str, Field(min_length=1)] | None = None
     group: Annotated[str, Field(min_length=1)] | None = None
+
+    @field_validator("role_args")
+    @classmethod
+    def _role_placeholders(cls, role_args: dict[str, list[str]]) -> dict[str, list[str]]:
+        for args in role_args.values():
+            cls._known_placeholders(args)
+        return role_args
 
     @field_validator("command")
     @classmethod
@@ -107,6 +120,10 @@ class RouterConfig(BaseModel):
 BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
     "demo": {
         "command": ["{python}", "-m", "hive.demo_worker", "--port", "{port}", "--model", "{model}"],
+        "role_args": {
+            "prefill": ["--role", "prefill", "--bootstrap-port", "{bootstrap_port}"],
+            "decode": ["--role", "decode"],
+        },
         "health_path": "/health",
         "startup_timeout": 120,
         "gpu": "optional",
@@ -128,6 +145,13 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
             "--host", "{host}", "--port", "{port}",
             "--tp-size", "{gpus}",
         ],
+        "role_args": {
+            "prefill": [
+                "--disaggregation-mode", "prefill",
+                "--disaggregation-bootstrap-port", "{bootstrap_port}",
+            ],
+            "decode": ["--disaggregation-mode", "decode"],
+        },
         "health_path": "/health",
         "startup_timeout": 1200,
         "gpu": True,

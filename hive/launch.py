@@ -43,6 +43,8 @@ def placeholders(entry: Entry, config: Config) -> dict[str, str]:
         "gpus": str(len(record.gpus)),
         "ncpus": str(len(record.cpus)),
         "state_dir": str(config.state_path),
+        "role": record.role,
+        "bootstrap_port": str(record.bootstrap_port or ""),
     }
 
 
@@ -69,7 +71,8 @@ def build_launch(
     """
     record, spec = entry.record, entry.spec
     values = placeholders(entry, config)
-    argv = [arg.format_map(values) for arg in backend.command] + list(spec.args)
+    command = [*backend.command, *backend.role_args.get(record.role, [])]
+    argv = [arg.format_map(values) for arg in command] + list(spec.args)
     inherited = os.environ if environ is None else environ
     env = {k: v for k, v in inherited.items() if k not in SCRUBBED_ENV}
     env.update(backend.env)

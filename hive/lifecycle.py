@@ -102,7 +102,13 @@ class WorkerRun:
 
         def reserve(entries: Any) -> dict[str, Any]:
             reserved = deps.reservations.reserve(
-                spec, backend_name, backend, entries, self.id, entry.record.port
+                spec,
+                backend_name,
+                backend,
+                entries,
+                self.id,
+                entry.record.port,
+                entry.record.bootstrap_port,
             )
             return {**reserved, "containment": deps.containment.kind}
 

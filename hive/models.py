@@ -20,6 +20,7 @@ from pydantic import (
     StrictBool,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 from hive.config import RestartPolicy
@@ -41,6 +42,7 @@ LIVE_STATES = frozenset({State.STARTING, State.READY, State.BUSY})
 DOWN_STATES = frozenset({State.STOPPED, State.FAILED})
 
 Desired = Literal["running", "stopped"]
+Role = Literal["regular", "prefill", "decode"]
 
 WORKER_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 DEVICE_PATTERN = (
@@ -73,6 +75,15 @@ def _not_bool(value: Any) -> Any:
 #: Refuses JSON's ``true`` where an integer is due (pydantic's lax mode would take it as 1).
 #: Placed after the bounds, so that the schema still shows them as minimum and maximum.
 NotBool = BeforeValidator(_not_bool)
+
+
+def _not_bool_number(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+NotBoolNumber = BeforeValidator(_not_bool_number)
 CoreCount = Annotated[int, Field(ge=1), NotBool]
 CoreList = Annotated[list[Annotated[int, Field(ge=0), NotBool]], Field(min_length=1)]
 WorkerId = Annotated[str, StringConstraints(pattern=WORKER_ID_PATTERN)]
@@ -119,6 +130,21 @@ class SpawnRequest(BaseModel):
     restart: RestartPolicy | None = None
     # Strict: ``"register": 0`` or ``"yes"`` is not a boolean (JSON Schema agrees).
     register_: StrictBool = Field(True, alias="register")
+    #: The worker's part with the routers: ``regular``, or ``prefill``/``decode`` for
+    #: prefill/decode disaggregation.
+    role: Role = "regular"
+    #: A prefill worker's bootstrap port (``{bootstrap_port}`` in the backend's command); taken
+    #: from ``port_range`` when not given. Only for ``role: prefill``.
+    bootstrap_port: Annotated[int, Field(ge=1024, le=65535), NotBool] | None = None
+    #: What sglang-router weighs the worker by (its own defaults).
+    priority: Annotated[int, Field(ge=0, le=1_000_000), NotBool] = 50
+    cost: Annotated[float, Field(gt=0, le=1_000_000), NotBoolNumber] = 1.0
+
+    @model_validator(mode="after")
+    def _bootstrap_only_for_prefill(self) -> SpawnRequest:
+        if self.bootstrap_port is not None and self.role != "prefill":
+            raise ValueError("bootstrap_port: only a worker with role 'prefill' has one")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -189,6 +215,10 @@ class Worker(BaseModel):
     draining: bool = False
     #: Sync status per router URL: ``registered``, ``removed``, or why not yet.
     routers: dict[str, str] = {}
+    role: Role = "regular"
+    bootstrap_port: int | None = None
+    priority: int = 50
+    cost: float = 1.0
     #: How hive holds the worker's whole process tree: its own ``cgroup`` (v2), or ``tags``
     #: (an environment tag found by a scan of /proc, with hive as child subreaper).
     containment: Literal["cgroup", "tags"] | None = None

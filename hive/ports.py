@@ -26,18 +26,26 @@ class PortPool:
         *,
         wanted: int | None = None,
         previous: int | None = None,
+        also_taken: frozenset[int] = frozenset(),
+        what: str = "port",
     ) -> int:
-        """A free port: ``wanted`` exactly, else ``previous`` if still free, else the next one."""
-        held = {
-            e.record.port: other
-            for other, e in entries.items()
-            if other != worker_id and holds_resources(e.record)
-        }
+        """A free port: ``wanted`` exactly, else ``previous`` if still free, else the next one.
+
+        A worker's bootstrap port counts as held like its HTTP port; ``also_taken`` are ports
+        this worker already took (its HTTP port, when choosing its bootstrap port).
+        """
+        held: dict[int, str] = {}
+        for other, e in entries.items():
+            if other != worker_id and holds_resources(e.record):
+                held[e.record.port] = other
+                if e.record.bootstrap_port is not None:
+                    held[e.record.bootstrap_port] = other
+        held.update(dict.fromkeys(also_taken, worker_id))
         if wanted is not None:
             if wanted in held:
-                raise Conflict(f"port: {wanted} is in use by worker {held[wanted]!r}")
+                raise Conflict(f"{what}: {wanted} is in use by worker {held[wanted]!r}")
             if not port_is_free(wanted):
-                raise Conflict(f"port: {wanted} is in use by another process on this host")
+                raise Conflict(f"{what}: {wanted} is in use by another process on this host")
             return wanted
         if previous is not None and previous not in held and port_is_free(previous):
             return previous

@@ -32,10 +32,22 @@ class Reservations:
         entries: Mapping[str, Entry],
         worker_id: str,
         previous_port: int | None,
+        previous_bootstrap: int | None = None,
     ) -> dict[str, Any]:
-        """The record fields of a reservation: device, cpus, gpus, port and url."""
+        """The record fields of a reservation: device, cpus, gpus, port, url and, for a
+        prefill worker, its bootstrap port."""
         placement = self.placer.place(spec, backend_name, backend, entries, worker_id)
         port = self.ports.allocate(entries, worker_id, wanted=spec.port, previous=previous_port)
+        bootstrap = None
+        if spec.role == "prefill":
+            bootstrap = self.ports.allocate(
+                entries,
+                worker_id,
+                wanted=spec.bootstrap_port,
+                previous=previous_bootstrap,
+                also_taken=frozenset({port}),
+                what="bootstrap_port",
+            )
         host = self.worker_host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
@@ -45,4 +57,5 @@ class Reservations:
             "gpus": placement.gpus,
             "port": port,
             "url": f"http://{host}:{port}",
+            "bootstrap_port": bootstrap,
         }

@@ -182,6 +182,9 @@ class Supervisor:
                 "restart": restart,
                 "desired": "running",
                 "containment": self.containment.kind,
+                "role": spec.role,
+                "priority": spec.priority,
+                "cost": spec.cost,
                 **reservations.reserve(spec, backend_name, backend, entries, worker_id, None),
             }
 

@@ -64,7 +64,22 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--no-heartbeat", action="store_true", help="do not heartbeat, even if HIVE_URL is set"
     )
+    parser.add_argument(
+        "--role",
+        choices=("regular", "prefill", "decode"),
+        default="regular",
+        help="its part in a router's prefill/decode disaggregation",
+    )
+    parser.add_argument(
+        "--bootstrap-port",
+        type=port_number,
+        default=None,
+        metavar="P",
+        help="a prefill worker's bootstrap port (it listens there)",
+    )
     args = parser.parse_args(argv)
+    if args.bootstrap_port is not None and args.role != "prefill":
+        parser.error("--bootstrap-port is for --role prefill only")
     return Options(
         host=args.host,
         port=args.port,
@@ -73,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         latency_ms=args.latency_ms,
         fail_after=args.fail_after,
         heartbeat=not args.no_heartbeat,
+        role=args.role,
+        bootstrap_port=args.bootstrap_port,
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from hive import __version__
+from hive.demo_worker import disaggregation
 from hive.demo_worker.affinity import cpu_affinity, thread_affinities
 from hive.demo_worker.heartbeat import heartbeat, heartbeat_target
 from hive.demo_worker.http import errors_as_json
@@ -42,6 +43,9 @@ class Options:
     latency_ms: float
     fail_after: float | None
     heartbeat: bool
+    #: ``regular``, or ``prefill``/``decode`` in a router's PD mode.
+    role: str = "regular"
+    bootstrap_port: int | None = None
 
 
 class DemoWorker:
@@ -158,7 +162,10 @@ class DemoWorker:
                 "max_total_num_tokens": MAX_TOTAL_TOKENS,
                 "tp_size": 1,
                 "dp_size": 1,
-                "disaggregation_mode": "null",
+                "disaggregation_mode": self.options.role
+                if self.options.role != "regular"
+                else "null",
+                "disaggregation_bootstrap_port": self.options.bootstrap_port,
                 "loaded": self.loaded.is_set(),
                 "in_flight": self.in_flight,
                 "internal_states": [{}],
@@ -193,15 +200,20 @@ class DemoWorker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.on_signal, signum)
 
-        app = web.Application(middlewares=[errors_as_json])
+        options = self.options
+        app = web.Application(middlewares=[errors_as_json, disaggregation.middleware(options.role)])
         app.add_routes(self.routes())
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
-        options = self.options
+        bootstrap: asyncio.Server | None = None
         try:
             await web.TCPSite(runner, options.host, options.port).start()
+            if options.bootstrap_port is not None:
+                bootstrap = await disaggregation.listen_for_bootstrap(
+                    options.host, options.bootstrap_port
+                )
         except OSError as exc:
-            warn(f"demo worker: cannot listen on {options.host}:{options.port}: {exc.strerror}")
+            warn(f"demo worker: cannot listen on {options.host}: {exc.strerror}")
             await runner.cleanup()
             return 1
         say(
@@ -221,6 +233,8 @@ class DemoWorker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if bootstrap is not None:
+                bootstrap.close()
             await runner.cleanup()
         if self.exit_code == 0:
             say("demo worker: stopped")
