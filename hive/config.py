@@ -72,6 +72,13 @@ class BackendConfig(BaseModel):
     #: Arguments added after ``command`` for a worker of each router role (placeholders as in
     #: ``command``): how this engine is told to prefill or decode.
     role_args: dict[Literal["regular", "prefill", "decode"], list[str]] = {}
+    #: The key routers must use for this backend's workers (``api_key``, or the first line of
+    #: ``api_key_file``): sent to sglang-router with each registration, never logged or shown.
+    api_key: str | None = None
+    api_key_file: Path | None = None
+    #: Let the router health-check a new worker itself. Default: only when ``health_path`` is
+    #: the router's ``/health``; otherwise hive, which has seen it ready, says not to.
+    router_health_check: bool | None = None
     #: When hive runs as root: the user (and group) its workers run as. Default: hive's own.
     user: Annotated[str, Field(min_length=1)] | None = None
     group: Annotated[str, Field(min_length=1)] | None = None

@@ -137,6 +137,18 @@ class Metrics:
             ["router"],
             registry=self.prometheus,
         )
+        self.router_requests = Counter(
+            "hive_router_requests",
+            "Registrations (add) and removals (remove) hive sent to each router.",
+            ["router", "kind"],
+            registry=self.prometheus,
+        )
+        self.router_jobs = Counter(
+            "hive_router_jobs",
+            "How the router's registration and removal jobs ended: registered, removed, failed.",
+            ["router", "outcome"],
+            registry=self.prometheus,
+        )
         self.event_clients = Gauge(
             "hive_event_clients", "Clients following /v1/events.", registry=self.prometheus
         )

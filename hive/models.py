@@ -99,7 +99,19 @@ class SpawnRequest(BaseModel):
     """The body of ``POST /v1/workers``: what to run, where, and how to keep it running."""
 
     # ``register`` would shadow BaseModel.register, so the attribute is ``register_``.
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, serialize_by_alias=True)
+    # The schema also says what the validator below enforces: a bootstrap port is a prefill's.
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_by_name=True,
+        serialize_by_alias=True,
+        json_schema_extra={
+            "if": {
+                "required": ["bootstrap_port"],
+                "properties": {"bootstrap_port": {"type": "integer"}},
+            },
+            "then": {"required": ["role"], "properties": {"role": {"const": "prefill"}}},
+        },
+    )
 
     model: Annotated[
         str,

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.timeout(180)
 class Router:
     """One sglang-router process; ``restart()`` brings it back empty on the same port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *extra: str) -> None:
+        self.extra = list(extra)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,6 +50,7 @@ class Router:
                 "--log-level",
                 "warn",
                 "--disable-circuit-breaker",
+                *self.extra,
             ],
             env={**os.environ, **TAG.env, "HF_HUB_OFFLINE": "1"},
             stdout=subprocess.DEVNULL,

@@ -77,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         metavar="P",
         help="a prefill worker's bootstrap port (it listens there)",
     )
+    parser.add_argument(
+        "--health-status",
+        type=int,
+        default=200,
+        metavar="CODE",
+        help="the HTTP status /health answers once loaded (default 200)",
+    )
     args = parser.parse_args(argv)
     if args.bootstrap_port is not None and args.role != "prefill":
         parser.error("--bootstrap-port is for --role prefill only")
@@ -90,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         heartbeat=not args.no_heartbeat,
         role=args.role,
         bootstrap_port=args.bootstrap_port,
+        health_status=args.health_status,
     )
 
 

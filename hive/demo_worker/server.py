@@ -46,6 +46,8 @@ class Options:
     #: ``regular``, or ``prefill``/``decode`` in a router's PD mode.
     role: str = "regular"
     bootstrap_port: int | None = None
+    #: What /health answers once loaded (an engine whose health check a router cannot pass).
+    health_status: int = 200
 
 
 class DemoWorker:
@@ -126,7 +128,8 @@ class DemoWorker:
     async def health(self, request: web.Request) -> web.Response:
         if not self.loaded.is_set():
             return web.json_response({"status": "loading"}, status=503)
-        return web.json_response({"status": "ok"})
+        status = self.options.health_status
+        return web.json_response({"status": "ok" if status < 300 else "unhealthy"}, status=status)
 
     async def model_info(self, request: web.Request) -> web.Response:
         model = self.options.model
