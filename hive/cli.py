@@ -128,6 +128,16 @@ def build_parser() -> Parser:
     p.add_argument("--restart", choices=["no", "on-failure", "always"])
     p.add_argument("--id")
     p.add_argument("--no-register", action="store_true", help="keep it out of the routers")
+    p.add_argument(
+        "--role",
+        choices=["regular", "prefill", "decode"],
+        help="its part with the routers: prefill/decode disaggregation (default regular)",
+    )
+    p.add_argument(
+        "--bootstrap-port", type=int, metavar="P", help="a prefill's bootstrap port (default: any)"
+    )
+    p.add_argument("--priority", type=int, help="the router's weight for it (default 50)")
+    p.add_argument("--cost", type=float, help="the router's cost of it (default 1.0)")
     p.add_argument("--no-wait", action="store_true", help="return once the process is started")
     p.add_argument("--timeout", type=_positive, help="give up waiting after this many seconds")
     p.add_argument("--json", action="store_true")
@@ -277,6 +287,10 @@ async def cmd_spawn(client: HiveClient, args: argparse.Namespace) -> int:
         ("port", args.port),
         ("restart", args.restart),
         ("id", args.id),
+        ("role", args.role),
+        ("bootstrap_port", args.bootstrap_port),
+        ("priority", args.priority),
+        ("cost", args.cost),
     ):
         if value is not None:
             body[key] = value

@@ -74,7 +74,7 @@ def _opt(value: object, suffix: str = "") -> str:
 
 
 def workers(records: Sequence[Worker]) -> str:
-    headers = ["ID", "MODEL", "BACKEND", "DEVICE", "STATE", "PID", "URL", "RESTARTS", "AGE"]
+    headers = ["ID", "MODEL", "BACKEND", "ROLE", "DEVICE", "STATE", "PID", "URL", "RESTARTS", "AGE"]
     now = datetime.now(UTC)
     rows = []
     for w in records:
@@ -86,6 +86,7 @@ def workers(records: Sequence[Worker]) -> str:
                 w.id,
                 w.model,
                 w.backend,
+                w.role,
                 w.device,
                 state,
                 _opt(w.pid),
@@ -125,6 +126,11 @@ def worker(w: Worker) -> str:
         ("cpu", _opt(w.cpu_percent, "%")),
         ("gpu memory", _opt(w.gpu_memory_used_mib, " MiB")),
         ("labels", ", ".join(f"{k}={v}" for k, v in w.labels.items()) or "-"),
+        ("role", w.role),
+        ("bootstrap port", _opt(w.bootstrap_port)),
+        ("priority", w.priority),
+        ("cost", w.cost),
+        ("routers", ", ".join(f"{k}: {v}" for k, v in w.routers.items()) or "-"),
         ("containment", _opt(w.containment)),
     ]
     width = max(len(name) for name, _ in fields)

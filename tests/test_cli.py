@@ -37,7 +37,7 @@ def test_spawn_list_show_logs_stop_rm(hive: Hive) -> None:
 
     listing = ok(hive.cli("list"))
     header, *rows = listing.splitlines()
-    assert header.split()[:5] == ["ID", "MODEL", "BACKEND", "DEVICE", "STATE"]
+    assert header.split()[:5] == ["ID", "MODEL", "BACKEND", "ROLE", "DEVICE"]
     row = next(r for r in rows if r.startswith("cli-a "))
     assert "tiny-model" in row and "demo" in row and "ready" in row
 
