@@ -149,7 +149,7 @@ class Tags:
 
     def kill(self, worker_id: str) -> None:
         for pid in self.members(worker_id):
-            _pidfd_kill(pid, signal.SIGKILL)
+            _pidfd_kill(pid, signal.SIGKILL, self.instance)
 
     def empty(self, worker_id: str) -> bool:
         return not self.members(worker_id)
@@ -363,12 +363,19 @@ def _remove_tree(path: Path) -> None:
                 log.warning("cannot remove cgroup %s: %s", directory, exc.strerror)
 
 
-def _pidfd_kill(pid: int, sig: int) -> None:
+def _pidfd_kill(pid: int, sig: int, instance: str | None = None) -> None:
+    """Signal ``pid`` through a pidfd; with ``instance``, only if it still carries this hive's
+    tag once the pidfd holds it (the pid cannot be recycled after that, but might have been
+    before: a busy host reuses pids within seconds)."""
     try:
         fd = os.pidfd_open(pid)
     except OSError:
         return
     try:
+        if instance is not None:
+            tag = read_tag(pid)
+            if tag is None or tag.instance != instance:
+                return  # not ours (any more): never signalled
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(fd, sig)
     finally:
@@ -408,4 +415,4 @@ def end_strays(containment: Containment, worker_id: str, pids: set[int] | frozen
     if members and members <= set(pids):
         containment.kill(worker_id)
     for pid in pids:
-        _pidfd_kill(pid, signal.SIGKILL)
+        _pidfd_kill(pid, signal.SIGKILL, containment.instance)

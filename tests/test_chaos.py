@@ -249,8 +249,11 @@ async def test_sigkill_of_hive_mid_spawn_in_rounds() -> None:
             hive.start()
 
             async def agreed() -> list[dict[str, Any]] | None:
-                async with hive.session() as s, s.get("/v1/workers") as r:
-                    records = (await r.json())["workers"]
+                try:
+                    async with hive.session() as s, s.get("/v1/workers") as r:
+                        records = (await r.json())["workers"]
+                except aiohttp.ClientError as exc:
+                    raise AssertionError(f"hive stopped answering ({exc}):\n{hive.log()}") from None
                 try:
                     assert_agrees_with_processes(hive, records)
                 except AssertionError:

@@ -37,8 +37,18 @@ PY = sys.executable
 SERVES = ["{python}", "-m", "http.server", "--bind", "127.0.0.1", "--directory", "/", "{port}"]
 BACKENDS = {
     "serves": {"command": SERVES, "health_path": "/", "startup_timeout": 20},
-    "crashes": {"command": ["{python}", "-c", "import sys; sys.exit(3)"], "startup_timeout": 20},
-    "silent": {"command": ["{python}", "-c", "import time; time.sleep(60)"], "startup_timeout": 1},
+    # No health path: ready only by heartbeat (never, here). A probe could reach whatever else
+    # listens on the port meanwhile (another test's worker) and take that for this one.
+    "crashes": {
+        "command": ["{python}", "-c", "import sys; sys.exit(3)"],
+        "startup_timeout": 20,
+        "health_path": "",
+    },
+    "silent": {
+        "command": ["{python}", "-c", "import time; time.sleep(60)"],
+        "startup_timeout": 1,
+        "health_path": "",
+    },
     "missing": {"command": ["/nonexistent/engine", "{port}"]},
 }
 
