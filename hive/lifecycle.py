@@ -32,7 +32,7 @@ from hive.launch import build_launch
 from hive.logs import Logs
 from hive.metrics import Metrics
 from hive.models import State
-from hive.probes import Prober
+from hive.probes import Prober, ProbeResult
 from hive.process import Process, Spawner, describe_exit, terminate
 from hive.registry import Registry, now
 from hive.reservations import Reservations
@@ -41,6 +41,11 @@ from hive.router_sync import RouterSync
 from hive.timeouts import within
 
 log = logging.getLogger("hive.lifecycle")
+
+#: exec errors that no retry can cure: the command is missing or cannot be executed.
+_UNRUNNABLE = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR, errno.ELOOP}
+)
 
 
 @dataclass
@@ -87,6 +92,8 @@ class WorkerRun:
         self._hang_timer: asyncio.TimerHandle | None = None
         self._backoff = Backoff()
         self._sweeps: set[asyncio.Task[bool]] = set()
+        self._unrunnable = False
+        self._last_probe: ProbeResult | None = None
 
     # -- what the supervisor asks of a run ------------------------------------------------------
 
@@ -162,7 +169,10 @@ class WorkerRun:
         deps, outcome = self.deps, first
         while True:
             if outcome is None:
-                outcome = await self._supervise() if self.process else Outcome.FAILED
+                if self.process is not None:
+                    outcome = await self._supervise()
+                else:
+                    outcome = Outcome.UNRUNNABLE if self._unrunnable else Outcome.FAILED
             decision = next_delay(
                 outcome, deps.registry.get(self.id), deps.config, self._backoff, time.monotonic()
             )
@@ -243,6 +253,7 @@ class WorkerRun:
             error = f"cannot start {launch.argv[0]!r}: {reason}"
             deps.logs.mark(self.id, error)
             self._fail(error, None)
+            self._unrunnable = exc.errno in _UNRUNNABLE
             return
         deps.registry.attempt_started(self.id, self.process.pid)
         if deps.journal is not None:
@@ -275,6 +286,10 @@ class WorkerRun:
                 ready.cancel()
                 if not done:
                     error = f"not ready after {backend.startup_timeout:g}s (startup_timeout)"
+                    if self._last_probe is not None:
+                        error += (
+                            f"; its {backend.health_path} last answered {self._last_probe.detail}"
+                        )
                     return await self._fail_and_kill(error)
             if not exited.done() and not stop.done():
                 self._backoff = Backoff(self._backoff.delay, ready_since=time.monotonic())
@@ -309,9 +324,12 @@ class WorkerRun:
         url = self._health_url(backend)
         if url is None:
             return
-        await self.deps.prober.until_ready(url)
+        await self.deps.prober.until_ready(url, self._probed)
         self.deps.registry.became_ready(self.id)
         self._ready.set()
+
+    def _probed(self, result: ProbeResult) -> None:
+        self._last_probe = result
 
     async def _probe_liveness(self, backend: BackendConfig) -> str | None:
         """Probe a ready worker's health path; the error once it failed too often in a row."""
@@ -332,7 +350,10 @@ class WorkerRun:
         deps, process = self.deps, self.process
         code = process.returncode
         last = deps.logs.last_line(self.id)
-        error = describe_exit(code) + (f": {last}" if last else "")
+        if code is not None and code < 0:  # killed: its last line is not why
+            error = describe_exit(code) + (f" (its last output: {last})" if last else "")
+        else:
+            error = describe_exit(code) + (f": {last}" if last else "")
         deps.logs.mark(self.id, describe_exit(code))
         if code == 0:
             deps.registry.attempt_ended(self.id, State.STOPPED, exit_code=0, error=error)

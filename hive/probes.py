@@ -9,7 +9,6 @@ return results; the worker's lifecycle decides what they mean.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,8 +19,8 @@ from hive.config import BackendConfig
 from hive.registry import now
 
 _TIMEOUT = aiohttp.ClientTimeout(total=2.0)
-#: Readiness is polled every 50 ms for the first 10 s, then every 0.5 s.
-_FAST_POLL, _SLOW_POLL, _FAST_FOR = 0.05, 0.5, 10.0
+#: Readiness is polled after 50 ms, then each wait half again as long, up to every 1 s.
+_FIRST_POLL, _MAX_POLL = 0.05, 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,15 +56,22 @@ class Prober:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return ProbeResult(False, str(exc) or type(exc).__name__)
 
-    async def until_ready(self, url: str) -> ProbeResult:
-        """Poll ``url`` until it answers 2xx; returns that result (cancel to give up)."""
-        started = time.monotonic()
+    async def until_ready(
+        self, url: str, seen: Callable[[ProbeResult], None] | None = None
+    ) -> ProbeResult:
+        """Poll ``url`` until it answers 2xx; returns that result (cancel to give up).
+
+        ``seen`` hears every result, so a timeout can say what the probe last got.
+        """
+        delay = _FIRST_POLL
         while True:
             result = await self.check(url)
+            if seen is not None:
+                seen(result)
             if result.ok:
                 return result
-            fast = time.monotonic() - started < _FAST_FOR
-            await asyncio.sleep(_FAST_POLL if fast else _SLOW_POLL)
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, _MAX_POLL)
 
     async def until_unhealthy(
         self,

@@ -20,7 +20,8 @@ class Outcome(Enum):
 
     STOPPED = "stopped"  # asked to stop, and it did
     EXITED = "exited"  # exited with code 0 on its own
-    FAILED = "failed"  # crashed, hung, never became ready, or could not start
+    FAILED = "failed"  # crashed, hung, never became ready, or could not start for now
+    UNRUNNABLE = "unrunnable"  # its command cannot be run at all (not found, not executable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,10 @@ def next_delay(
     no more. ``now`` is ``time.monotonic()``."""
     if outcome is Outcome.STOPPED or record.desired == "stopped":
         return Decision(None, backoff)
+    if outcome is Outcome.UNRUNNABLE:  # trying again would fail the same way, for ever
+        return Decision(
+            None, backoff, gave_up=f"{record.error}; not retried: fix the backend's command"
+        )
     if record.restart == "no" or (record.restart == "on-failure" and outcome is Outcome.EXITED):
         return Decision(None, backoff)
     limit = config.max_restarts

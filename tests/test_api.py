@@ -258,6 +258,8 @@ async def test_sigkill_is_noticed_with_the_signal(hive: Hive) -> None:
         os.kill(w["pid"], 9)
         failed = await async_wait_for(lambda: _state(s, "killed", "failed"), what="failed")
         assert "signal 9" in failed["error"] and "SIGKILL" in failed["error"]
+        # Its last line is quoted as what it said last, not as the cause of its death.
+        assert "(its last output: " in failed["error"]
         assert failed["pid"] is None and failed["next_restart_at"] is None
         assert not port_in_use(w["port"])
         async with s.delete("/v1/workers/killed") as r:

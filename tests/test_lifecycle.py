@@ -50,6 +50,7 @@ BACKENDS = {
         "health_path": "",
     },
     "missing": {"command": ["/nonexistent/engine", "{port}"]},
+    "notfound": {"command": SERVES, "health_path": "/health", "startup_timeout": 2},
 }
 
 
@@ -140,15 +141,29 @@ async def test_never_ready_fails_after_startup_timeout(deps: Deps) -> None:
     assert deps.registry.get(run.id).exit_code == -15  # ended by hive, and reaped
 
 
-async def test_a_command_that_cannot_start_fails_at_once(deps: Deps) -> None:
-    run = add(deps, "missing")
+async def test_a_command_that_cannot_start_fails_at_once_and_is_not_retried(deps: Deps) -> None:
+    run = add(deps, "missing", restart="always")
     await run.start()
     assert run.task is not None
-    await run.task
+    await run.task  # over at once: no restart is scheduled
     record = deps.registry.get(run.id)
     assert record.state == State.FAILED
-    assert record.error == "cannot start '/nonexistent/engine': No such file or directory"
-    assert record.pid is None
+    assert record.error == (
+        "cannot start '/nonexistent/engine': No such file or directory; "
+        "not retried: fix the backend's command"
+    )
+    assert (record.pid, record.restarts, record.next_restart_at) == (None, 0, None)
+
+
+async def test_a_startup_timeout_says_what_the_probe_last_got(deps: Deps) -> None:
+    run = add(deps, "notfound")  # it serves, but /health is a 404
+    await run.start()
+    failed = await settle(run, State.FAILED)
+    assert failed.error == (
+        "not ready after 2s (startup_timeout); its /health last answered HTTP 404"
+    )
+    assert run.task is not None
+    await run.task
 
 
 async def test_silent_heartbeats_are_a_hang(deps: Deps) -> None:

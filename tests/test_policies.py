@@ -241,3 +241,12 @@ def test_a_port_held_by_a_foreign_listener_is_skipped(address: str) -> None:
         with pytest.raises(NoCapacity):  # the range's only port is taken: it is skipped
             PortPool(held, held).allocate({}, "w")
     assert port_is_free(held)
+
+
+def test_a_command_that_cannot_run_is_not_retried_whatever_the_policy() -> None:
+    worker = record(restart="always", error="cannot start 'x': No such file or directory")
+    decision = next_delay(Outcome.UNRUNNABLE, worker, CONFIG, Backoff(), now=0.0)
+    assert decision.delay is None
+    assert decision.gave_up == (
+        "cannot start 'x': No such file or directory; not retried: fix the backend's command"
+    )
