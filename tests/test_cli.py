@@ -218,3 +218,27 @@ def test_control_characters_are_shown_escaped(hive: Hive) -> None:
         assert "m\\x1b[31mred\\x07" in out
     assert "k=v\\x1b[2J" in ok(hive.cli("show", "evil"))
     ok(hive.cli("rm", "--force", "evil"))
+
+
+def test_an_interrupted_follow_leaves_no_error_in_hive_log(hive: Hive) -> None:
+    ok(hive.cli("spawn", "m", "--id", "followed"))
+    follower = subprocess.Popen(
+        [*hive.cli_command(), "logs", "followed", "-f"],
+        env={**hive.env, "HIVE_URL": f"unix://{hive.socket}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline()  # following
+        follower.send_signal(signal.SIGINT)
+        follower.wait(30)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    before = hive.log()
+    ok(hive.cli("stop", "followed"))  # hive's stop marker: the next line for the gone follower
+    ok(hive.cli("rm", "followed"))
+    after = hive.log()[len(before) :]
+    assert "Traceback" not in after and "Cannot write" not in after, after

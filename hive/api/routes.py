@@ -277,9 +277,12 @@ async def logs(request: web.Request) -> web.StreamResponse:
         record = context.registry.get(worker_id)
         return record.state not in LIVE_STATES and context.supervisor.is_settled(worker_id)
 
-    async for chunk in context.logs.follow(worker_id, query.tail, finished):
-        await response.write(chunk)
-    await response.write_eof()
+    try:
+        async for chunk in context.logs.follow(worker_id, query.tail, finished):
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionResetError:  # the follower went away (Ctrl-C on `hive logs -f`): done
+        pass
     return response
 
 
