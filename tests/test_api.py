@@ -268,7 +268,9 @@ async def test_sigkill_is_noticed_with_the_signal(hive: Hive) -> None:
 
 async def test_failure_at_start_names_exit_code_and_last_line(hive: Hive) -> None:
     async with hive.session() as s:
-        body = {"model": "m", "id": "dies", "restart": "no", "args": ["--fail-after", "0"]}
+        # It fails while still loading, so it can never be seen ready first.
+        args = ["--fail-after", "0", "--load-seconds", "30"]
+        body = {"model": "m", "id": "dies", "restart": "no", "args": args}
         status, data = await post(s, "/v1/workers", body, wait="ready", timeout="30")
         message = error_of(data, "conflict")
         assert status == 409
