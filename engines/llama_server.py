@@ -29,7 +29,11 @@ CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
     # A portable x86-64 binary: no -march=native, so it runs on other CPUs of this kind.
     "-DGGML_NATIVE=OFF",
-    "-DLLAMA_CURL=OFF",
+    # No downloads, at build time or run time: no HTTPS (libssl), no prebuilt web UI fetched from
+    # Hugging Face. (LLAMA_CURL is gone in this version; LLAMA_OPENSSL took its place.)
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=ON",
@@ -121,7 +125,7 @@ def build(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
         staged = work / "staged"
         (staged / "bin").mkdir(parents=True)
         shutil.copy2(built, staged / "bin" / "llama-server")
-        (staged / "VERSION").write_text(f"llama-cpp-python {version}\n")
+        (staged / "VERSION").write_text(f"llama-cpp-python {version}\n{' '.join(CMAKE_FLAGS)}\n")
         if cache.exists():
             shutil.rmtree(cache)
         staged.rename(cache)
