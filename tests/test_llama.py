@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 import tiny_gguf
 from hivetest import TAG, Hive, running_hive
@@ -22,6 +23,7 @@ from test_router import Router, router_config
 
 from harness.procs import tagged_processes
 from harness.waits import async_wait_for
+from hive.logs import MARKER
 
 LLAMA_SERVER = os.environ.get("HIVE_LLAMA_SERVER", "")
 
@@ -125,7 +127,7 @@ def worker_processes(worker_id: str) -> list[int]:
         try:
             if proc.environ().get("HIVE_WORKER_ID") == worker_id:
                 pids.append(proc.pid)
-        except Exception:  # gone, or not ours to read
+        except psutil.Error:  # gone, or not ours to read
             continue
     return pids
 
@@ -196,7 +198,7 @@ async def test_a_missing_model_fails_with_the_engines_own_error(hive: Hive, tmp_
             log = hive.worker_log("ll-missing").read_text(errors="replace")
             assert f"failed to load model '{missing}'" in log  # llama.cpp's own words
             # The record's error is the exit and the engine's last line, as llama-server put it.
-            lines = [line for line in log.splitlines() if line and not line.startswith("--- hive")]
+            lines = [line for line in log.splitlines() if line and not line.startswith(MARKER)]
             assert failed["error"].endswith(lines[-1].strip()), (failed["error"], lines[-3:])
             assert "model loading error" in failed["error"]
         finally:
