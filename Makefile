@@ -26,7 +26,7 @@ llama-server: $(STAMP)
 	$(LLAMA_SERVER_BUILD) build
 
 test: $(STAMP) llama-server
-	HIVE_LLAMA_SERVER=$$($(LLAMA_SERVER_BUILD) path) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	binary=$$($(LLAMA_SERVER_BUILD) path) && HIVE_LLAMA_SERVER=$$binary $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A longer API fuzz run than CI's (schemathesis against the live daemon).
 fuzz: $(STAMP)
