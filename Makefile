@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint venv clean bench fuzz soak
+.PHONY: run test lint venv clean bench fuzz soak llama-server
 
 venv: $(STAMP)
 
@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/hive serve $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# llama.cpp's llama-server for tests/test_llama.py: built once per pinned version into the user's
+# cache (engines/llama_server.py; minutes the first time), reused after that. Its path reaches the
+# tests in HIVE_LLAMA_SERVER.
+LLAMA_SERVER_BUILD := $(BIN)/python engines/llama_server.py
+
+llama-server: $(STAMP)
+	$(LLAMA_SERVER_BUILD) build
+
+test: $(STAMP) llama-server
+	binary=$$($(LLAMA_SERVER_BUILD) path) && HIVE_LLAMA_SERVER=$$binary $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A longer API fuzz run than CI's (schemathesis against the live daemon).
 fuzz: $(STAMP)

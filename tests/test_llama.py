@@ -1,0 +1,221 @@
+"""A real llama.cpp ``llama-server`` under hive's built-in ``llama-server`` backend, unchanged.
+
+``make test`` builds the binary once (engines/llama_server.py, cached outside the checkout) and
+names it in ``HIVE_LLAMA_SERVER``; hive finds it on its ``PATH``. The model is a tiny random
+llama written at test time (tests/tiny_gguf.py): it loads in well under a second and generates
+garbage, which is all these tests need of it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+import tiny_gguf
+from hivetest import TAG, Hive, running_hive
+from test_router import Router, router_config
+
+from harness.procs import tagged_processes
+from harness.waits import async_wait_for
+from hive.logs import MARKER
+
+LLAMA_SERVER = os.environ.get("HIVE_LLAMA_SERVER", "")
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(
+        not LLAMA_SERVER,
+        reason="HIVE_LLAMA_SERVER is unset: `make test` builds llama-server and sets it "
+        "(or run `python engines/llama_server.py build` and export the path it prints)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def binary() -> Path:
+    path = Path(LLAMA_SERVER)
+    # Set but wrong is a failure, not a skip: `make test` must always provide it.
+    assert path.name == "llama-server", f"HIVE_LLAMA_SERVER={LLAMA_SERVER} is not a llama-server"
+    assert os.access(path, os.X_OK), f"HIVE_LLAMA_SERVER={LLAMA_SERVER} is not executable"
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_gguf.write(tmp_path_factory.mktemp("llama") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[Router]:
+    r = Router().start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture(scope="module")
+def hive(binary: Path, router: Router) -> Iterator[Hive]:
+    # The built-in backend runs `llama-server` by name: put the built one first on hive's PATH.
+    path = f"{binary.parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
+    with running_hive(router_config(router), env={"PATH": path}) as daemon:
+        yield daemon
+
+
+async def spawn(s: aiohttp.ClientSession, model: Path | str, **body: Any) -> dict[str, Any]:
+    body = {"model": str(model), "backend": "llama-server", **body}
+    async with s.post("/v1/workers", params={"wait": "ready", "timeout": "60"}, json=body) as r:
+        data = await r.json()
+        assert r.status == 200, data
+        return data
+
+
+async def record(s: aiohttp.ClientSession, worker_id: str) -> dict[str, Any]:
+    async with s.get(f"/v1/workers/{worker_id}") as r:
+        assert r.status == 200
+        return dict(await r.json())
+
+
+async def remove(s: aiohttp.ClientSession, worker_id: str) -> None:
+    async with s.delete(f"/v1/workers/{worker_id}") as r:
+        assert r.status == 200, await r.text()
+
+
+async def post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as c, c.post(base + path, json=body) as r:
+        text = await r.text()
+        assert r.status == 200, f"POST {base}{path}: {r.status} {text}"
+        return dict(await r.json(content_type=None))
+
+
+async def generates(base: str, model: Path, native: bool = True) -> None:
+    """llama-server's own completion endpoint and both OpenAI ones answer with generated text."""
+    if native:
+        native_body = {"prompt": "hello world", "n_predict": 4, "ignore_eos": True}
+        body = await post(base, "/completion", native_body)
+        assert isinstance(body["content"], str)
+        assert body["tokens_predicted"] == 4
+    # A random model samples `</s>` early now and then: ignore_eos makes the count exact.
+    common = {"model": str(model), "max_tokens": 4, "ignore_eos": True}
+    body = await post(base, "/v1/completions", {**common, "prompt": "hello"})
+    assert body["object"] == "text_completion"
+    assert isinstance(body["choices"][0]["text"], str)
+    assert body["usage"]["completion_tokens"] == 4
+    chat = {**common, "messages": [{"role": "user", "content": "hello"}]}
+    body = await post(base, "/v1/chat/completions", chat)
+    assert body["object"] == "chat.completion"
+    assert body["usage"]["completion_tokens"] == 4
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+
+
+async def in_router(router: Router, url: str, present: bool = True) -> bool:
+    return (url in await router.urls()) is present
+
+
+def worker_processes(worker_id: str) -> list[int]:
+    """The live processes of one worker, by the containment tag hive gives them."""
+    pids = []
+    for proc in tagged_processes(TAG):
+        try:
+            if proc.environ().get("HIVE_WORKER_ID") == worker_id:
+                pids.append(proc.pid)
+        except psutil.Error:  # gone, or not ours to read
+            continue
+    return pids
+
+
+async def test_spawn_is_ready_by_its_health_and_generates(hive: Hive, model: Path) -> None:
+    async with hive.session() as s:
+        w = await spawn(s, model, id="ll-ready")
+        try:
+            assert w["state"] == "ready"
+            assert w["backend"] == "llama-server"
+            assert w["pid"] in worker_processes("ll-ready")
+            # Ready means the engine's own /health answers 200 (it is 503 while loading).
+            async with aiohttp.ClientSession() as c, c.get(f"{w['url']}/health") as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["status"] == "ok"
+            await generates(w["url"], model)
+            log = hive.worker_log("ll-ready").read_text(errors="replace")
+            assert f"--model {model}" in log and "--threads" in log  # the built-in argv
+        finally:
+            await remove(s, "ll-ready")
+
+
+async def test_through_the_router(hive: Hive, router: Router, model: Path) -> None:
+    async with hive.session() as s:
+        w = await spawn(s, model, id="ll-routed")
+        try:
+            await async_wait_for(lambda: in_router(router, w["url"]), what="registered")
+            await generates(router.url, model, native=False)
+        finally:
+            await remove(s, "ll-routed")
+        await async_wait_for(lambda: in_router(router, w["url"], False), what="removed")
+
+
+async def test_sigkill_leaves_the_router_and_hive_restarts_it(
+    hive: Hive, router: Router, model: Path
+) -> None:
+    async with hive.session() as s:
+        w = await spawn(s, model, id="ll-kill")
+        try:
+            await async_wait_for(lambda: in_router(router, w["url"]), what="registered")
+            os.kill(w["pid"], signal.SIGKILL)
+            await async_wait_for(lambda: in_router(router, w["url"], False), what="out of router")
+
+            async def restarted() -> dict[str, Any] | None:
+                now = await record(s, "ll-kill")
+                ok = now["state"] == "ready" and now["restarts"] >= 1 and now["pid"] != w["pid"]
+                return now if ok else None
+
+            again = await async_wait_for(restarted, timeout=30, what="restarted and ready")
+            assert again["url"] == w["url"]  # same port, same router entry
+            await async_wait_for(lambda: in_router(router, w["url"]), what="registered again")
+            await generates(w["url"], model, native=False)
+        finally:
+            await remove(s, "ll-kill")
+
+
+async def test_a_missing_model_fails_with_the_engines_own_error(hive: Hive, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model.gguf"
+    body = {"model": str(missing), "backend": "llama-server", "id": "ll-missing", "restart": "no"}
+    async with hive.session() as s:
+        try:
+            async with s.post("/v1/workers", params={"wait": "ready"}, json=body) as r:
+                answer = await r.json()
+                assert r.status == 409, answer
+            failed = answer["error"]["worker"]
+            assert failed["state"] == "failed"
+            assert failed["exit_code"] not in (None, 0)
+            log = hive.worker_log("ll-missing").read_text(errors="replace")
+            assert f"failed to load model '{missing}'" in log  # llama.cpp's own words
+            # The record's error is the exit and the engine's last line, as llama-server put it.
+            lines = [line for line in log.splitlines() if line and not line.startswith(MARKER)]
+            assert failed["error"].endswith(lines[-1].strip()), (failed["error"], lines[-3:])
+            assert "model loading error" in failed["error"]
+        finally:
+            await remove(s, "ll-missing")
+
+
+async def test_stop_leaves_no_process(hive: Hive, model: Path) -> None:
+    async with hive.session() as s:
+        w = await spawn(s, model, id="ll-stop")
+        assert worker_processes("ll-stop") == [w["pid"]]
+        async with s.post("/v1/workers/ll-stop/stop", params={"wait": "true"}) as r:
+            stopped = await r.json()
+            assert r.status == 200, stopped
+        assert stopped["state"] == "stopped"
+        assert worker_processes("ll-stop") == []
+        async with aiohttp.ClientSession() as c:
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with c.get(f"{w['url']}/health"):
+                    pass
+        await remove(s, "ll-stop")
