@@ -233,7 +233,9 @@ def _print_json(data: BaseModel | list[BaseModel] | dict[str, Any]) -> None:
 
 
 def _err(message: str) -> None:
-    print(f"hive: {message}", file=sys.stderr)
+    """Each line of ``message`` on stderr, after ``hive: ``."""
+    for line in message.splitlines() or [""]:
+        print(f"hive: {line}", file=sys.stderr)
 
 
 class Progress:
