@@ -11,20 +11,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
 from hive import __version__, tables
-from hive.client import HiveAPIError, HiveClient, HiveClientError
-from hive.config import Config, ConfigError, load_config
+from hive.client import (
+    URL_FORMS,
+    HiveAPIError,
+    HiveClient,
+    HiveClientError,
+    HiveConnectionError,
+    HiveURLError,
+    check_url,
+    local_config,
+)
+from hive.config import Config, ConfigError, find_config_path, load_config
 from hive.devices.cpu import parse_cpulist
 from hive.logs import MARKER
-from hive.models import LIVE_STATES, State, Worker
-from hive.validation import field_errors
+from hive.models import LIVE_STATES, SpawnRequest, State, Worker
+from hive.validation import FIELD_SENTENCES, field_errors
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -64,7 +75,7 @@ def _cpus(text: str) -> int | list[int]:
         cores = parse_cpulist(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a count or core ids like 0-3,8: {text!r}"
+            f"{FIELD_SENTENCES['cpus']} like 0-3,8, not {text!r}"
         ) from None
     return cores
 
@@ -81,9 +92,11 @@ def _positive(text: str) -> float:
 
 # -- the parser --------------------------------------------------------------------------------
 
+JSON_HELP = "print the API's JSON instead of a table"
+
 
 def _globals(parser: argparse.ArgumentParser, *, top: bool) -> None:
-    """``--url`` and ``--token``, accepted before or after the subcommand."""
+    """``--url`` and ``--token``, accepted before or after a client subcommand (not serve)."""
     default = None if top else argparse.SUPPRESS
     parser.add_argument(
         "--url",
@@ -104,29 +117,43 @@ def build_parser() -> Parser:
         dest="command", required=True, metavar="COMMAND", parser_class=Parser
     )
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
+    def command(name: str, help: str, *, client: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        _globals(p, top=False)
+        if client:
+            _globals(p, top=False)
         return p
 
-    p = command("serve", "run the hive daemon in the foreground")
+    p = command("serve", "run the hive daemon in the foreground", client=False)
     p.add_argument("--config", help="TOML file (env HIVE_CONFIG; default: <config dir>/hive.toml)")
     p.add_argument("--listen", help="HOST:PORT for the TCP API")
     p.add_argument("--socket", help="path of the unix socket")
-    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="hive's log lines"
+    )
 
     p = command("spawn", "start a worker and wait until it is ready")
-    p.add_argument("model")
-    p.add_argument("--backend")
+    p.add_argument("model", help="what the backend serves (its {model}), e.g. a path or HF name")
+    p.add_argument("--backend", help="a configured backend (default: the config's)")
     p.add_argument("--device", help="auto, cpu, gpu, CPU-n, GPU-n or a GPU UUID")
-    p.add_argument("--gpus", type=int)
+    p.add_argument("--gpus", type=int, metavar="N", help="how many GPUs (default 1 on a GPU)")
     p.add_argument("--cpus", type=_cpus, help="a count of cores, or core ids like 0-3,8")
-    p.add_argument("--gpu-memory", type=int, metavar="MIB")
-    p.add_argument("--port", type=int)
-    p.add_argument("--label", type=_pair, action="append", default=[], metavar="K=V")
-    p.add_argument("--env", type=_pair, action="append", default=[], metavar="K=V")
-    p.add_argument("--restart", choices=["no", "on-failure", "always"])
-    p.add_argument("--id")
+    p.add_argument("--gpu-memory", type=int, metavar="MIB", help="share a GPU: the MiB it may use")
+    p.add_argument("--port", type=int, help="its port (default: one from port_range)")
+    p.add_argument(
+        "--label", type=_pair, action="append", default=[], metavar="K=V", help="a label (repeat)"
+    )
+    p.add_argument(
+        "--env",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="an environment variable for it (repeat)",
+    )
+    p.add_argument(
+        "--restart", choices=["no", "on-failure", "always"], help="default: the config's"
+    )
+    p.add_argument("--id", help=f"its id, which {FIELD_SENTENCES['id'].removeprefix('must ')}")
     p.add_argument("--no-register", action="store_true", help="keep it out of the routers")
     p.add_argument(
         "--role",
@@ -140,36 +167,43 @@ def build_parser() -> Parser:
     p.add_argument("--cost", type=float, help="the router's cost of it (default 1.0)")
     p.add_argument("--no-wait", action="store_true", help="return once the process is started")
     p.add_argument("--timeout", type=_positive, help="give up waiting after this many seconds")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command("list", "list workers")
-    p.add_argument("--state", choices=[s.value for s in State])
-    p.add_argument("--model")
-    p.add_argument("--device")
-    p.add_argument("--label", type=_pair, action="append", default=[], metavar="K=V")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--state", choices=[s.value for s in State], help="only workers in this state")
+    p.add_argument("--model", help="only workers of this model")
+    p.add_argument("--device", help="only workers on this device (CPU-n, GPU-n or a UUID)")
+    p.add_argument(
+        "--label",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="only workers with this label (repeat: all of them)",
+    )
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command("show", "show one worker")
-    p.add_argument("id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("id", help="the worker's id")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command("stop", "stop workers gracefully (SIGTERM, then SIGKILL after the timeout)")
-    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("ids", nargs="*", metavar="ID", help="the workers to stop")
     p.add_argument("--all", action="store_true", help="every running worker")
     p.add_argument("--timeout", type=_positive, help="seconds before SIGKILL")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command("rm", "forget stopped or failed workers")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID", help="the workers to forget")
     p.add_argument("--force", action="store_true", help="stop running ones first")
 
     p = command("restart", "stop a worker if running and start it again")
-    p.add_argument("id")
-    p.add_argument("--no-wait", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("id", help="the worker's id")
+    p.add_argument("--no-wait", action="store_true", help="return once the process is started")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command("logs", "print a worker's output")
-    p.add_argument("id")
+    p.add_argument("id", help="the worker's id")
     p.add_argument("-n", "--tail", type=int, default=100, metavar="N", help="last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
 
@@ -178,10 +212,10 @@ def build_parser() -> Parser:
     p.add_argument("--since", type=int, metavar="SEQ", help="replay the events after SEQ first")
 
     p = command("devices", "CPU nodes and GPUs with live figures")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command("status", "the daemon, its devices and worker counts")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     return parser
 
 
@@ -199,7 +233,9 @@ def _print_json(data: BaseModel | list[BaseModel] | dict[str, Any]) -> None:
 
 
 def _err(message: str) -> None:
-    print(f"hive: {message}", file=sys.stderr)
+    """Each line of ``message`` on stderr, after ``hive: ``."""
+    for line in message.splitlines() or [""]:
+        print(f"hive: {line}", file=sys.stderr)
 
 
 class Progress:
@@ -276,6 +312,24 @@ async def _report_start(client: HiveClient, record: Worker, as_json: bool) -> in
     return FAILED
 
 
+#: The spawn fields whose flag is not ``--`` and the field's name with dashes.
+_FLAGS = {
+    "model": "MODEL",
+    "gpu_memory_mib": "--gpu-memory",
+    "labels": "--label",
+    "register": "--no-register",
+    "args": "the arguments after --",
+}
+
+
+def _flag(field: str) -> str:
+    """The flag a person typed for a spawn field: ``gpu_memory_mib`` is ``--gpu-memory``."""
+    head = field.partition(".")[0]
+    if " " in head:  # not a field: the whole command
+        return head
+    return _FLAGS.get(head, "--" + head.replace("_", "-"))
+
+
 async def cmd_spawn(client: HiveClient, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"model": args.model, "args": args.extra}
     for key, value in (
@@ -300,6 +354,11 @@ async def cmd_spawn(client: HiveClient, args: argparse.Namespace) -> int:
         body["env"] = dict(args.env)
     if args.no_register:
         body["register"] = False
+    try:  # the same checks hive makes, so that a typo is a usage error (2) and costs no request
+        SpawnRequest.model_validate(body)
+    except ValidationError as exc:
+        errors = field_errors(exc, top="hive spawn", model=SpawnRequest)
+        raise UsageError("; ".join(f"{_flag(key)}: {message}" for key, message in errors)) from None
     record = await client.spawn(body)
     if args.no_wait:
         if args.json:
@@ -335,26 +394,40 @@ async def cmd_show(client: HiveClient, args: argparse.Namespace) -> int:
     return OK
 
 
-async def _each(ids: Sequence[str], action: Callable[[str], Awaitable[Worker]]) -> list[Worker]:
-    """Run ``action`` on every id concurrently; report each failure, raise if any failed."""
+def _why(error: HiveClientError) -> str:
+    """What went wrong for one worker, in a few words."""
+    if isinstance(error, HiveAPIError):
+        return "no such worker" if error.status == 404 else error.message
+    return str(error)
+
+
+async def _each(
+    ids: Sequence[str], action: Callable[[str], Awaitable[Worker]], done_word: str
+) -> tuple[list[Worker], int]:
+    """Run ``action`` on every id concurrently; report each id, in order, on its own line
+    (``aa stopped`` on stdout, ``hive: nosuch: no such worker`` on stderr) and, when some
+    failed, how many succeeded. Returns the records acted on and how many failed.
+
+    An unreachable hive or a refused token fails them all alike: raised once, not per id."""
     results = await asyncio.gather(*(action(i) for i in ids), return_exceptions=True)
     done: list[Worker] = []
-    failed = False
+    failed = 0
     for worker_id, result in zip(ids, results, strict=True):
+        if isinstance(result, HiveConnectionError) or (
+            isinstance(result, HiveAPIError) and result.status == 401
+        ):
+            raise result
         if isinstance(result, HiveClientError):
-            _err(f"{worker_id}: {result}")
-            failed = True
+            _err(f"{worker_id}: {_why(result)}")
+            failed += 1
         elif isinstance(result, BaseException):
             raise result
         else:
             done.append(result)
     if failed:
-        raise _Failed
-    return done
-
-
-class _Failed(Exception):
-    """Some of the workers acted on failed; each was already reported."""
+        noun = "worker" if len(ids) == 1 else "workers"
+        _err(f"{done_word} {len(done)} of {len(ids)} {noun}; {failed} failed")
+    return done, failed
 
 
 async def cmd_stop(client: HiveClient, args: argparse.Namespace) -> int:
@@ -370,13 +443,17 @@ async def cmd_stop(client: HiveClient, args: argparse.Namespace) -> int:
         if not ids:
             print("no running workers")
             return OK
-    records = await _each(ids, lambda i: client.stop(i, timeout=args.timeout, wait=True))
+
+    async def stop(worker_id: str) -> Worker:
+        record = await client.stop(worker_id, timeout=args.timeout, wait=True)
+        if not args.json:
+            print(f"{record.id} {record.state.value}", flush=True)
+        return record
+
+    records, failed = await _each(ids, stop, "stopped")
     if args.json:
         _print_json(records)
-    for record in records:
-        if not args.json:
-            print(f"{record.id} {record.state.value}")
-    return OK
+    return FAILED if failed else OK
 
 
 async def cmd_rm(client: HiveClient, args: argparse.Namespace) -> int:
@@ -387,11 +464,12 @@ async def cmd_rm(client: HiveClient, args: argparse.Namespace) -> int:
                 raise HiveAPIError(
                     409, "conflict", f"is {record.state.value}; stop it first or use --force"
                 )
-        return await client.delete(worker_id)
+        record = await client.delete(worker_id)
+        print(f"{record.id} removed", flush=True)
+        return record
 
-    for record in await _each(args.ids, remove):
-        print(f"{record.id} removed")
-    return OK
+    _, failed = await _each(args.ids, remove, "removed")
+    return FAILED if failed else OK
 
 
 async def cmd_restart(client: HiveClient, args: argparse.Namespace) -> int:
@@ -465,8 +543,78 @@ COMMANDS: dict[str, Callable[[HiveClient, argparse.Namespace], Awaitable[int]]] 
 }
 
 
-async def _run(args: argparse.Namespace) -> int:
-    async with HiveClient(args.url, args.token) as client:
+@dataclass
+class Target:
+    """The hive a client command talks to, the token it sends, and where each came from, so
+    that an error can say what was tried."""
+
+    url: str
+    url_from: str  # "--url", "HIVE_URL", or "" for hive's own default (socket, then listen)
+    socket: str  # the socket looked for when no one named a URL
+    token: str | None
+    token_from: str  # "--token", "HIVE_TOKEN", a file's path, or "" for none
+
+
+def _target(args: argparse.Namespace) -> Target:
+    config = local_config()
+    socket = str(config.socket_path)
+    if args.url:
+        url, url_from = args.url, "--url"
+    elif env := os.environ.get("HIVE_URL"):
+        url, url_from = env, "HIVE_URL"
+    elif config.socket_path.exists():
+        url, url_from = f"unix://{socket}", ""
+    else:
+        url, url_from = config.api_url, ""
+    try:
+        check_url(url)
+    except HiveURLError:
+        raise UsageError(f"{url_from} {url!r} is not a hive URL: use {URL_FORMS}") from None
+    token: str | None
+    if args.token is not None:
+        token, token_from = args.token, "--token"
+    elif env := os.environ.get("HIVE_TOKEN"):
+        token, token_from = env, "HIVE_TOKEN"
+    elif config.token:
+        token, token_from = config.token, f"the token in {find_config_path()[0]}"
+    else:
+        try:
+            token = config.token_path.read_text().strip() or None
+        except OSError:
+            token = None
+        token_from = str(config.token_path) if token else ""
+    return Target(url, url_from, socket, token, token_from)
+
+
+def _unreachable(target: Target, exc: HiveConnectionError) -> str:
+    """What was tried, why it failed, and what to do: ``hive serve``."""
+    start = "start it with: hive serve"
+    if target.url_from:
+        return (
+            f"cannot reach hive at {target.url} (from {target.url_from}): {exc.reason}; "
+            f"is it running? {start}"
+        )
+    if target.url.startswith("unix://"):
+        return f"cannot reach hive at its socket {target.socket}: {exc.reason}; {start}"
+    return (
+        f"cannot reach hive: no socket at {target.socket}, and {target.url}: {exc.reason}; "
+        f"{start}, or point --url or HIVE_URL at a running hive"
+    )
+
+
+def _refused(target: Target, exc: HiveAPIError) -> str:
+    """A 401: which token was sent, from where, and where to find the right one."""
+    fix = "pass the one in hive's token file with --token or HIVE_TOKEN"
+    if target.token is None:
+        return (
+            f"hive wants a token over TCP and none was found (no --token, no HIVE_TOKEN, "
+            f"nothing readable at {local_config().token_path}); {fix}"
+        )
+    return f"hive refused the token from {target.token_from} ({exc.message}); {fix}"
+
+
+async def _run(args: argparse.Namespace, target: Target) -> int:
+    async with HiveClient(target.url, target.token) as client:
         return await COMMANDS[args.command](client, args)
 
 
@@ -510,19 +658,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error("arguments after -- are only for hive spawn")
     args.extra = extra
     if args.command == "serve":
+        if args.url is not None or args.token is not None:
+            build_parser().error(
+                "--url and --token are for the commands that talk to a running hive; "
+                "hive serve takes --listen and --socket"
+            )
         return _serve(args)
+    target: Target | None = None
     try:
-        return asyncio.run(_run(args))
+        target = _target(args)
+        return asyncio.run(_run(args, target))
     except UsageError as exc:
         _err(str(exc))
         return USAGE
+    except HiveConnectionError as exc:
+        _err(_unreachable(target, exc) if target is not None else str(exc))
+        return FAILED
     except HiveAPIError as exc:
-        _err(exc.message)
+        _err(_refused(target, exc) if exc.status == 401 and target is not None else exc.message)
         return FAILED
     except HiveClientError as exc:
         _err(str(exc))
-        return FAILED
-    except _Failed:
         return FAILED
     except KeyboardInterrupt:
         return 130

@@ -19,6 +19,7 @@ import os
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
 
@@ -34,7 +35,36 @@ class HiveClientError(Exception):
 
 
 class HiveConnectionError(HiveClientError):
-    """hive could not be reached."""
+    """hive could not be reached at ``url``; ``reason`` says why (``connection refused``)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach hive at {url}: {reason}")
+        self.url, self.reason = url, reason
+
+
+class HiveURLError(HiveClientError, ValueError):
+    """A URL that is not one of the forms hive answers on (see :data:`URL_FORMS`)."""
+
+
+def _valid_port(parts: SplitResult) -> bool:
+    try:
+        return parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or over 65535
+        return False
+
+
+#: The forms of hive's URL, as a sentence.
+URL_FORMS = "http://HOST:PORT, https://HOST:PORT or unix:///path/to/hive.sock"
+
+
+def check_url(url: str) -> str:
+    """``url`` if hive could be reached there, else :class:`HiveURLError` saying what is allowed."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix" and url.removeprefix("unix://"):
+        return url
+    if parts.scheme in ("http", "https") and parts.hostname and _valid_port(parts):
+        return url
+    raise HiveURLError(f"{url!r} is not a hive URL: use {URL_FORMS}")
 
 
 class HiveAPIError(HiveClientError):
@@ -49,7 +79,7 @@ def default_url(config: Config | None = None) -> str:
     """``$HIVE_URL``, else the unix socket if it exists, else the configured TCP address."""
     if env := os.environ.get("HIVE_URL"):
         return env
-    config = config or _quiet_config()
+    config = config or local_config()
     if config.socket_path.exists():
         return f"unix://{config.socket_path}"
     host = config.listen_host
@@ -61,7 +91,7 @@ def default_token(config: Config | None = None) -> str | None:
     """``$HIVE_TOKEN``, else the configured token, else the token file if readable."""
     if env := os.environ.get("HIVE_TOKEN"):
         return env
-    config = config or _quiet_config()
+    config = config or local_config()
     if config.token:
         return config.token
     try:
@@ -70,7 +100,8 @@ def default_token(config: Config | None = None) -> str | None:
         return None
 
 
-def _quiet_config() -> Config:
+def local_config() -> Config:
+    """This host's configuration as the client reads it: every default when it cannot be read."""
     try:
         return load_config()
     except ConfigError:
@@ -81,7 +112,7 @@ class HiveClient:
     """One connection pool to one hive. Use it as an async context manager."""
 
     def __init__(self, url: str | None = None, token: str | None = None) -> None:
-        self.url = url or default_url()
+        self.url = check_url(url or default_url())
         self.token = token if token is not None else default_token()
         if self.url.startswith("unix://"):
             self._socket: str | None = self.url.removeprefix("unix://")
@@ -141,7 +172,7 @@ class HiveClient:
                     raise _api_error(response.status, body)
                 return response.status, body
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(f"cannot reach hive at {self.url}: {exc}") from None
+            raise HiveConnectionError(self.url, _reason(exc)) from None
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -228,7 +259,7 @@ class HiveClient:
                 async for chunk in response.content.iter_any():
                     yield chunk
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(f"cannot reach hive at {self.url}: {exc}") from None
+            raise HiveConnectionError(self.url, _reason(exc)) from None
 
     async def events(self, last_event_id: int | None = None) -> AsyncIterator[dict[str, Any]]:
         """Follow ``/v1/events``: each change as ``{seq, at, id, from, to, worker}``, in order.
@@ -249,7 +280,15 @@ class HiveClient:
                             data = json.loads(event.data)
                             yield {"reset": True, **data} if event.event == "reset" else data
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(f"cannot reach hive at {self.url}: {exc}") from None
+            raise HiveConnectionError(self.url, _reason(exc)) from None
+
+
+def _reason(exc: aiohttp.ClientConnectionError) -> str:
+    """Why a connection failed, short: ``connection refused``, ``no such file or directory``."""
+    error = getattr(exc, "os_error", None)
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno).lower()
+    return str(exc) or type(exc).__name__
 
 
 def _param(value: Any) -> str:
@@ -267,10 +306,14 @@ def _api_error(status: int, body: Any) -> HiveAPIError:
 
 
 __all__ = [
+    "URL_FORMS",
     "HiveAPIError",
     "HiveClient",
     "HiveClientError",
     "HiveConnectionError",
+    "HiveURLError",
+    "check_url",
     "default_token",
     "default_url",
+    "local_config",
 ]

@@ -293,7 +293,8 @@ class Config(BaseModel):
 
 
 def _format_error(path: Path | str, error: ValidationError) -> str:
-    errors = field_errors(error, top="(top level)")
+    """One line per bad key, naming the file; a misspelled key with the nearest known one."""
+    errors = field_errors(error, top="(top level)", model=Config)
     return "\n".join(f"{path}: {key}: {message}" for key, message in errors)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -147,6 +148,29 @@ def test_tcp_with_and_without_token(hive: Hive) -> None:
     assert "token" in err.lower()
 
 
+def test_every_flag_has_help_and_serve_offers_no_client_options() -> None:
+    from hive.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {action.dest}"
+        for name, sub in [("hive", parser), *commands.choices.items()]
+        for action in sub._actions
+        if not isinstance(action, argparse._SubParsersAction)
+        and (not action.help or action.help == argparse.SUPPRESS)
+    ]
+    assert missing == []
+    serve = commands.choices["serve"].format_help()
+    assert "--url" not in serve and "--token" not in serve
+    assert "--url" in commands.choices["list"].format_help()
+
+
+def test_serve_refuses_client_options(hive: Hive) -> None:
+    err = failed(hive.cli("--url", hive.url, "serve"), code=2)
+    assert "hive serve takes --listen and --socket" in err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -169,19 +193,108 @@ def test_usage_errors_exit_2(hive: Hive, argv: list[str]) -> None:
 
 
 def test_refused_spawn_exits_1_with_the_field(hive: Hive) -> None:
-    err = failed(hive.cli("spawn", "m", "--id", "Bad Id"))
-    assert "id" in err
     err = failed(hive.cli("spawn", "m", "--device", "gpu"))
     assert "GPU" in err
     err = failed(hive.cli("show", "nobody"))
     assert "nobody" in err
     ids = [w["id"] for w in json.loads(ok(hive.cli("list", "--json")))["workers"]]
-    assert "Bad Id" not in ids and all(w.startswith(("cli-", "t")) for w in ids)
+    assert all(w.startswith(("cli-", "t")) for w in ids)
+
+
+ID_RULE = "must be 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--cpus", "0"], "hive: --cpus: must be a count of at least 1, or a list of core ids"),
+        (
+            ["--device", "TPU-0"],
+            "hive: --device: must be auto, cpu, gpu, CPU-<n>, GPU-<n> or a GPU UUID",
+        ),
+        (["--id", "Qwen-A"], f"hive: --id: {ID_RULE}"),
+        (["--id", "Bad Id"], f"hive: --id: {ID_RULE}"),
+        (["--gpu-memory", "0"], "hive: --gpu-memory: must be at least 1"),
+    ],
+)
+def test_spawn_says_what_a_field_may_be_before_sending(
+    hive: Hive, argv: list[str], line: str
+) -> None:
+    err = failed(hive.cli("spawn", "m", *argv), code=2)
+    assert err.strip() == line
+    ids = [w["id"] for w in json.loads(ok(hive.cli("list", "--json")))["workers"]]
+    assert "Qwen-A" not in ids and "Bad Id" not in ids
+
+
+def test_stop_and_rm_report_each_id_and_how_many_succeeded(hive: Hive) -> None:
+    ok(hive.cli("spawn", "m", "--id", "cli-each"))
+    result = hive.cli("stop", "cli-each", "nosuch")
+    err = failed(result)
+    assert result.stdout == "cli-each stopped\n"
+    assert err.splitlines() == [
+        "hive: nosuch: no such worker",
+        "hive: stopped 1 of 2 workers; 1 failed",
+    ]
+    result = hive.cli("rm", "cli-each", "nosuch")
+    err = failed(result)
+    assert result.stdout == "cli-each removed\n"
+    assert err.splitlines()[-1] == "hive: removed 1 of 2 workers; 1 failed"
+    failed(hive.cli("show", "cli-each"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "source"),
+    [
+        (["--url", "localhost:7070"], {}, "--url 'localhost:7070'"),
+        ([], {"HIVE_URL": "localhost:7070"}, "HIVE_URL 'localhost:7070'"),
+        ([], {"HIVE_URL": "ftp://x"}, "HIVE_URL 'ftp://x'"),
+    ],
+)
+def test_a_url_hive_cannot_use_is_a_usage_error_naming_its_source(
+    hive: Hive, argv: list[str], env: dict[str, str], source: str
+) -> None:
+    err = failed(hive.cli(*argv, "list", env=env), code=2)
+    assert err.strip() == (
+        f"hive: {source} is not a hive URL: use http://HOST:PORT, https://HOST:PORT "
+        "or unix:///path/to/hive.sock"
+    )
 
 
 def test_unreachable_hive_is_one_line(hive: Hive) -> None:
     err = failed(hive.cli("list", env={"HIVE_URL": "http://127.0.0.1:9"}))
-    assert len(err.strip().splitlines()) == 1 and "cannot reach hive" in err
+    assert err.strip() == (
+        "hive: cannot reach hive at http://127.0.0.1:9 (from HIVE_URL): connection refused; "
+        "is it running? start it with: hive serve"
+    )
+
+
+def test_unreachable_by_default_names_the_socket_then_the_url(hive: Hive) -> None:
+    config = hive.home / "client.toml"
+    config.write_text(f'listen = "127.0.0.1:9"\nsocket = "{hive.home}/none.sock"\n')
+    err = failed(hive.cli("list", env={"HIVE_URL": "", "HIVE_CONFIG": str(config)}))
+    assert err.strip() == (
+        f"hive: cannot reach hive: no socket at {hive.home}/none.sock, and "
+        "http://127.0.0.1:9: connection refused; start it with: hive serve, "
+        "or point --url or HIVE_URL at a running hive"
+    )
+
+
+def test_a_refused_token_says_where_it_came_from(hive: Hive) -> None:
+    tcp = {"HIVE_URL": hive.url}
+    fix = "pass the one in hive's token file with --token or HIVE_TOKEN"
+    err = failed(hive.cli("list", env={**tcp, "HIVE_TOKEN": "wrong"}))
+    assert err.strip() == f"hive: hive refused the token from HIVE_TOKEN (invalid token); {fix}"
+    err = failed(hive.cli("list", "--token", "wrong", env=tcp))
+    assert "the token from --token (invalid token)" in err
+    stale = hive.home / "stale-token"
+    stale.write_text("wrong\n")
+    config = hive.home / "token-client.toml"
+    config.write_text(f'token_file = "{stale}"\n')
+    err = failed(hive.cli("list", env={**tcp, "HIVE_CONFIG": str(config)}))
+    assert f"the token from {stale} (invalid token)" in err
+    config.write_text(f'token_file = "{hive.home}/no-token"\n')
+    err = failed(hive.cli("list", env={**tcp, "HIVE_CONFIG": str(config)}))
+    assert "none was found" in err and f"{hive.home}/no-token" in err
 
 
 def test_serve_refuses_a_bad_config(hive: Hive) -> None:

@@ -103,3 +103,21 @@ def test_declared_memory_shares_a_gpu_while_it_fits() -> None:
 def test_a_cpu_only_backend_refuses_a_gpu() -> None:
     with pytest.raises(NoCapacity, match="runs on CPU only"):
         place(Placer(NODES, lambda: GPUS), device="gpu", backend=CPU_ONLY)
+
+
+def test_cores_that_do_not_exist_are_named_with_those_that_do() -> None:
+    """``--cpus 5,6`` on a 2-core host blames the missing cores, not the NUMA layout."""
+    with pytest.raises(NoCapacity) as caught:
+        place(Placer([CpuNode("CPU-0", 0, (0, 1))]), cpus=[5, 6])
+    assert str(caught.value) == (
+        "cpus: cores 5,6 do not exist or are not hive's to use; hive may use cores 0-1"
+    )
+    with pytest.raises(NoCapacity) as caught:
+        place(Placer(NODES), cpus=[3, 9])
+    assert "core 9 does not exist" in str(caught.value) and "cores 0-7" in str(caught.value)
+    with pytest.raises(NoCapacity) as caught:
+        place(Placer(NODES), cpus=[3, 4])
+    assert str(caught.value) == (
+        "cpus: cores 3,4 are on more than one NUMA node (CPU-0: 0-3, CPU-1: 4-7); "
+        "list cores of one node"
+    )

@@ -54,7 +54,7 @@ def error_response(error: HiveError, fields: list[dict[str, str]] | None = None)
 def validation_message(exc: ValidationError) -> tuple[str, list[dict[str, str]]]:
     """One line naming each bad field, and the same as a list (one entry per field)."""
     fields: dict[str, str] = {}
-    for name, message in field_errors(exc, top="body", drop_type_tags=True):
+    for name, message in field_errors(exc, top="body"):
         fields.setdefault(name, message)
     listed = [{"field": name, "message": message} for name, message in fields.items()]
     return "; ".join(f"{name}: {message}" for name, message in fields.items()), listed

@@ -13,7 +13,7 @@ preferring GPUs on one NUMA node. A GPU worker without ``cpus`` runs on its GPUs
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from hive.config import BackendConfig
@@ -40,6 +40,25 @@ def holds_resources(record: Worker) -> bool:
 
 def _cores(cores: list[int] | tuple[int, ...]) -> str:
     return ",".join(map(str, cores))
+
+
+def _ranges(cores: Iterable[int]) -> str:
+    """Core ids as a cpulist: ``0-3,8``."""
+    spans: list[list[int]] = []
+    for core in sorted(set(cores)):
+        if spans and core == spans[-1][1] + 1:
+            spans[-1][1] = core
+        else:
+            spans.append([core, core])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) or "none"
+
+
+def _no_such_cores(missing: list[int], usable: Iterable[int]) -> NoCapacity:
+    """Cores asked for that are not on this host (or not in hive's cpuset), and those that are."""
+    which = f"core {missing[0]} does" if len(missing) == 1 else f"cores {_cores(missing)} do"
+    return NoCapacity(
+        f"cpus: {which} not exist or are not hive's to use; hive may use cores {_ranges(usable)}"
+    )
 
 
 @dataclass
@@ -238,7 +257,7 @@ class Placer:
 
     def _check_listed(self, cores: list[int], usable: set[int], taken: dict[int, str]) -> None:
         if missing := sorted(set(cores) - usable):
-            raise NoCapacity(f"cpus: cores {_cores(missing)} are not cores hive may use")
+            raise _no_such_cores(missing, usable)
         if busy := [c for c in cores if c in taken]:
             owners = sorted({taken[c] for c in busy})
             raise NoCapacity(f"cpus: cores {_cores(busy)} are reserved by {', '.join(owners)}")
@@ -254,8 +273,12 @@ class Placer:
             wanted = set(spec.cpus)
             nodes = [n for n in self.nodes if wanted <= set(n.cores)]
             if not nodes:
+                if missing := sorted(wanted - set(self.usable_cores)):
+                    raise _no_such_cores(missing, self.usable_cores)
+                layout = ", ".join(f"{n.id}: {_ranges(n.cores)}" for n in self.nodes)
                 raise NoCapacity(
-                    f"cpus: cores {_cores(spec.cpus)} are not all on one node hive may use"
+                    f"cpus: cores {_cores(spec.cpus)} are on more than one NUMA node ({layout}); "
+                    "list cores of one node"
                 )
             return nodes
         return list(self.nodes)
