@@ -301,6 +301,9 @@ class Node(BaseModel):
     started_at: datetime
     devices: DeviceSummary
     workers: dict[State, int]
+    #: Where hive answers: its TCP API and its unix socket (no token needed there).
+    api_url: str | None = None
+    socket: str | None = None
 
 
 class Health(BaseModel):

@@ -208,4 +208,7 @@ def node(n: Node) -> str:
         f"devices  {summary}",
         f"workers  {counts}",
     ]
+    if n.api_url or n.socket:
+        where = " and ".join(x for x in (n.api_url, n.socket and f"unix socket {n.socket}") if x)
+        lines.append(f"api      {where}")
     return "\n".join(lines)

@@ -44,6 +44,8 @@ def node_view(context: Context) -> Node:
         started_at=context.started_at,
         devices=device_summary(context.cpu_nodes, context.gpus.snapshot()),
         workers=context.registry.counts(),
+        api_url=context.config.api_url,
+        socket=str(context.config.socket_path),
     )
 
 

@@ -135,8 +135,11 @@ def test_devices_and_status(hive: Hive) -> None:
     assert data["gpus"] == [] and data["cpus"][0]["id"] == "CPU-0"
     out = ok(hive.cli("status"))
     assert out.startswith("hive ") and "workers" in out
+    # Where hive answers, so nobody has to guess the socket's path.
+    assert f"api      {hive.url} and unix socket {hive.socket}" in out
     node = json.loads(ok(hive.cli("status", "--json")))
     assert node["devices"]["cpus"] >= 1
+    assert (node["api_url"], node["socket"]) == (hive.url, str(hive.socket))
 
 
 def test_tcp_with_and_without_token(hive: Hive) -> None:
