@@ -5,6 +5,8 @@ adoption plan on their own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from aiohttp import web
 from hivetest import TAG
 
 from harness.net import free_port
+from harness.waits import async_wait_for
 from hive.adoption import GONE_ERROR, plan, reattach
 from hive.config import BackendConfig, Config
 from hive.containment import choose
@@ -80,6 +83,14 @@ async def deps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
     yield deps
     await deps.prober.close()
     deps.spawner.close()
+    # Whatever a failed test left running goes, and its cgroup with it.
+    for worker_id, pids in deps.containment.inventory().items():
+        deps.containment.kill(worker_id)
+        for pid in pids:  # this process's children: reaped, not left as zombies
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        await async_wait_for(lambda w=worker_id: deps.containment.empty(w), what="emptied")
+        deps.containment.release(worker_id)
     deps.containment.close()
 
 
