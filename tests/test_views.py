@@ -7,8 +7,10 @@ registry, CPU nodes and a fixed GPU snapshot.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
+from hive.config import Config
 from hive.context import Context
 from hive.devices.cpu import CpuNode
 from hive.devices.gpu import GpuInfo, GpuSnapshot
@@ -54,6 +56,7 @@ class _Context:
         self.hostname = "host-1"
         self.version = "9.9.9"
         self.started_at = STARTED
+        self.config = Config(listen="127.0.0.1:7171", socket=Path("/run/hive-test/hive.sock"))
 
 
 def _add(registry: Registry, worker_id: str, **fields: Any) -> None:
@@ -93,6 +96,7 @@ def test_node_view() -> None:
     assert node.devices.model_dump() == {"cpus": 2, "cores": 6, "gpus": 2, "gpu_error": None}
     assert node.workers[State.STARTING] == 1 and node.workers[State.READY] == 1
     assert node.workers[State.STOPPED] == 0
+    assert (node.api_url, node.socket) == ("http://127.0.0.1:7171", "/run/hive-test/hive.sock")
 
 
 def test_devices_view_leaves_out_workers_that_hold_nothing() -> None:
