@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from hive import __version__
-from hive.api.guard import ConnectionGuard
 from hive.config import Config
 from hive.devices.cpu import CpuNode
 from hive.devices.gpu import GpuMonitor
@@ -17,6 +17,9 @@ from hive.logs import Logs
 from hive.metrics import Metrics
 from hive.registry import Registry, now
 from hive.supervisor import Supervisor
+
+if TYPE_CHECKING:  # the API imports this module: no cycle at run time
+    from hive.api.guard import ConnectionGuard
 
 
 @dataclass
