@@ -38,7 +38,11 @@ log = logging.getLogger("hive.supervisor")
 
 
 class Supervisor:
-    """Spawns, stops, restarts and deletes workers; one :class:`WorkerRun` per worker."""
+    """Spawns, stops, restarts and deletes workers; one :class:`WorkerRun` per worker.
+
+    About 300 lines: the request API and adoption, each a few lines over the policies it calls;
+    a spawn's crash-safe order (intent, process, pid, undo) reads best in one place.
+    """
 
     def __init__(
         self,
