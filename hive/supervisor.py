@@ -60,7 +60,7 @@ class Supervisor:
         self.registry = registry
         self.logs = logs
         self.journal = journal
-        self.ports = PortPool(*config.port_range)
+        ports = PortPool(*config.port_range)
         self.containment = containment
         self._deps = Deps(
             config=config,
@@ -68,7 +68,7 @@ class Supervisor:
             spawner=Spawner(),
             logs=logs,
             prober=Prober(),
-            reservations=Reservations(placer, self.ports, config.worker_host),
+            reservations=Reservations(placer, ports, config.worker_host),
             api_url=api_url,
             containment=self.containment,
             journal=journal,

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from hivetest import TAG, Hive, running_hive
+from test_router import Router
 
 from harness.procs import tagged_processes, zombie_children
 from harness.waits import wait_for
@@ -31,3 +32,13 @@ def hive() -> Iterator[Hive]:
     """One daemon for a whole module; tests give their workers distinct ids."""
     with running_hive() as daemon:
         yield daemon
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[Router]:
+    """One real sglang-router for a whole module (test_router.Router)."""
+    r = Router().start()
+    try:
+        yield r
+    finally:
+        r.stop()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import Any
+
+import aiohttp
 
 from harness import daemon
 from harness.procs import Tag, zombie_children
@@ -37,3 +40,19 @@ def running_hive(config: str = "", env: Mapping[str, str] | None = None) -> Iter
             assert code == 0, f"hive exited {code}:\n{hive.log()}"
     finally:
         hive.cleanup()
+
+
+async def spawn_ready(s: aiohttp.ClientSession, **body: Any) -> dict[str, Any]:
+    """POST a spawn with ``wait=ready`` and return the record; fails the test unless it is 200."""
+    body.setdefault("model", "m")
+    async with s.post("/v1/workers", params={"wait": "ready", "timeout": "60"}, json=body) as r:
+        data = await r.json()
+        assert r.status == 200, data
+        return dict(data)
+
+
+async def record(s: aiohttp.ClientSession, worker_id: str) -> dict[str, Any]:
+    """GET one worker's record; fails the test unless it is 200."""
+    async with s.get(f"/v1/workers/{worker_id}") as r:
+        assert r.status == 200
+        return dict(await r.json())

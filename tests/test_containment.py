@@ -5,7 +5,6 @@ environment tags with hive as child subreaper."""
 
 from __future__ import annotations
 
-import asyncio
 import grp
 import json
 import os
@@ -18,7 +17,7 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from hivetest import Hive, running_hive
+from hivetest import Hive, record, running_hive, spawn_ready
 
 from harness.waits import async_wait_for, wait_for
 from hive.containment import Cgroups, instance_of
@@ -86,17 +85,7 @@ def gone(proc: psutil.Process) -> bool:
 
 
 async def spawn(s: aiohttp.ClientSession, worker_id: str, **body: Any) -> dict[str, Any]:
-    body = {"model": "m", "id": worker_id, "backend": "escaping", **body}
-    async with s.post("/v1/workers", params={"wait": "ready", "timeout": "60"}, json=body) as r:
-        data = await r.json()
-        assert r.status == 200, data
-        return data
-
-
-async def record(s: aiohttp.ClientSession, worker_id: str) -> dict[str, Any]:
-    async with s.get(f"/v1/workers/{worker_id}") as r:
-        assert r.status == 200
-        return await r.json()
+    return await spawn_ready(s, id=worker_id, backend="escaping", **body)
 
 
 async def test_the_record_says_which_containment(hive: Hive) -> None:
@@ -191,7 +180,6 @@ async def test_sigkill_of_hive_then_start_ends_what_nothing_accounts_for(
 def test_instance_is_stable_per_state_dir(tmp_path: Path) -> None:
     assert instance_of(tmp_path) == instance_of(tmp_path / ".")
     assert instance_of(tmp_path) != instance_of(tmp_path / "other")
-    asyncio.set_event_loop(None)
 
 
 async def test_a_worker_on_the_unix_socket_gets_only_its_own_heartbeat(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import aiohttp
 import psutil
 import pytest
 import tiny_gguf
-from hivetest import TAG, Hive, running_hive
+from hivetest import TAG, Hive, record, running_hive, spawn_ready
 from test_router import Router, router_config
 
 from harness.procs import tagged_processes
@@ -52,15 +52,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def router() -> Iterator[Router]:
-    r = Router().start()
-    try:
-        yield r
-    finally:
-        r.stop()
-
-
-@pytest.fixture(scope="module")
 def hive(binary: Path, router: Router) -> Iterator[Hive]:
     # The built-in backend runs `llama-server` by name: put the built one first on hive's PATH.
     path = f"{binary.parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
@@ -69,17 +60,7 @@ def hive(binary: Path, router: Router) -> Iterator[Hive]:
 
 
 async def spawn(s: aiohttp.ClientSession, model: Path | str, **body: Any) -> dict[str, Any]:
-    body = {"model": str(model), "backend": "llama-server", **body}
-    async with s.post("/v1/workers", params={"wait": "ready", "timeout": "60"}, json=body) as r:
-        data = await r.json()
-        assert r.status == 200, data
-        return data
-
-
-async def record(s: aiohttp.ClientSession, worker_id: str) -> dict[str, Any]:
-    async with s.get(f"/v1/workers/{worker_id}") as r:
-        assert r.status == 200
-        return dict(await r.json())
+    return await spawn_ready(s, model=str(model), backend="llama-server", **body)
 
 
 async def remove(s: aiohttp.ClientSession, worker_id: str) -> None:

@@ -95,15 +95,6 @@ def router_config(*routers: Router, reconcile: float = 0.5) -> str:
 
 
 @pytest.fixture(scope="module")
-def router() -> Iterator[Router]:
-    r = Router().start()
-    try:
-        yield r
-    finally:
-        r.stop()
-
-
-@pytest.fixture(scope="module")
 def hive(router: Router) -> Iterator[Hive]:
     with running_hive(router_config(router)) as daemon:
         yield daemon
