@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from hive.addresses import http_url
 from hive.config import BackendConfig
 from hive.devices.placement import Placer
 from hive.models import SpawnRequest
@@ -48,14 +49,11 @@ class Reservations:
                 also_taken=frozenset({port}),
                 what="bootstrap_port",
             )
-        host = self.worker_host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
         return {
             "device": placement.device,
             "cpus": placement.cpus,
             "gpus": placement.gpus,
             "port": port,
-            "url": f"http://{host}:{port}",
+            "url": http_url(self.worker_host, port),
             "bootstrap_port": bootstrap,
         }

@@ -314,6 +314,14 @@ class Supervisor:
         if self._deps.closing:
             raise Conflict("hive is shutting down")
 
+    def log_ended(self, worker_id: str) -> bool:
+        """Nothing more will be written to the worker's log: hive is closing, the worker is
+        forgotten, or its process is gone with no restart coming."""
+        if self._deps.closing or worker_id not in self.registry:
+            return True
+        record = self.registry.get(worker_id)
+        return record.state in DOWN_STATES and self.is_settled(worker_id)
+
     def is_settled(self, worker_id: str) -> bool:
         """True when the worker's process is gone and no restart is coming."""
         run = self._runs.get(worker_id)

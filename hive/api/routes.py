@@ -24,7 +24,6 @@ from hive.errors import BadRequest, Conflict, Invalid
 from hive.events import SSE_HEADERS, drop, limit_send_buffer
 from hive.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hive.models import (
-    LIVE_STATES,
     Devices,
     EventsQuery,
     Health,
@@ -272,10 +271,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
 
     def finished() -> bool:
-        if context.supervisor.closing or worker_id not in context.registry:
-            return True
-        record = context.registry.get(worker_id)
-        return record.state not in LIVE_STATES and context.supervisor.is_settled(worker_id)
+        return context.supervisor.log_ended(worker_id)
 
     try:
         async for chunk in context.logs.follow(worker_id, query.tail, finished):
