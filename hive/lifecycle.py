@@ -32,7 +32,7 @@ from hive.launch import build_launch
 from hive.logs import Logs
 from hive.metrics import Metrics
 from hive.models import State
-from hive.probes import Prober, ProbeResult
+from hive.probes import Prober, WorkerProbes
 from hive.process import Process, Spawner, describe_exit, terminate
 from hive.registry import Registry, now
 from hive.reservations import Reservations
@@ -93,7 +93,12 @@ class WorkerRun:
         self._backoff = Backoff()
         self._sweeps: set[asyncio.Task[bool]] = set()
         self._unrunnable = False
-        self._last_probe: ProbeResult | None = None
+        registry = deps.registry
+        self._probes = WorkerProbes(
+            deps.prober,
+            lambda: registry.get(worker_id).port,
+            lambda: registry.get(worker_id).last_heartbeat_at,
+        )
 
     # -- what the supervisor asks of a run ------------------------------------------------------
 
@@ -286,15 +291,15 @@ class WorkerRun:
                 ready.cancel()
                 if not done:
                     error = f"not ready after {backend.startup_timeout:g}s (startup_timeout)"
-                    if self._last_probe is not None:
+                    if self._probes.last is not None:
                         error += (
-                            f"; its {backend.health_path} last answered {self._last_probe.detail}"
+                            f"; its {backend.health_path} last answered {self._probes.last.detail}"
                         )
                     return await self._fail_and_kill(error)
             if not exited.done() and not stop.done():
                 self._backoff = Backoff(self._backoff.delay, ready_since=time.monotonic())
                 hung = asyncio.ensure_future(self._hung.wait())
-                live = asyncio.ensure_future(self._probe_liveness(backend))
+                live = asyncio.ensure_future(self._probes.until_unhealthy(backend))
                 await asyncio.wait([*waits, hung, live], return_when=asyncio.FIRST_COMPLETED)
                 hung.cancel()
                 live.cancel()
@@ -314,33 +319,11 @@ class WorkerRun:
 
     # -- probes ---------------------------------------------------------------------------------
 
-    def _health_url(self, backend: BackendConfig) -> str | None:
-        if backend.health_path is None:
-            return None
-        return f"http://127.0.0.1:{self.deps.registry.get(self.id).port}{backend.health_path}"
-
     async def _probe_until_ready(self, backend: BackendConfig) -> None:
         """Poll the health path until it answers 2xx; then the worker is ready."""
-        url = self._health_url(backend)
-        if url is None:
-            return
-        await self.deps.prober.until_ready(url, self._probed)
-        self.deps.registry.became_ready(self.id)
-        self._ready.set()
-
-    def _probed(self, result: ProbeResult) -> None:
-        self._last_probe = result
-
-    async def _probe_liveness(self, backend: BackendConfig) -> str | None:
-        """Probe a ready worker's health path; the error once it failed too often in a row."""
-        url = self._health_url(backend)
-        if url is None:
-            await asyncio.Event().wait()  # nothing to probe: wait to be cancelled
-            return None
-        registry = self.deps.registry
-        return await self.deps.prober.until_unhealthy(
-            url, backend, lambda: registry.get(self.id).last_heartbeat_at
-        )
+        if await self._probes.until_ready(backend):
+            self.deps.registry.became_ready(self.id)
+            self._ready.set()
 
     # -- outcomes -------------------------------------------------------------------------------
 

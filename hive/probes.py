@@ -95,3 +95,40 @@ class Prober:
                     f"unhealthy: {backend.health_path} failed {failures} times in a row "
                     f"(last: {result.detail})"
                 )
+
+
+class WorkerProbes:
+    """One worker's probes of its backend's health path: results only, and the last one seen
+    (so that a startup timeout can say what the probe last got)."""
+
+    def __init__(
+        self, prober: Prober, port: Callable[[], int], heartbeat: Callable[[], datetime | None]
+    ) -> None:
+        self._prober = prober
+        self._port = port
+        self._heartbeat = heartbeat
+        self.last: ProbeResult | None = None
+
+    def url(self, backend: BackendConfig) -> str | None:
+        if backend.health_path is None:
+            return None
+        return f"http://127.0.0.1:{self._port()}{backend.health_path}"
+
+    async def until_ready(self, backend: BackendConfig) -> bool:
+        """Once the health path answers 2xx: True. False at once when there is none to probe."""
+        url = self.url(backend)
+        if url is None:
+            return False
+        await self._prober.until_ready(url, self._seen)
+        return True
+
+    def _seen(self, result: ProbeResult) -> None:
+        self.last = result
+
+    async def until_unhealthy(self, backend: BackendConfig) -> str:
+        """Why a ready worker is unhealthy; never returns when there is nothing to probe."""
+        url = self.url(backend)
+        if url is None:
+            await asyncio.Event().wait()  # nothing to probe: wait to be cancelled
+        assert url is not None
+        return await self._prober.until_unhealthy(url, backend, self._heartbeat)

@@ -128,11 +128,9 @@ def _matches(
     return all(record.labels.get(k) == v for k, v in labels.items())
 
 
-class Registry:
-    """Worker records, the transition table, filters and ordered change notifications.
-
-    Over 300 lines on purpose: every write of a worker record is one of its named operations,
-    so that a reader finds all of them here, under the one lock.
+class Records:
+    """Worker records, the transition table, filters and ordered change notifications: the
+    storage under one lock. :class:`Registry` adds the named operations hive writes through.
     """
 
     def __init__(self, retention: float = 3600.0) -> None:
@@ -337,6 +335,42 @@ class Registry:
                     gone.append(worker_id)
         return gone
 
+    # -- waiting -------------------------------------------------------------------------------
+
+    def token(self, worker_id: str) -> str | None:
+        """The worker's heartbeat token, or None for an unknown worker."""
+        with self._lock:
+            entry = self._entries.get(worker_id)
+            return entry.token if entry is not None else None
+
+    async def wait_until(
+        self, worker_id: str, done: Callable[[Worker], bool], timeout: float
+    ) -> Worker:
+        """Wait (at most ``timeout`` s) until ``done(record)`` holds, or the record is
+        forgotten; returns the record as it then is."""
+        loop = asyncio.get_running_loop()
+        reached: asyncio.Future[Worker] = loop.create_future()
+
+        def on_change(change: Change) -> None:
+            if change.id == worker_id and (change.to is None or done(change.worker)):
+                loop.call_soon_threadsafe(_settle, reached, change.worker)
+
+        unsubscribe = self.subscribe(on_change)
+        try:
+            record = self.get(worker_id)
+            if done(record):
+                return record
+            settled = await within(reached, timeout)
+            return settled.result() if settled is not None else self.get(worker_id)
+        finally:
+            unsubscribe()
+
+
+class Registry(Records):
+    """The registry: :class:`Records` and the named operations, one for each thing that
+    happens to a worker, so that every write of a record is found here under the one lock.
+    """
+
     # -- named operations: what actually happens to a worker -----------------------------------
 
     def begin_attempt(self, worker_id: str, reserve: Builder, restarts: int) -> Worker:
@@ -445,36 +479,6 @@ class Registry:
                 for worker_id, usage in figures.items()
             }
         )
-
-    # -- waiting -------------------------------------------------------------------------------
-
-    def token(self, worker_id: str) -> str | None:
-        """The worker's heartbeat token, or None for an unknown worker."""
-        with self._lock:
-            entry = self._entries.get(worker_id)
-            return entry.token if entry is not None else None
-
-    async def wait_until(
-        self, worker_id: str, done: Callable[[Worker], bool], timeout: float
-    ) -> Worker:
-        """Wait (at most ``timeout`` s) until ``done(record)`` holds, or the record is
-        forgotten; returns the record as it then is."""
-        loop = asyncio.get_running_loop()
-        reached: asyncio.Future[Worker] = loop.create_future()
-
-        def on_change(change: Change) -> None:
-            if change.id == worker_id and (change.to is None or done(change.worker)):
-                loop.call_soon_threadsafe(_settle, reached, change.worker)
-
-        unsubscribe = self.subscribe(on_change)
-        try:
-            record = self.get(worker_id)
-            if done(record):
-                return record
-            settled = await within(reached, timeout)
-            return settled.result() if settled is not None else self.get(worker_id)
-        finally:
-            unsubscribe()
 
 
 def _settle(future: asyncio.Future[Worker], record: Worker) -> None:
