@@ -26,7 +26,7 @@ APP = "hive"
 PLACEHOLDERS = frozenset(
     {
         "model", "port", "host", "python", "id", "device", "gpus", "ncpus", "state_dir",
-        "bootstrap_port", "role",
+        "bootstrap_port", "role", "gpu_memory_mib", "gpu_memory_fraction",
     }
 )  # fmt: skip
 
@@ -55,6 +55,36 @@ def default_config_path() -> Path:
     return config_dir() / "hive.toml"
 
 
+class LoadConfig(BaseModel):
+    """Where an engine says how many requests it runs, and how to read it (:mod:`hive.load`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    #: ``llama-server``: its ``/slots``; ``sglang``: its ``/get_load``; ``prometheus``: the sum of
+    #: the ``running`` (and ``waiting``) metrics in a Prometheus text page such as ``/metrics``.
+    format: Literal["llama-server", "sglang", "prometheus"]
+    running: list[str] = []
+    waiting: list[str] = []
+    #: Seconds between reads while the worker is ready or busy and sends no heartbeats.
+    period: Annotated[float, Field(gt=0)] = 2.0
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        return path
+
+    @model_validator(mode="after")
+    def _metrics_named(self) -> LoadConfig:
+        if self.format == "prometheus" and not self.running:
+            raise ValueError("running: name the metric(s) of running requests for prometheus")
+        if self.format != "prometheus" and (self.running or self.waiting):
+            raise ValueError('running and waiting are for format = "prometheus" only')
+        return self
+
+
 class BackendConfig(BaseModel):
     """How to run one kind of model server."""
 
@@ -72,6 +102,15 @@ class BackendConfig(BaseModel):
     #: Arguments added after ``command`` for a worker of each router role (placeholders as in
     #: ``command``): how this engine is told to prefill or decode.
     role_args: dict[Literal["regular", "prefill", "decode"], list[str]] = {}
+    #: Arguments added when the worker was given a share of its GPUs' memory (``gpu_memory_mib``)
+    #: rather than whole GPUs: how this engine is told to keep to its share.
+    share_args: list[str] = []
+    #: Where the engine says how busy it is; hive reads it when the worker sends no heartbeats.
+    load: LoadConfig | None = None
+    #: The Python environment (a venv, or any directory with ``bin/python``) the engine lives in:
+    #: ``{python}`` is its interpreter and its ``bin`` comes first on the worker's ``PATH``.
+    #: Default: hive's own interpreter and ``PATH``.
+    venv: Path | None = None
     #: The key routers must use for this backend's workers (``api_key``, or the first line of
     #: ``api_key_file``): sent to sglang-router with each registration, never logged or shown.
     api_key: str | None = None
@@ -89,6 +128,11 @@ class BackendConfig(BaseModel):
         for args in role_args.values():
             cls._known_placeholders(args)
         return role_args
+
+    @field_validator("share_args")
+    @classmethod
+    def _share_placeholders(cls, args: list[str]) -> list[str]:
+        return cls._known_placeholders(args)
 
     @field_validator("command")
     @classmethod
@@ -131,6 +175,7 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
             "prefill": ["--role", "prefill", "--bootstrap-port", "{bootstrap_port}"],
             "decode": ["--role", "decode"],
         },
+        "load": {"path": "/get_load", "format": "sglang"},
         "health_path": "/health",
         "startup_timeout": 120,
         "gpu": "optional",
@@ -138,9 +183,17 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
     "vllm": {
         "command": [
             "vllm", "serve", "{model}",
+            "--served-model-name", "{model}",
             "--host", "{host}", "--port", "{port}",
             "--tensor-parallel-size", "{gpus}",
         ],
+        "share_args": ["--gpu-memory-utilization", "{gpu_memory_fraction}"],
+        "load": {
+            "path": "/metrics",
+            "format": "prometheus",
+            "running": ["vllm:num_requests_running"],
+            "waiting": ["vllm:num_requests_waiting"],
+        },
         "health_path": "/health",
         "startup_timeout": 1200,
         "gpu": True,
@@ -149,9 +202,12 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
         "command": [
             "{python}", "-m", "sglang.launch_server",
             "--model-path", "{model}",
+            "--served-model-name", "{model}",
             "--host", "{host}", "--port", "{port}",
             "--tp-size", "{gpus}",
         ],
+        "share_args": ["--mem-fraction-static", "{gpu_memory_fraction}"],
+        "load": {"path": "/get_load", "format": "sglang"},
         "role_args": {
             "prefill": [
                 "--disaggregation-mode", "prefill",
@@ -166,9 +222,11 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
     "llama-server": {
         "command": [
             "llama-server", "--model", "{model}",
+            "--alias", "{model}",
             "--host", "{host}", "--port", "{port}",
             "--threads", "{ncpus}",
         ],
+        "load": {"path": "/slots", "format": "llama-server"},
         "health_path": "/health",
         "startup_timeout": 600,
         "gpu": "optional",

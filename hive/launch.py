@@ -6,7 +6,9 @@ read and tested without a daemon. The supervisor's lifecycle hands the result to
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,14 +32,36 @@ SCRUBBED_ENV = (
 )
 
 
-def placeholders(entry: Entry, config: Config) -> dict[str, str]:
-    """The values of a backend command's ``{placeholders}`` for this attempt."""
+def memory_fraction(share_mib: int | None, total_mib: int | None) -> str:
+    """``share_mib`` of ``total_mib`` as a fraction rounded down to 3 places (``0.139``), so an
+    engine told it never takes more than its share; empty when either is unknown."""
+    if not share_mib or not total_mib:
+        return ""
+    return f"{math.floor(min(share_mib / total_mib, 1.0) * 1000) / 1000:.3f}"
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def placeholders(
+    entry: Entry,
+    config: Config,
+    gpu_total_mib: int | None = None,
+    backend_venv: Path | None = None,
+) -> dict[str, str]:
+    """The values of a backend command's ``{placeholders}`` for this attempt.
+
+    ``gpu_total_mib`` is the memory of the smallest of the worker's GPUs: what its declared share
+    (``{gpu_memory_mib}``) is a fraction of (``{gpu_memory_fraction}``).
+    """
     record, spec = entry.record, entry.spec
+    share = spec.gpu_memory_mib if record.gpus else None
     return {
         "model": spec.model,
         "port": str(record.port),
         "host": config.worker_host,
-        "python": sys.executable,
+        "python": str(venv_python(backend_venv)) if backend_venv else sys.executable,
         "id": record.id,
         "device": record.device,
         "gpus": str(len(record.gpus)),
@@ -45,6 +69,8 @@ def placeholders(entry: Entry, config: Config) -> dict[str, str]:
         "state_dir": str(config.state_path),
         "role": record.role,
         "bootstrap_port": str(record.bootstrap_port or ""),
+        "gpu_memory_mib": str(share or ""),
+        "gpu_memory_fraction": memory_fraction(share, gpu_total_mib),
     }
 
 
@@ -61,6 +87,7 @@ def build_launch(
     log_path: Path,
     environ: Mapping[str, str] | None = None,
     instance: str = "",
+    gpu_total_mib: int | None = None,
 ) -> Launch:
     """argv, environment, log file and cores for the next attempt of ``entry``'s worker.
 
@@ -70,8 +97,10 @@ def build_launch(
     every descendant inherits.
     """
     record, spec = entry.record, entry.spec
-    values = placeholders(entry, config)
+    values = placeholders(entry, config, gpu_total_mib, backend.venv)
     command = [*backend.command, *backend.role_args.get(record.role, [])]
+    if values["gpu_memory_mib"]:
+        command += backend.share_args
     argv = [arg.format_map(values) for arg in command] + list(spec.args)
     inherited = os.environ if environ is None else environ
     env = {k: v for k, v in inherited.items() if k not in SCRUBBED_ENV}
@@ -95,5 +124,10 @@ def build_launch(
     )
     if spec.cpus is not None:
         env["OMP_NUM_THREADS"] = str(len(record.cpus))
+    if backend.venv is not None:
+        env["PATH"] = f"{backend.venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"
+        env["VIRTUAL_ENV"] = str(backend.venv)
+    if "/" not in argv[0]:  # found on the worker's PATH, not hive's
+        argv[0] = shutil.which(argv[0], path=env.get("PATH", os.defpath)) or argv[0]
     cpus = frozenset(record.cpus) if record.cpus else None
     return Launch(argv, env, log_path, cpus, user=backend.user, group=backend.group)

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from hive.config import BackendConfig, Config
@@ -29,6 +29,7 @@ from hive.containment import Containment, ContainmentError, Group
 from hive.errors import HiveError
 from hive.journal import Journal
 from hive.launch import build_launch
+from hive.load import Load
 from hive.logs import Logs
 from hive.metrics import Metrics
 from hive.models import State
@@ -41,6 +42,12 @@ from hive.router_sync import RouterSync
 from hive.timeouts import within
 
 log = logging.getLogger("hive.lifecycle")
+
+
+def _age(at: datetime | None) -> float | None:
+    """Seconds since ``at``; None for never."""
+    return None if at is None else (now() - at).total_seconds()
+
 
 #: exec errors that no retry can cure: the command is missing or cannot be executed.
 _UNRUNNABLE = frozenset(
@@ -97,7 +104,7 @@ class WorkerRun:
         self._probes = WorkerProbes(
             deps.prober,
             lambda: registry.get(worker_id).port,
-            lambda: registry.get(worker_id).last_heartbeat_at,
+            lambda: _age(registry.get(worker_id).last_heartbeat_at),
         )
 
     # -- what the supervisor asks of a run ------------------------------------------------------
@@ -208,6 +215,7 @@ class WorkerRun:
         self._ready.clear()
         self._hung.clear()
         self.disarm_hang_timer()
+        self._probes.reset()
 
     async def _launch(self) -> None:
         """Start the process of a record in ``starting``; a failure to exec makes it failed."""
@@ -224,6 +232,7 @@ class WorkerRun:
             deps.api_url,
             deps.logs.path(self.id),
             instance=deps.containment.instance,
+            gpu_total_mib=deps.reservations.placer.memory_total_mib(entry.record.gpus),
         )
         attempt = entry.record.restarts + 1
         deps.logs.mark(self.id, f"attempt {attempt}: {' '.join(launch.argv)}")
@@ -300,9 +309,13 @@ class WorkerRun:
                 self._backoff = Backoff(self._backoff.delay, ready_since=time.monotonic())
                 hung = asyncio.ensure_future(self._hung.wait())
                 live = asyncio.ensure_future(self._probes.until_unhealthy(backend))
+                load = asyncio.ensure_future(
+                    self._probes.follow_load(backend, self._heartbeating, self._report_load)
+                )
                 await asyncio.wait([*waits, hung, live], return_when=asyncio.FIRST_COMPLETED)
                 hung.cancel()
                 live.cancel()
+                load.cancel()
                 if not exited.done() and not stop.done():
                     if hung.done():
                         timeout = deps.config.heartbeat_timeout
@@ -318,6 +331,13 @@ class WorkerRun:
             self.disarm_hang_timer()
 
     # -- probes ---------------------------------------------------------------------------------
+
+    def _heartbeating(self) -> bool:
+        """The worker heartbeats in this attempt: its own word on busy beats the engine's."""
+        return self._hang_timer is not None
+
+    def _report_load(self, load: Load) -> None:
+        self.deps.registry.engine_load(self.id, load.in_flight)
 
     async def _probe_until_ready(self, backend: BackendConfig) -> None:
         """Poll the health path until it answers 2xx; then the worker is ready."""
@@ -385,11 +405,15 @@ class WorkerRun:
         return Outcome.FAILED
 
     async def _drain(self) -> None:
-        """Out of the routers first, then wait for in-flight requests (from heartbeats) to end."""
+        """Out of the routers first, then wait for in-flight requests to end: as heartbeats
+        report them, or as the engine's load endpoint does (read every 0.1 s while draining)."""
         assert self.process is not None
         deps = self.deps
         if deps.upstream is not None:
             await deps.upstream.withdraw(self.id)
+        engine = self._load_reported_by_engine()
+        if engine is not None:
+            await self._read_load(engine)
         record = deps.registry.get(self.id)
         if not record.in_flight or deps.config.drain_timeout <= 0:
             return
@@ -400,9 +424,22 @@ class WorkerRun:
             while time.monotonic() < deadline and self.process.running:
                 if not deps.registry.get(self.id).in_flight:
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1 if engine is not None else 0.05)
+                if engine is not None:
+                    await self._read_load(engine)
         finally:
             deps.registry.set_draining(self.id, False)
+
+    def _load_reported_by_engine(self) -> BackendConfig | None:
+        """The backend, when its engine's load endpoint (not heartbeats) says how busy it is."""
+        backend = self.deps.backend(self.deps.registry.get(self.id).backend)
+        if backend is None or backend.load is None or not self._ready.is_set():
+            return None
+        return None if self._heartbeating() else backend
+
+    async def _read_load(self, backend: BackendConfig) -> None:
+        if (load := await self._probes.read_load(backend)) is not None:
+            self._report_load(load)
 
     async def _stop_process(self) -> Outcome:
         assert self.process is not None

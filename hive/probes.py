@@ -1,22 +1,28 @@
-"""Health probes: ask a worker's health path and say what came back; never change a record.
+"""Health probes and load reads: ask a worker's engine and say what came back; never change a
+record.
 
 The readiness probe polls until the worker answers 2xx; the liveness probe watches a ready
-worker and returns why it is unhealthy once it failed ``liveness_failures`` times in a row
-(skipping any period in which the worker heartbeated: that already proves it alive). Both
-return results; the worker's lifecycle decides what they mean.
+worker and returns why it is unhealthy once it failed ``liveness_failures`` times in a row. A
+period in which something else proved the worker alive (a heartbeat, or a load read that the
+engine answered) costs no probe; and a probe that times out while the engine last said it was
+running requests is not a failure: a busy engine is slow, not dead. The load read
+(:mod:`hive.load`) asks the backend's load endpoint every ``load.period`` while the worker sends
+no heartbeats. All of them go over one HTTP session whose connections are kept alive, so a
+period's read costs one request, not a new TCP connection. The worker's lifecycle decides what
+the results mean.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 
 import aiohttp
 
 from hive.config import BackendConfig
-from hive.registry import now
+from hive.load import Load, LoadError, parse
 
 _TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 #: Readiness is polled after 50 ms, then each wait half again as long, up to every 1 s.
@@ -29,32 +35,42 @@ class ProbeResult:
 
     ok: bool
     detail: str
+    timed_out: bool = False
 
 
 class Prober:
-    """Probes over one HTTP session shared by every worker."""
+    """Probes over one HTTP session shared by every worker, its connections kept alive."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+        # No cap on connections: one per worker is kept alive, however many workers there are.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(timeout=_TIMEOUT, connector=connector)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    async def check(self, url: str) -> ProbeResult:
-        """GET ``url`` once: passed on 2xx."""
+    async def get(self, url: str) -> tuple[ProbeResult, bytes]:
+        """GET ``url`` once: passed on 2xx, with the body it answered."""
         if self._session is None:
-            return ProbeResult(False, "hive is not probing")
+            return ProbeResult(False, "hive is not probing"), b""
         try:
             async with self._session.get(url) as response:
                 ok = 200 <= response.status < 300
-                return ProbeResult(ok, f"HTTP {response.status}")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return ProbeResult(False, str(exc) or type(exc).__name__)
+                body = await response.read() if ok else b""
+                return ProbeResult(ok, f"HTTP {response.status}"), body
+        except TimeoutError:
+            return ProbeResult(False, f"no answer within {_TIMEOUT.total:g}s", timed_out=True), b""
+        except (aiohttp.ClientError, OSError) as exc:
+            return ProbeResult(False, str(exc) or type(exc).__name__), b""
+
+    async def check(self, url: str) -> ProbeResult:
+        """GET ``url`` once: passed on 2xx."""
+        return (await self.get(url))[0]
 
     async def until_ready(
         self, url: str, seen: Callable[[ProbeResult], None] | None = None
@@ -77,19 +93,26 @@ class Prober:
         self,
         url: str,
         backend: BackendConfig,
-        last_heartbeat: Callable[[], datetime | None],
+        proven_within: Callable[[float], bool],
+        busy: Callable[[], bool],
     ) -> str:
-        """Watch a ready worker; returns why it is unhealthy (cancel to stop watching)."""
+        """Watch a ready worker; returns why it is unhealthy (cancel to stop watching).
+
+        ``proven_within(seconds)``: something else showed the worker alive that recently.
+        ``busy()``: the engine last said it runs requests, so a probe's timeout is forgiven.
+        """
         failures = 0
-        period = timedelta(seconds=backend.liveness_period)
+        period = backend.liveness_period
         while True:
-            await asyncio.sleep(backend.liveness_period)
-            beat = last_heartbeat()
-            if beat is not None and now() - beat < period:
-                failures = 0  # it heartbeated within the period: that is proof enough of life
+            await asyncio.sleep(period)
+            if proven_within(period):
+                failures = 0
                 continue
             result = await self.check(url)
-            failures = 0 if result.ok else failures + 1
+            if result.ok:
+                failures = 0
+            elif not (result.timed_out and busy()):
+                failures += 1
             if failures >= backend.liveness_failures:
                 return (
                     f"unhealthy: {backend.health_path} failed {failures} times in a row "
@@ -98,21 +121,32 @@ class Prober:
 
 
 class WorkerProbes:
-    """One worker's probes of its backend's health path: results only, and the last one seen
-    (so that a startup timeout can say what the probe last got)."""
+    """One worker's probes and load reads: results only, with the last of each kept (a startup
+    timeout says what the probe last got; liveness asks whether the engine was busy)."""
 
     def __init__(
-        self, prober: Prober, port: Callable[[], int], heartbeat: Callable[[], datetime | None]
+        self,
+        prober: Prober,
+        port: Callable[[], int],
+        heartbeat_age: Callable[[], float | None],
     ) -> None:
         self._prober = prober
         self._port = port
-        self._heartbeat = heartbeat
+        self._heartbeat_age = heartbeat_age
         self.last: ProbeResult | None = None
+        #: The engine's last load report, and when (``time.monotonic()``) a read last succeeded.
+        self.load: Load | None = None
+        self.load_read_at: float | None = None
+
+    def _url(self, path: str | None) -> str | None:
+        return None if path is None else f"http://127.0.0.1:{self._port()}{path}"
 
     def url(self, backend: BackendConfig) -> str | None:
-        if backend.health_path is None:
-            return None
-        return f"http://127.0.0.1:{self._port()}{backend.health_path}"
+        return self._url(backend.health_path)
+
+    def reset(self) -> None:
+        """A new attempt: nothing it was told before holds."""
+        self.last = self.load = self.load_read_at = None
 
     async def until_ready(self, backend: BackendConfig) -> bool:
         """Once the health path answers 2xx: True. False at once when there is none to probe."""
@@ -131,4 +165,45 @@ class WorkerProbes:
         if url is None:
             await asyncio.Event().wait()  # nothing to probe: wait to be cancelled
         assert url is not None
-        return await self._prober.until_unhealthy(url, backend, self._heartbeat)
+        return await self._prober.until_unhealthy(url, backend, self._proven_within, self._busy)
+
+    def _proven_within(self, seconds: float) -> bool:
+        age = self._heartbeat_age()
+        if age is not None and age < seconds:
+            return True
+        return self.load_read_at is not None and time.monotonic() - self.load_read_at < seconds
+
+    def _busy(self) -> bool:
+        return self.load is not None and self.load.in_flight > 0
+
+    async def read_load(self, backend: BackendConfig) -> Load | None:
+        """Ask the engine once how busy it is; None when it did not say (kept: the last that
+        it did)."""
+        config, url = backend.load, self._url(backend.load.path if backend.load else None)
+        if config is None or url is None:
+            return None
+        result, body = await self._prober.get(url)
+        if not result.ok:
+            return None
+        try:
+            load = parse(config, body)
+        except LoadError:
+            return None
+        self.load, self.load_read_at = load, time.monotonic()
+        return load
+
+    async def follow_load(
+        self,
+        backend: BackendConfig,
+        heartbeating: Callable[[], bool],
+        report: Callable[[Load], None],
+    ) -> None:
+        """Read the engine's load every ``load.period`` and ``report`` each answer, except while
+        the worker heartbeats (its own word wins); runs until cancelled."""
+        if backend.load is None:
+            await asyncio.Event().wait()
+        assert backend.load is not None
+        while True:
+            if not heartbeating() and (load := await self.read_load(backend)) is not None:
+                report(load)
+            await asyncio.sleep(backend.load.period)

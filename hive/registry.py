@@ -434,6 +434,21 @@ class Registry(Records):
                 return self.transition(worker_id, state, **fields)
             return self.update(worker_id, **fields)
 
+    def engine_load(self, worker_id: str, in_flight: int) -> Worker | None:
+        """The engine's own count of requests it holds: ``busy`` while above zero, ``ready``
+        at zero. Only a ``ready`` or ``busy`` worker changes; None (nothing changes) otherwise.
+        Subscribers hear of a change of state, not of each new count."""
+        with self._lock:
+            record = self._entry(worker_id).record
+            if record.state not in (State.READY, State.BUSY):
+                return None
+            state = State.BUSY if in_flight > 0 else State.READY
+            if record.state != state:
+                return self.transition(worker_id, state, in_flight=in_flight)
+            if record.in_flight != in_flight:
+                return self.update(worker_id, in_flight=in_flight)
+            return record
+
     def set_desired(self, worker_id: str, desired: Desired) -> Worker:
         """What the operator wants: ``stopped`` also cancels a restart that was due."""
         with self._lock:

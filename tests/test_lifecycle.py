@@ -215,8 +215,9 @@ async def test_probe_results_say_what_came_back() -> None:
         backend = BackendConfig(
             command=["x"], health_path="/health", liveness_period=0.05, liveness_failures=3
         )
+        # Busy forgives a probe that timed out, not one that answered 500.
         why = await asyncio.wait_for(
-            prober.until_unhealthy(base + "?status=500", backend, lambda: None), 10
+            prober.until_unhealthy(base + "?status=500", backend, lambda _: False, lambda: True), 10
         )
         assert why == "unhealthy: /health failed 3 times in a row (last: HTTP 500)"
     finally:

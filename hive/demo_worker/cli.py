@@ -84,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
         metavar="CODE",
         help="the HTTP status /health answers once loaded (default 200)",
     )
+    parser.add_argument(
+        "--health-waits-for-idle",
+        action="store_true",
+        help="/health answers only once no generation runs (like an engine's model lock)",
+    )
     args = parser.parse_args(argv)
     if args.bootstrap_port is not None and args.role != "prefill":
         parser.error("--bootstrap-port is for --role prefill only")
@@ -98,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         role=args.role,
         bootstrap_port=args.bootstrap_port,
         health_status=args.health_status,
+        health_waits_for_idle=args.health_waits_for_idle,
     )
 
 

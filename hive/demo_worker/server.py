@@ -48,6 +48,9 @@ class Options:
     bootstrap_port: int | None = None
     #: What /health answers once loaded (an engine whose health check a router cannot pass).
     health_status: int = 200
+    #: ``/health`` waits until no generation runs, as an engine whose health check takes the
+    #: model's lock does: a probe of it times out while the worker is busy.
+    health_waits_for_idle: bool = False
 
 
 class DemoWorker:
@@ -62,6 +65,9 @@ class DemoWorker:
         self.tokens_in_flight = 0
         #: Set when the worker turns busy or ready: the heartbeat loop reports at once.
         self.changed = asyncio.Event()
+        #: Set while no generation runs.
+        self.idle = asyncio.Event()
+        self.idle.set()
         self.stopping = asyncio.Event()
         self.exit_code = 0
         self.created = int(time.time())
@@ -91,6 +97,7 @@ class DemoWorker:
         self.tokens_in_flight += tokens
         if self.in_flight == 1:
             self.changed.set()
+            self.idle.clear()
         try:
             yield
         finally:
@@ -98,6 +105,7 @@ class DemoWorker:
             self.tokens_in_flight -= tokens
             if self.in_flight == 0:
                 self.changed.set()
+                self.idle.set()
 
     async def think(self, tokens: int = 1, of: int = 1) -> None:
         """Wait the part ``tokens``/``of`` of the per-generation latency."""
@@ -128,6 +136,8 @@ class DemoWorker:
     async def health(self, request: web.Request) -> web.Response:
         if not self.loaded.is_set():
             return web.json_response({"status": "loading"}, status=503)
+        if self.options.health_waits_for_idle:
+            await self.idle.wait()
         status = self.options.health_status
         return web.json_response({"status": "ok" if status < 300 else "unhealthy"}, status=status)
 

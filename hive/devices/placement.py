@@ -83,6 +83,16 @@ class Placer:
         #: that GPU memory used by other processes can be told apart.
         self.worker_pids: frozenset[int] = frozenset()
 
+    def memory_total_mib(self, uuids: Iterable[str]) -> int | None:
+        """The memory of the smallest of these GPUs, as last read; None if none is known."""
+        snapshot = self._gpus()
+        totals = [
+            gpu.memory_total_mib
+            for uuid in uuids
+            if (gpu := snapshot.by_uuid(uuid)) is not None and gpu.memory_total_mib
+        ]
+        return min(totals) if totals else None
+
     @property
     def usable_cores(self) -> list[int]:
         return sorted(c for node in self.nodes for c in node.cores)
