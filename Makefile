@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test lint venv clean bench fuzz soak llama-server
+.PHONY: run test lint venv clean bench fuzz soak llama-server gpu-check
 
 venv: $(STAMP)
 
@@ -33,6 +33,12 @@ llama-server: $(STAMP)
 
 test: $(STAMP) llama-server
 	binary=$$($(LLAMA_SERVER_BUILD) path) && HIVE_LLAMA_SERVER=$$binary $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# hive's GPU path on this host's GPU 0 (gpu/check.py): devices against nvidia-smi, a worker
+# holding VRAM, sharing by declared memory, memory back after stop and SIGKILL. Needs nothing
+# from the network once the venv exists. Without a GPU it runs against the stand-in NVML.
+gpu-check: $(STAMP)
+	$(BIN)/python gpu/check.py $(GPU_CHECK_ARGS)
 
 # A longer API fuzz run than CI's (schemathesis against the live daemon).
 fuzz: $(STAMP)

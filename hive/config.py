@@ -122,6 +122,13 @@ class BackendConfig(BaseModel):
     user: Annotated[str, Field(min_length=1)] | None = None
     group: Annotated[str, Field(min_length=1)] | None = None
 
+    def read_api_key(self) -> str | None:
+        """The key this backend's engines expect: ``api_key``, or the first line of
+        ``api_key_file`` (raises OSError when it cannot be read)."""
+        if self.api_key_file is not None:
+            return Path(self.api_key_file).read_text().strip() or None
+        return self.api_key
+
     @field_validator("role_args")
     @classmethod
     def _role_placeholders(cls, role_args: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -175,7 +182,7 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
             "prefill": ["--role", "prefill", "--bootstrap-port", "{bootstrap_port}"],
             "decode": ["--role", "decode"],
         },
-        "load": {"path": "/get_load", "format": "sglang"},
+        "load": {"path": "/v1/loads?include=core", "format": "sglang"},
         "health_path": "/health",
         "startup_timeout": 120,
         "gpu": "optional",
@@ -207,7 +214,9 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
             "--tp-size", "{gpus}",
         ],
         "share_args": ["--mem-fraction-static", "{gpu_memory_fraction}"],
-        "load": {"path": "/get_load", "format": "sglang"},
+        "load": {"path": "/v1/loads?include=core", "format": "sglang"},
+        # Its /health otherwise runs a one-token generation, which waits behind running work.
+        "env": {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"},
         "role_args": {
             "prefill": [
                 "--disaggregation-mode", "prefill",

@@ -1,9 +1,10 @@
 """Engine load: how many requests an engine says it is running and holding, from its own report.
 
 Engines that do not heartbeat to hive still say how busy they are: llama-server's ``/slots``
-(one entry per slot, ``is_processing``), SGLang's ``/get_load`` (one entry per data-parallel
-rank, ``num_reqs`` and ``num_waiting_reqs``), and any engine's Prometheus ``/metrics`` (vLLM's
-``vllm:num_requests_running`` and ``vllm:num_requests_waiting``). :func:`parse` turns one such
+(one entry per slot, ``is_processing``), SGLang's ``/v1/loads`` (one entry per data-parallel
+rank, ``num_running_reqs`` and ``num_waiting_reqs``; ``/get_load`` before 0.5), and any
+engine's Prometheus ``/metrics`` (vLLM's ``vllm:num_requests_running`` and
+``vllm:num_requests_waiting``). :func:`parse` turns one such
 answer into a :class:`Load`; the worker's probes read it, and the registry makes the worker
 ``busy`` while ``in_flight`` is above zero.
 """
@@ -55,13 +56,21 @@ def _llama_slots(data: Any, path: str) -> Load:
 
 
 def _sglang_load(data: Any, path: str) -> Load:
-    """SGLang's ``GET /get_load``: one object per data-parallel rank (or a single object)."""
-    ranks = data if isinstance(data, list) else [data]
+    """SGLang's load, one entry per data-parallel rank: ``GET /v1/loads`` (0.5.x: ``{"loads":
+    [{"num_running_reqs", "num_waiting_reqs", ...}]}``) or the older ``GET /get_load`` (a list
+    of ``{"num_reqs", "num_waiting_reqs", ...}``)."""
+    if isinstance(data, dict) and isinstance(data.get("loads"), list):
+        ranks = data["loads"]
+    else:
+        ranks = data if isinstance(data, list) else [data]
     running = waiting = 0
     for rank in ranks:
-        if not isinstance(rank, dict) or not isinstance(rank.get("num_reqs"), int):
-            raise LoadError(f"{path} did not answer SGLang's load (num_reqs per rank)")
-        running += rank["num_reqs"]
+        count = (
+            rank.get("num_running_reqs", rank.get("num_reqs")) if isinstance(rank, dict) else None
+        )
+        if not isinstance(count, int):
+            raise LoadError(f"{path} did not answer SGLang's load (num_running_reqs per rank)")
+        running += count
         queued = rank.get("num_waiting_reqs", 0)
         waiting += queued if isinstance(queued, int) else 0
     return Load(running=running, waiting=waiting)

@@ -54,12 +54,13 @@ class Prober:
             await self._session.close()
             self._session = None
 
-    async def get(self, url: str) -> tuple[ProbeResult, bytes]:
-        """GET ``url`` once: passed on 2xx, with the body it answered."""
+    async def get(self, url: str, key: str | None = None) -> tuple[ProbeResult, bytes]:
+        """GET ``url`` once (with ``key`` as its bearer token): passed on 2xx, with the body."""
         if self._session is None:
             return ProbeResult(False, "hive is not probing"), b""
+        headers = {"Authorization": f"Bearer {key}"} if key else None
         try:
-            async with self._session.get(url) as response:
+            async with self._session.get(url, headers=headers) as response:
                 ok = 200 <= response.status < 300
                 body = await response.read() if ok else b""
                 return ProbeResult(ok, f"HTTP {response.status}"), body
@@ -137,6 +138,8 @@ class WorkerProbes:
         #: The engine's last load report, and when (``time.monotonic()``) a read last succeeded.
         self.load: Load | None = None
         self.load_read_at: float | None = None
+        #: The engine's API key, read once per attempt ("" for none).
+        self._key: str | None = None
 
     def _url(self, path: str | None) -> str | None:
         return None if path is None else f"http://127.0.0.1:{self._port()}{path}"
@@ -146,7 +149,7 @@ class WorkerProbes:
 
     def reset(self) -> None:
         """A new attempt: nothing it was told before holds."""
-        self.last = self.load = self.load_read_at = None
+        self.last = self.load = self.load_read_at = self._key = None
 
     async def until_ready(self, backend: BackendConfig) -> bool:
         """Once the health path answers 2xx: True. False at once when there is none to probe."""
@@ -182,7 +185,12 @@ class WorkerProbes:
         config, url = backend.load, self._url(backend.load.path if backend.load else None)
         if config is None or url is None:
             return None
-        result, body = await self._prober.get(url)
+        if self._key is None:
+            try:
+                self._key = backend.read_api_key() or ""
+            except OSError:
+                self._key = ""  # unreadable: the read goes without, and says 401 if it must
+        result, body = await self._prober.get(url, self._key)
         if not result.ok:
             return None
         try:

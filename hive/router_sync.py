@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -180,13 +179,11 @@ class RouterSync:
         backend = self.config.backends.get(worker.backend)
         if backend is None:
             return None
-        if backend.api_key_file is not None:
-            try:
-                return Path(backend.api_key_file).read_text().strip() or None
-            except OSError as exc:
-                log.error("backend %s: cannot read api_key_file: %s", worker.backend, exc)
-                return None
-        return backend.api_key
+        try:
+            return backend.read_api_key()
+        except OSError as exc:
+            log.error("backend %s: cannot read api_key_file: %s", worker.backend, exc)
+            return None
 
     # -- immediate reactions -------------------------------------------------------------------
 

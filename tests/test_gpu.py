@@ -13,8 +13,8 @@ import aiohttp
 import psutil
 import pytest
 from hivetest import Hive, running_hive
-from nvml_stub import FakeGpu, FakeProc, build_fake_nvml, write_config
 
+from harness.nvml import FakeGpu, FakeProc, build_fake_nvml, write_config
 from harness.waits import async_wait_for
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nvml_stub import (
+
+from harness.nvml import (
     FakeGpu,
     build_fake_nvml,
     compiler,
     env_for,
     write_config,
 )
-
 from hive.devices.gpu import (
     GpuInfo,
     GpuProcessInfo,
@@ -40,7 +40,7 @@ PRELUDE = """
 import dataclasses, json, os, sys, threading, time
 from pathlib import Path
 import pynvml
-from nvml_stub import FakeGpu, FakeProc, write_config
+from harness.nvml import FakeGpu, FakeProc, write_config
 from hive.devices.gpu import GpuMonitor, compute_pids
 
 CONFIG = Path(os.environ["FAKE_NVML_CONFIG"]) if "FAKE_NVML_CONFIG" in os.environ else None

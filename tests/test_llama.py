@@ -8,8 +8,11 @@ garbage, which is all these tests need of it.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +203,74 @@ async def test_stop_leaves_no_process(hive: Hive, model: Path) -> None:
                 async with c.get(f"{w['url']}/health"):
                     pass
         await remove(s, "ll-stop")
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 32k context: a request of 6,000 tokens runs for seconds."""
+    return tiny_gguf.write(tmp_path_factory.mktemp("llama") / "long.gguf", context=32768)
+
+
+async def stream_tokens(response: aiohttp.ClientResponse) -> tuple[int, bool]:
+    """Read a /completion stream to its end: the tokens its last event says were predicted, and
+    whether it said stop."""
+    tokens, stopped = 0, False
+    async for line in response.content:
+        if line.startswith(b"data: "):
+            event = json.loads(line[6:])
+            if event.get("stop"):
+                tokens, stopped = event.get("tokens_predicted", 0), True
+    return tokens, stopped
+
+
+def probe_connections(hive_pid: int, port: int) -> list[tuple[int, str]]:
+    """hive's own TCP connections to a worker's port: (local port, status) of each."""
+    found = []
+    for conn in psutil.Process(hive_pid).net_connections(kind="tcp"):
+        if conn.raddr and conn.raddr.port == port:
+            found.append((conn.laddr.port, conn.status))
+    return found
+
+
+async def test_busy_and_in_flight_come_from_the_engines_slots(hive: Hive, long_model: Path) -> None:
+    async with hive.session() as s:
+        w = await spawn(s, long_model, id="ll-busy")
+        try:
+            timeout = aiohttp.ClientTimeout(total=90)
+            body = {"prompt": "hello", "n_predict": 6000, "ignore_eos": True, "stream": True}
+            async with aiohttp.ClientSession(timeout=timeout) as c:
+                streams = [await c.post(f"{w['url']}/completion", json=body) for _ in range(2)]
+                for stream in streams:
+                    assert stream.status == 200
+                    await stream.content.readline()  # it runs: its first token has come
+
+                async def busy_with_two() -> dict[str, Any] | None:
+                    r = await record(s, "ll-busy")
+                    return r if (r["state"], r["in_flight"]) == ("busy", 2) else None
+
+                await async_wait_for(busy_with_two, timeout=30, what="busy with 2 in flight")
+                # Sampled every 50 ms while the streams run (seconds: reads every 2 s), hive
+                # holds one connection to the engine, the same one: kept alive, not one a read.
+                samples: list[list[tuple[int, str]]] = []
+                reading = asyncio.gather(*(stream_tokens(stream) for stream in streams))
+                began = time.monotonic()
+                while not reading.done():
+                    samples.append(probe_connections(hive.pid, w["port"]))
+                    await asyncio.wait([reading], timeout=0.05)
+                results = reading.result()
+                sampled = time.monotonic() - began
+                for stream in streams:
+                    stream.release()
+            assert sampled > 2.5, f"{sampled:.1f}s: not past a read period (2 s)"
+            assert all(sample == samples[0] for sample in samples), set(map(tuple, samples))
+            assert len(samples[0]) == 1 and samples[0][0][1] == psutil.CONN_ESTABLISHED
+            assert results == [(6000, True), (6000, True)], results  # every token: never cut short
+
+            async def ready_again() -> dict[str, Any] | None:
+                r = await record(s, "ll-busy")
+                return r if (r["state"], r["in_flight"]) == ("ready", 0) else None
+
+            after = await async_wait_for(ready_again, timeout=30, what="ready, none in flight")
+            assert (after["restarts"], after["pid"]) == (0, w["pid"])
+        finally:
+            await remove(s, "ll-busy")

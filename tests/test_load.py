@@ -16,7 +16,7 @@ from hive.models import SpawnRequest, State, Worker
 from hive.registry import Entry, Registry, now
 
 LLAMA = LoadConfig(path="/slots", format="llama-server")
-SGLANG = LoadConfig(path="/get_load", format="sglang")
+SGLANG = LoadConfig(path="/v1/loads?include=core", format="sglang")
 VLLM = LoadConfig(
     path="/metrics",
     format="prometheus",
@@ -49,6 +49,15 @@ def test_llama_server_slots_count_the_ones_processing() -> None:
 
 
 def test_sglang_load_sums_the_ranks() -> None:
+    # SGLang 0.5's /v1/loads (fields trimmed).
+    loads = (
+        b'{"timestamp": "2026-12-02T00:00:00", "version": "0.5.23", "num_accelerators": 2,'
+        b' "loads": [{"dp_rank": 0, "num_running_reqs": 4, "num_waiting_reqs": 3,'
+        b' "token_usage": 0.2, "memory": {"kv_cache_gb": 40}},'
+        b' {"dp_rank": 1, "num_running_reqs": 1, "num_waiting_reqs": 0}]}'
+    )
+    assert parse(SGLANG, loads) == Load(running=5, waiting=3)
+    # The older /get_load.
     body = (
         b'[{"dp_rank": 0, "num_reqs": 2, "num_waiting_reqs": 1, "num_tokens": 90},'
         b' {"dp_rank": 1, "num_reqs": 3, "num_waiting_reqs": 0, "num_tokens": 10}]'
@@ -70,7 +79,8 @@ def test_prometheus_sums_every_label_set_of_the_named_metrics() -> None:
     [
         (LLAMA, b"<html>", "/slots did not answer JSON"),
         (LLAMA, b'{"error": "slots disabled"}', "/slots did not answer a list of slots"),
-        (SGLANG, b'[{"load": 1}]', "/get_load did not answer SGLang's load"),
+        (SGLANG, b'[{"load": 1}]', "/v1/loads.include=core did not answer SGLang's load"),
+        (SGLANG, b'{"loads": [{"num_running_reqs": "4"}]}', "did not answer SGLang's load"),
         (VLLM, b"process_cpu_seconds_total 4.5\n", "/metrics has no sample of vllm:num_requests"),
         (VLLM, b"vllm:num_requests_running NaN\n", "/metrics has no sample of"),
     ],
@@ -102,6 +112,7 @@ def test_the_builtin_engines_say_where_their_load_is() -> None:
     backends = Config().backends
     assert backends["llama-server"].load == LLAMA
     assert backends["sglang"].load == SGLANG
+    assert backends["demo"].load == SGLANG
     assert backends["vllm"].load is not None
     assert backends["vllm"].load.running == ["vllm:num_requests_running"]
 

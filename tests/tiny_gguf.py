@@ -49,8 +49,10 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write(path: Path, seed: int = 0) -> Path:
-    """Write the model to ``path``; returns it."""
+def write(path: Path, seed: int = 0, context: int = N_CTX) -> Path:
+    """Write the model to ``path``; returns it. ``context``: the context length it says it was
+    trained for, which llama-server takes as each slot's context (a larger one lets a request
+    generate for longer)."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = vocabulary()
 
@@ -64,7 +66,7 @@ def write(path: Path, seed: int = 0) -> Path:
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("hive tiny test model")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_context_length(N_CTX)
+    writer.add_context_length(context)
     writer.add_embedding_length(N_EMBD)
     writer.add_block_count(N_LAYERS)
     writer.add_feed_forward_length(N_FF)

@@ -1,4 +1,5 @@
-"""SGLang's native routes: ``POST /generate``, ``GET /get_load`` and ``POST /flush_cache``.
+"""SGLang's native routes: ``POST /generate``, ``GET /get_load``, ``GET /v1/loads`` and
+``POST /flush_cache``.
 
 Same shapes as an SGLang server, so that an sglang-router can drive the demo worker: ``/generate``
 takes ``text`` (or ``input_ids``), one prompt or a batch, and streams as Server-Sent Events when
@@ -62,6 +63,7 @@ class SGLangRoutes:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/get_load", self.load_report),
+            web.get("/v1/loads", self.loads),
             web.post("/flush_cache", self.flush_cache),
             web.post("/generate", self.generate),
         ]
@@ -77,6 +79,19 @@ class SGLangRoutes:
                     "num_tokens": self.worker.tokens_in_flight,
                 }
             ]
+        )
+
+    async def loads(self, request: web.Request) -> web.Response:
+        """SGLang 0.5's ``/v1/loads`` (its core fields): what hive reads as the engine's load."""
+        worker = self.worker
+        core = {
+            "dp_rank": 0,
+            "num_running_reqs": worker.in_flight,
+            "num_waiting_reqs": 0,
+            "num_used_tokens": worker.tokens_in_flight,
+        }
+        return web.json_response(
+            {"version": "demo", "num_accelerators": 0, "loads": [core]},
         )
 
     async def flush_cache(self, request: web.Request) -> web.Response:

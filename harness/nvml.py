@@ -1,4 +1,4 @@
-"""A fake NVML for tests: build ``tests/fake_nvml/fake_nvml.c`` and describe GPUs to it.
+"""A fake NVML for tests: build ``harness/fake_nvml.c`` and describe GPUs to it.
 
 The fake is a real shared library named ``libnvidia-ml.so.1``; the real pynvml binding loads it
 through ``LD_LIBRARY_PATH``, so code under test runs unchanged on a machine without a GPU.
@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SOURCE = Path(__file__).parent / "fake_nvml" / "fake_nvml.c"
+SOURCE = Path(__file__).parent / "fake_nvml.c"
 LIBRARY_NAME = "libnvidia-ml.so.1"
 
 NVML_ERROR_NOT_SUPPORTED = 3
