@@ -264,7 +264,9 @@ def test_example_config_loads() -> None:
     assert config.default_backend == "vllm"
     vllm = config.backends["vllm"]
     assert vllm.gpu is True
-    assert vllm.command[0].startswith("/")  # PATH under systemd is the system's
+    # PATH under systemd is the system's: vllm is found in the backend's own venv.
+    assert vllm.venv is not None and vllm.venv.is_absolute() and vllm.command[0] == "vllm"
+    assert vllm.load is not None and vllm.share_args
     assert "{model}" in vllm.command and "{port}" in vllm.command
     assert vllm.env["HF_HOME"].startswith("/var/lib/hive/")  # writable: the StateDirectory
     assert "demo" in config.backends  # built-ins stay
