@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import http.server
 
-
 ANSWERS = {"/health": b'{"status": "ok"}', "/slots": b'[{"id": 0, "is_processing": false}]'}
 
 
