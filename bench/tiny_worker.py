@@ -20,6 +20,9 @@ ANSWERS = {"/health": b'{"status": "ok"}', "/slots": b'[{"id": 0, "is_processing
 
 class Health(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    #: Headers and body leave in one write (flushed after each request), as an engine's server
+    #: sends them: two small writes would wait on the client's delayed ACK (Nagle), 40 ms each.
+    wbufsize = -1
 
     def do_GET(self) -> None:
         body = ANSWERS.get(self.path)

@@ -30,6 +30,7 @@ from hive.api import create_app
 from hive.api.guard import ConnectionGuard
 from hive.api.keys import CONTEXT
 from hive.config import Config, ConfigError
+from hive.containment import Cgroups
 from hive.containment import choose as choose_containment
 from hive.context import Context
 from hive.devices import cpu
@@ -180,6 +181,8 @@ class Daemon:
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
         log.info("%s", how)
+        if isinstance(containment, Cgroups):
+            usage.cgroups = containment
         supervisor = Supervisor(
             config,
             registry,

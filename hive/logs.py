@@ -31,6 +31,7 @@ class Logs:
         self.directory = directory
         self.max_bytes = max_bytes
         self._failing = False
+        self._names: dict[str, str] = {}  # worker id -> its log's path, as a string
         directory.mkdir(parents=True, exist_ok=True, mode=0o750)
 
     def path(self, worker_id: str) -> Path:
@@ -75,11 +76,18 @@ class Logs:
         return None
 
     def cap(self, worker_id: str) -> bool:
-        """Rotate the log if it passed half of ``max_bytes``; True if it did."""
-        path = self.path(worker_id)
+        """Rotate the log if it passed half of ``max_bytes``; True if it did.
+
+        Called for every running worker each housekeeping pass, so the common case is one
+        ``stat`` of a path string built once per worker.
+        """
+        name = self._names.get(worker_id)
+        if name is None:
+            name = self._names[worker_id] = str(self.path(worker_id))
         try:
-            if path.stat().st_size <= self.max_bytes // 2:
+            if os.stat(name).st_size <= self.max_bytes // 2:
                 return False
+            path = self.path(worker_id)
             shutil.copyfile(path, self._rotated(worker_id))
             os.truncate(path, 0)
         except FileNotFoundError:
@@ -87,6 +95,7 @@ class Logs:
         return True
 
     def remove(self, worker_id: str) -> None:
+        self._names.pop(worker_id, None)
         for path in (self.path(worker_id), self._rotated(worker_id)):
             path.unlink(missing_ok=True)
 

@@ -7,9 +7,9 @@ period in which something else proved the worker alive (a heartbeat, or a load r
 engine answered) costs no probe; and a probe that times out while the engine last said it was
 running requests is not a failure: a busy engine is slow, not dead. The load read
 (:mod:`hive.load`) asks the backend's load endpoint every ``load.period`` while the worker sends
-no heartbeats. All of them go over one HTTP session whose connections are kept alive, so a
-period's read costs one request, not a new TCP connection. The worker's lifecycle decides what
-the results mean.
+no heartbeats. All of them go over one kept-alive connection per worker
+(:mod:`hive.connections`), so a period's read costs one request, not a new TCP connection nor
+an HTTP client's round trip. The worker's lifecycle decides what the results mean.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
-
 from hive.config import BackendConfig
+from hive.connections import Connections, HttpError
 from hive.load import Load, LoadError, parse
 
-_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+#: Seconds a probe or load read waits for its answer.
+_TIMEOUT = 2.0
 #: Readiness is polled after 50 ms, then each wait half again as long, up to every 1 s.
 _FIRST_POLL, _MAX_POLL = 0.05, 1.0
 
@@ -39,35 +39,36 @@ class ProbeResult:
 
 
 class Prober:
-    """Probes over one HTTP session shared by every worker, its connections kept alive."""
+    """Probes over kept-alive connections to every worker (:mod:`hive.connections`)."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._connections: Connections | None = None
 
     async def start(self) -> None:
-        # No cap on connections: one per worker is kept alive, however many workers there are.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-        self._session = aiohttp.ClientSession(timeout=_TIMEOUT, connector=connector)
+        self._connections = Connections()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._connections is not None:
+            self._connections.close()
+            self._connections = None
 
     async def get(self, url: str, key: str | None = None) -> tuple[ProbeResult, bytes]:
-        """GET ``url`` once (with ``key`` as its bearer token): passed on 2xx, with the body."""
-        if self._session is None:
+        """GET ``url`` (``http://127.0.0.1:PORT/path``) once, with ``key`` as its bearer token:
+        passed on 2xx, with the body it answered."""
+        if self._connections is None:
             return ProbeResult(False, "hive is not probing"), b""
-        headers = {"Authorization": f"Bearer {key}"} if key else None
+        authority, _, target = url.removeprefix("http://").partition("/")
+        port = int(authority.rpartition(":")[2])
         try:
-            async with self._session.get(url, headers=headers) as response:
-                ok = 200 <= response.status < 300
-                body = await response.read() if ok else b""
-                return ProbeResult(ok, f"HTTP {response.status}"), body
+            status, body = await self._connections.get(port, "/" + target, _TIMEOUT, key)
         except TimeoutError:
-            return ProbeResult(False, f"no answer within {_TIMEOUT.total:g}s", timed_out=True), b""
-        except (aiohttp.ClientError, OSError) as exc:
+            return ProbeResult(False, f"no answer within {_TIMEOUT:g}s", timed_out=True), b""
+        except OSError as exc:
             return ProbeResult(False, str(exc) or type(exc).__name__), b""
+        except HttpError as exc:
+            return ProbeResult(False, str(exc)), b""
+        ok = 200 <= status < 300
+        return ProbeResult(ok, f"HTTP {status}"), body if ok else b""
 
     async def check(self, url: str) -> ProbeResult:
         """GET ``url`` once: passed on 2xx."""
@@ -106,7 +107,7 @@ class Prober:
         period = backend.liveness_period
         while True:
             await asyncio.sleep(period)
-            if proven_within(period):
+            if proven_within(period * 1.5):  # a proof as old as one period, give or take
                 failures = 0
                 continue
             result = await self.check(url)
@@ -206,12 +207,23 @@ class WorkerProbes:
         heartbeating: Callable[[], bool],
         report: Callable[[Load], None],
     ) -> None:
-        """Read the engine's load every ``load.period`` and ``report`` each answer, except while
-        the worker heartbeats (its own word wins); runs until cancelled."""
+        """Read the engine's load and ``report`` each answer, except while the worker heartbeats
+        (its own word wins); runs until cancelled.
+
+        Every ``load.period`` while the figure moves; each read that finds it unchanged doubles
+        the wait, up to the backend's ``liveness_period``: an idle engine costs one request a
+        liveness period (which also proves it alive), a busy one is followed closely.
+        """
         if backend.load is None:
             await asyncio.Event().wait()
         assert backend.load is not None
+        fastest = backend.load.period
+        slowest = max(fastest, backend.liveness_period)
+        wait: float = fastest
+        last: Load | None = None
         while True:
             if not heartbeating() and (load := await self.read_load(backend)) is not None:
                 report(load)
-            await asyncio.sleep(backend.load.period)
+                wait = fastest if load != last else min(wait * 2, slowest)
+                last = load
+            await asyncio.sleep(wait)

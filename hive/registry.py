@@ -483,17 +483,23 @@ class Registry(Records):
             return self.update(worker_id, routers={**entry.record.routers, router_url: status})
 
     def record_usage(self, figures: Mapping[str, Figures]) -> None:
-        """Per-worker figures from one refresh, under one lock; unknown ids are skipped."""
-        self.update_many(
-            {
-                worker_id: {
-                    "rss_bytes": usage.rss_bytes,
-                    "cpu_percent": usage.cpu_percent,
-                    "gpu_memory_used_mib": usage.gpu_memory_used_mib,
-                }
-                for worker_id, usage in figures.items()
-            }
-        )
+        """Per-worker figures from one refresh, under one lock; unknown ids are skipped, and
+        so is a record whose figures did not change (an idle worker costs no copy)."""
+        changes: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            for worker_id, usage in figures.items():
+                entry = self._entries.get(worker_id)
+                if entry is None:
+                    continue
+                r = entry.record
+                measured = (usage.rss_bytes, usage.cpu_percent, usage.gpu_memory_used_mib)
+                if (r.rss_bytes, r.cpu_percent, r.gpu_memory_used_mib) != measured:
+                    changes[worker_id] = {
+                        "rss_bytes": usage.rss_bytes,
+                        "cpu_percent": usage.cpu_percent,
+                        "gpu_memory_used_mib": usage.gpu_memory_used_mib,
+                    }
+            self.update_many(changes)
 
 
 def _settle(future: asyncio.Future[Worker], record: Worker) -> None:

@@ -363,8 +363,8 @@ class Supervisor:
                 for worker_id in self.registry.expire():
                     self._runs.pop(worker_id, None)
                     self.logs.remove(worker_id)
-                for record in self.registry.list():
-                    if record.state in (State.STARTING, State.READY, State.BUSY):
-                        self.logs.cap(record.id)
+                for worker_id, run in self._runs.items():
+                    if run.process is not None and run.process.running:
+                        self.logs.cap(worker_id)
             except OSError:
                 log.exception("housekeeping failed")

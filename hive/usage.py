@@ -1,9 +1,11 @@
 """Usage: what each worker's process tree uses (RSS, CPU, GPU memory), refreshed periodically.
 
-Every ``interval`` seconds, off the event loop, the refresher walks each running worker's
-process tree with psutil, sums resident memory and CPU use, and adds up the GPU memory that
-NVML's latest snapshot lists for those pids. The figures go into the records in one registry
-update; API reads never compute them. It only reads processes, never signals them.
+Every ``interval`` seconds, off the event loop, the refresher reads each running worker's
+cgroup (a few small files: its pids, ``memory.stat``, ``cpu.stat``) where workers have one, or
+else walks each worker's process tree with psutil, sums resident memory and CPU use, and adds
+up the GPU memory that NVML's latest snapshot lists for those pids. The figures go into the
+records in one registry update; API reads never compute them. It only reads processes, never
+signals them.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 from collections.abc import Callable
 
 import psutil
 
+from hive.containment import Cgroups
 from hive.devices.gpu import GpuSnapshot, compute_pids
 from hive.devices.placement import Placer
 from hive.models import LIVE_STATES
@@ -30,6 +35,7 @@ class Usage:
         placer: Placer,
         gpus: Callable[[], GpuSnapshot],
         interval: float = 2.0,
+        cgroups: Cgroups | None = None,
     ) -> None:
         self.registry = registry
         self.placer = placer
@@ -37,6 +43,9 @@ class Usage:
         self.interval = interval
         self._processes: dict[int, psutil.Process] = {}  # kept for cpu_percent's deltas
         self._task: asyncio.Task[None] | None = None
+        #: Where workers have cgroups, figures come from them (:meth:`_refresh_cgroups`).
+        self.cgroups = cgroups
+        self._cpu_times: dict[str, tuple[float, int]] = {}  # worker -> (monotonic, usage_usec)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="hive-usage")
@@ -69,6 +78,9 @@ class Usage:
 
     def refresh(self) -> None:
         """Measure every running worker now (blocking: call from a thread)."""
+        if self.cgroups is not None:
+            self._refresh_cgroups(self.cgroups)
+            return
         gpu_memory = compute_pids(self.gpus())
         changes: dict[str, Figures] = {}
         seen: set[int] = set()
@@ -101,3 +113,47 @@ class Usage:
             del self._processes[pid]
         self.placer.worker_pids = frozenset(seen)
         self.registry.record_usage(changes)
+
+    def _refresh_cgroups(self, cgroups: Cgroups) -> None:
+        """From each worker's cgroup: its pids, memory and CPU time, without walking the whole
+        process table. CPU % is the cgroup's CPU time since the last refresh over the time
+        between them."""
+        gpu_memory = compute_pids(self.gpus())
+        changes: dict[str, Figures] = {}
+        seen: set[int] = set()
+        at = time.monotonic()
+        cpu_times: dict[str, tuple[float, int]] = {}
+        for record in self.registry.list():
+            if record.state not in LIVE_STATES or record.pid is None:
+                continue
+            figures = cgroups.figures(record.id)
+            if figures is None:
+                continue
+            pids, memory, cpu_usec = figures
+            seen |= pids
+            if memory is None:
+                memory = sum(_rss(pid) for pid in pids)
+            cpu_times[record.id] = (at, cpu_usec)
+            before = self._cpu_times.get(record.id)
+            cpu = 0.0
+            if before is not None and at > before[0]:
+                cpu = max(cpu_usec - before[1], 0) / 1e6 / (at - before[0]) * 100
+            gpu: int | None = None
+            for pid in pids & gpu_memory.keys():
+                gpu = (gpu or 0) + gpu_memory[pid]
+            changes[record.id] = Figures(memory, round(cpu, 1), gpu)
+        self._cpu_times = cpu_times
+        self.placer.worker_pids = frozenset(seen)
+        self.registry.record_usage(changes)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss(pid: int) -> int:
+    """A process's resident memory from ``/proc/<pid>/statm`` (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as file:
+            return int(file.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
