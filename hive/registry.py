@@ -191,6 +191,11 @@ class Records:
         with self._lock:
             return len(self._entries)
 
+    def ids(self) -> frozenset[str]:
+        """Every worker id held now."""
+        with self._lock:
+            return frozenset(self._entries)
+
     def list(
         self,
         *,

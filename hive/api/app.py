@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from hive.api.keys import CONTEXT
+from hive.api.keys import CONTEXT, RECORD_JSON
 from hive.api.middleware import (
     auth_middleware,
     error_middleware,
     guard_middleware,
     metrics_middleware,
 )
+from hive.api.record_json import RecordJson
 from hive.api.routes import ROUTES
 from hive.context import Context
 
@@ -24,5 +25,6 @@ def create_app(context: Context) -> web.Application:
         client_max_size=MAX_BODY,
     )
     app[CONTEXT] = context
+    app[RECORD_JSON] = RecordJson()
     app.add_routes([r.definition() for r in ROUTES])
     return app

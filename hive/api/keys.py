@@ -2,6 +2,8 @@
 
 from aiohttp import web
 
+from hive.api.record_json import RecordJson
 from hive.context import Context
 
 CONTEXT = web.AppKey("context", Context)
+RECORD_JSON = web.AppKey("record_json", RecordJson)

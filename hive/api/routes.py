@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from hive import views
-from hive.api.keys import CONTEXT
+from hive.api.keys import CONTEXT, RECORD_JSON
 from hive.api.openapi import Operation, build_openapi
 from hive.context import Context
 from hive.errors import BadRequest, Conflict, Invalid
@@ -139,10 +139,12 @@ async def devices(request: web.Request) -> web.Response:
 )
 async def list_workers(request: web.Request) -> web.Response:
     query = _query(request, ListQuery)
-    workers = _context(request).registry.list(
+    registry = _context(request).registry
+    workers = registry.list(
         state=query.state, model=query.model, device=query.device, labels=query.labels()
     )
-    return _reply(WorkerList(workers=workers, total=len(workers)))
+    body = request.app[RECORD_JSON].listing(workers, registry.ids())
+    return web.Response(body=body, content_type="application/json")
 
 
 @route(
@@ -188,7 +190,8 @@ async def spawn(request: web.Request) -> web.Response:
     )
 )
 async def get_worker(request: web.Request) -> web.Response:
-    return _reply(_context(request).registry.get(_worker_id(request)))
+    record = _context(request).registry.get(_worker_id(request))
+    return web.Response(body=request.app[RECORD_JSON].one(record), content_type="application/json")
 
 
 @route(
