@@ -30,7 +30,7 @@ from figures.common import HIVE_MAIN_CONFIG, Figure, Popened, Settings, unavaila
 from figures.crash import crash_peers, figures_heartbeat_and_crash
 from figures.router import RouterDefaults, figure_router
 from figures.scale import figures_scale
-from figures.spawn import figures_spawn_and_probe
+from figures.spawn import figure_spawn_burst, figures_spawn_and_probe
 from peers import PeerUnavailable
 from report import machine, print_report, write_results
 
@@ -106,6 +106,11 @@ async def bench(settings: Settings) -> dict[str, Any]:
                         "spawn and readiness by probe",
                         lambda: figures_spawn_and_probe(settings, hive, events, popened),
                     )
+
+                    async def burst() -> list[Figure]:
+                        return [await figure_spawn_burst(settings, hive, popened)]
+
+                    await guarded(figures, "1b", "spawns sent at once", burst)
 
                 async def beat_and_crash() -> list[Figure]:
                     return list(await figures_heartbeat_and_crash(settings, hive, events))

@@ -210,9 +210,11 @@ class WorkerProbes:
         """Read the engine's load and ``report`` each answer, except while the worker heartbeats
         (its own word wins); runs until cancelled.
 
-        Every ``load.period`` while the figure moves; each read that finds it unchanged doubles
-        the wait, up to the backend's ``liveness_period``: an idle engine costs one request a
-        liveness period (which also proves it alive), a busy one is followed closely.
+        Every ``load.period`` while the engine runs requests or the figure moves; each read that
+        finds it idle as before doubles the wait, up to the backend's ``liveness_period``: an
+        idle engine costs one request a liveness period (which also proves it alive), a busy
+        one is followed closely. A request that starts on an idle engine is seen within that
+        wait.
         """
         if backend.load is None:
             await asyncio.Event().wait()
@@ -224,6 +226,7 @@ class WorkerProbes:
         while True:
             if not heartbeating() and (load := await self.read_load(backend)) is not None:
                 report(load)
-                wait = fastest if load != last else min(wait * 2, slowest)
+                moving = load != last or load.in_flight > 0
+                wait = fastest if moving else min(wait * 2, slowest)
                 last = load
             await asyncio.sleep(wait)

@@ -39,6 +39,7 @@ class Settings:
     records: int
     scale: tuple[int, ...]
     stop_count: int
+    burst: int
     connections: int
     list_connections: int
     router_peer_samples: int
@@ -51,7 +52,7 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-        scale = os.environ.get("BENCH_SCALE", "") or ("20,50" if quick else "200,500")
+        scale = os.environ.get("BENCH_SCALE", "") or ("20,50" if quick else "200,1000")
         only = os.environ.get("BENCH_ONLY", "") or "1,2,3,4,5,6,7"
         out = os.environ.get("BENCH_OUT", "") or str(
             BENCH / ("results-quick.json" if quick else "results.json")
@@ -65,6 +66,7 @@ class Settings:
             records=_env_int("BENCH_RECORDS", 100 if quick else 1000),
             scale=tuple(int(x) for x in scale.split(",") if x.strip()),
             stop_count=_env_int("BENCH_STOP_COUNT", 10 if quick else 100),
+            burst=_env_int("BENCH_BURST", 10 if quick else 100),
             connections=_env_int("BENCH_CONNECTIONS", 16),
             list_connections=_env_int("BENCH_LIST_CONNECTIONS", 4),
             router_peer_samples=_env_int("BENCH_ROUTER_PEER_SAMPLES", 3 if quick else 30),
@@ -187,7 +189,30 @@ health_path = "/health"
 [backends.beat]
 command = ["{python}", "-m", "hive.demo_worker", "--port", "{port}", "--model", "{model}"]
 health_path = ""
+
+[backends.sleeper]
+command = ["/bin/sleep", "3600"]
+health_path = ""
+startup_timeout = 3600
 """
+
+
+def durable_write(directory: Path, data: bytes) -> None:
+    """The least a durable change costs: a small file written, fsynced, renamed into place and
+    its directory fsynced (what hive's journal does for each change, at the least)."""
+    partial = directory / "floor.json.tmp"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, directory / "floor.json")
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 async def wait_listening(ports: list[int], timeout: float) -> float:

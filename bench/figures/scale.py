@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ from figures.common import (
     Figure,
     Settings,
     check,
+    ms,
     profile,
     tiny_command,
     unavailable,
@@ -104,16 +107,66 @@ def memory_cap(count: int, notes: list[str]) -> int:
     return count
 
 
+def tiny_backend(name: str, extra: str) -> str:
+    return (
+        f"\n[backends.{name}]\n"
+        f'command = ["{{python}}", "{BENCH / "tiny_worker.py"}", "--port", "{{port}}"]\n'
+        'health_path = "/health"\nstartup_timeout = 300\n' + extra
+    )
+
+
+#: Probes off: hive then does what supervisord does for these workers, watch for exits.
+QUIET = tiny_backend("tiny", "liveness_period = 1e9\n")
+#: Default settings, and the engine's load read from its /slots as llama-server's backend does.
+DEFAULT = tiny_backend("tiny", 'load = {path = "/slots", format = "llama-server"}\n')
+
+
+async def crash_samples(hive: Hive, events: EventStream, ids: list[str], count: int) -> list[float]:
+    """SIGKILL ``count`` of ``ids`` one at a time: each kill -> its ``failed`` event received."""
+    samples = []
+    for worker_id in ids[:count]:
+        record = await hive.call("GET", f"/v1/workers/{worker_id}")
+        killed = time.time()
+        os.kill(record["pid"], signal.SIGKILL)
+        event = await events.state(worker_id, "failed", 30)
+        samples.append(event.recv - killed)
+    return samples
+
+
+def idle_figure(
+    label: str,
+    usage: dict[str, Any],
+    peers: dict[str, Any],
+    target: str,
+    met: bool | None,
+    notes: list[str],
+) -> Figure:
+    return Figure(
+        "6",
+        label,
+        "%",
+        {"value": usage["hive"]["cpu_percent"], "n": 1},
+        peers,
+        target=target,
+        met=met,
+        stat="value",
+        notes=notes,
+    )
+
+
 async def figures_scale(settings: Settings) -> list[Figure]:
     small, large = (*settings.scale, 0, 0)[:2]
+    figures: list[Figure] = []
+    figures += await _quiet_beside_peers(settings, small)
+    figures += await _default_settings(settings, small, large)
+    return figures
+
+
+async def _quiet_beside_peers(settings: Settings, small: int) -> list[Figure]:
+    """Probes off, ``small`` workers, in one idle window with supervisord and circus holding as
+    many; then figure 7 (stop at once)."""
     notes: list[str] = []
-    hive = bench_hive(
-        "scale",
-        "\n[backends.tiny]\n"
-        f'command = ["{{python}}", "{BENCH / "tiny_worker.py"}", "--port", "{{port}}"]\n'
-        'health_path = "/health"\nstartup_timeout = 300\n',
-        port_span=2 * max(small, large) + 100,
-    )
+    hive = bench_hive("scale-quiet", QUIET, port_span=2 * small + 100)
     await hive.start_async()
     events = await EventStream(hive).start()
     figures: list[Figure] = []
@@ -124,13 +177,12 @@ async def figures_scale(settings: Settings) -> list[Figure]:
             notes.append(f"{failed} of {small} failed to start")
         async with contextlib.AsyncExitStack() as stack:
             procs, peer_ready = await peers_holding(small, stack)
-            summary = summarize(per, keep=False) | {"value": round(wall, 3)}
             figures.append(
                 Figure(
                     "6",
                     f"start {small} tiny workers: all ready",
                     "s",
-                    summary,
+                    summarize(per, keep=False) | {"value": round(wall, 3)},
                     peer_ready,
                     target="(none)",
                     stat="value",
@@ -147,90 +199,109 @@ async def figures_scale(settings: Settings) -> list[Figure]:
                 {"hive": psutil.Process(hive.pid), **procs}, settings.idle_seconds
             )
         cpu_peers = {k: {"value": v["cpu_percent"]} for k, v in usage.items() if k != "hive"}
-        rss_peers = {k: {"value": v["rss_mb"]} for k, v in usage.items() if k != "hive"}
         for name, why in peer_ready.items():
             if "unavailable" in why:
-                cpu_peers[name] = rss_peers[name] = why
+                cpu_peers[name] = why
         window = f"over {usage['hive']['window_s']:g} s idle, all three daemons in one window"
+        sv = usage.get("supervisord", {}).get("cpu_percent")
         figures.append(
-            Figure(
-                "6",
-                f"idle CPU of hive, {small} workers",
-                "%",
-                {"value": usage["hive"]["cpu_percent"], "n": 1},
+            idle_figure(
+                f"idle CPU of hive, {small} workers, probes off",
+                usage,
                 cpu_peers,
-                target="<= 2 % (200 workers)",
-                met=check(usage["hive"]["cpu_percent"], "<=", 2) if small == 200 else None,
-                stat="value",
-                notes=[f"% of one core {window}; the daemon's own process only"],
+                "<= supervisord (200 workers)",
+                check(usage["hive"]["cpu_percent"], "<=", sv) if small == 200 else None,
+                [
+                    f"% of one core {window}; the daemon's own process only; liveness probes "
+                    "off (liveness_period = 1e9): exits are all any of the three watches"
+                ],
             )
         )
-        figures.append(
-            Figure(
-                "6",
-                f"RSS of hive, {small} workers",
-                "MB",
-                {"value": usage["hive"]["rss_mb"], "n": 1},
-                rss_peers,
-                target="(none)",
-                stat="value",
-                notes=[f"largest RSS sampled once a second {window}"],
-            )
-        )
-
-        # 7: stop some of them at once (then the rest), before the larger count starts.
         ids = [f"tiny-{i:04d}" for i in range(small)]
         figures.append(await figure_stop_all(settings, hive, ids))
+        return figures
+    finally:
+        await events.close()
+        await hive.close()
 
-        if large:
-            notes = []
-            large = memory_cap(large, notes)
-            wall, per, failed = await spawn_many(hive, events, large, "big")
-            if failed:
-                notes.append(f"{failed} of {large} failed to start")
-            figures.append(
-                Figure(
-                    "6",
-                    f"start {large} tiny workers: all ready",
-                    "s",
-                    summarize(per, keep=False) | {"value": round(wall, 3)},
-                    target="(none)",
-                    stat="value",
-                    notes=notes,
-                )
-            )
+
+async def _default_settings(settings: Settings, small: int, large: int) -> list[Figure]:
+    """Default settings, with load reads: ``small`` workers idle, SIGKILLs among them; then
+    ``large`` in all, the same again, and hive's RSS."""
+    hive = bench_hive("scale", DEFAULT, port_span=2 * max(small, large) + 100)
+    await hive.start_async()
+    events = await EventStream(hive).start()
+    figures: list[Figure] = []
+    crashes = 5 if settings.quick else 20
+    try:
+        held = 0
+        for count, target, limit in (
+            (small, "<= 1 % (200 workers)", (200, 1.0)),
+            (large, "<= 3 % (1,000 workers)", (1000, 3.0)),
+        ):
+            if not count:
+                continue
+            notes: list[str] = []
+            count = memory_cap(count, notes)
+            if count > held:
+                _, _, failed = await spawn_many(hive, events, count - held, f"d{count}")
+                if failed:
+                    notes.append(f"{failed} failed to start")
+                held = count
             await asyncio.sleep(2)
             usage = await watch_usage({"hive": psutil.Process(hive.pid)}, settings.idle_seconds)
-            flame = await profile(settings, hive.pid, f"idle-{large}", settings.idle_seconds)
+            flame = await profile(settings, hive.pid, f"idle-{count}", settings.idle_seconds)
             figures.append(
-                Figure(
-                    "6",
-                    f"RSS of hive, {large} workers",
-                    "MB",
-                    {"value": usage["hive"]["rss_mb"], "n": 1},
-                    target="<= 120 MB (500 workers)",
-                    met=check(usage["hive"]["rss_mb"], "<=", 120) if large == 500 else None,
-                    stat="value",
+                idle_figure(
+                    f"idle CPU of hive, {count} workers, default settings",
+                    usage,
+                    {},
+                    target,
+                    check(usage["hive"]["cpu_percent"], "<=", limit[1])
+                    if count == limit[0]
+                    else None,
+                    [
+                        f"% of one core over {usage['hive']['window_s']:g} s idle; liveness "
+                        "probes and load reads (/slots) at their defaults",
+                        *notes,
+                        *([f"py-spy profile (taken apart): {flame}"] if flame else []),
+                    ],
                 )
             )
             figures.append(
                 Figure(
                     "6",
-                    f"idle CPU of hive, {large} workers",
-                    "%",
-                    {"value": usage["hive"]["cpu_percent"], "n": 1},
-                    target="(none)",
+                    f"RSS of hive, {count} workers",
+                    "MB",
+                    {"value": usage["hive"]["rss_mb"], "n": 1},
+                    target="<= 150 MB (1,000 workers)" if count == large else "(none)",
+                    met=check(usage["hive"]["rss_mb"], "<=", 150) if count == 1000 else None,
                     stat="value",
-                    notes=[f"py-spy flame graph (profiled apart): {flame}"] if flame else [],
+                )
+            )
+            listed = (await hive.call("GET", "/v1/workers"))["workers"]
+            ids = [w["id"] for w in listed if w["state"] == "ready"]
+            samples = ms(await crash_samples(hive, events, ids, crashes))
+            crash = summarize(samples)
+            figures.append(
+                Figure(
+                    "3",
+                    f"crash: SIGKILL -> failed event, {count} workers",
+                    "ms",
+                    crash,
+                    target="p50 <= 10 ms",
+                    met=check(crash["p50"], "<=", 10),
+                    notes=["received by this client on GET /v1/events; the worker restarts"],
                 )
             )
         await events.close()
         begun = time.perf_counter()
         code = await hive.close()
-        figures[-1].notes.append(
-            f"hive's shutdown (SIGTERM, stops every worker) took {time.perf_counter() - begun:.2f}s"
-            f", exit code {code}"
-        )
+        if figures:
+            figures[-1].notes.append(
+                f"hive's shutdown (SIGTERM, stops every worker) took "
+                f"{time.perf_counter() - begun:.2f}s, exit code {code}"
+            )
         return figures
     finally:
         await events.close()
