@@ -59,6 +59,10 @@ VERSION = 1
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
 
+#: One worker as a write holds it: its record, spec, token and process start time.
+_Item = tuple[Worker, SpawnRequest, str, float | None]
+
+
 class JournalError(NoCapacity):
     """The journal could not be written: the change it was to hold is not on disk.
 
@@ -120,6 +124,8 @@ class Journal:
         self._writer: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._start_times: dict[tuple[str, int], float | None] = {}
+        #: What the last write serialized, by worker (touched only by the one writing thread).
+        self._fragments: dict[str, tuple[_Item, bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -289,7 +295,7 @@ class Journal:
             self._writer = None
         target = self._marked
         try:
-            self._write(self._snapshot())
+            self._write(self._serialize(self._snapshot()))
         except JournalError as exc:
             self._record(target, exc)
         else:
@@ -308,7 +314,7 @@ class Journal:
                 self._dirty.clear()
                 target = self._marked
                 try:
-                    await asyncio.to_thread(self._write, self._snapshot())
+                    await asyncio.to_thread(self._serialize_and_write, self._snapshot())
                 except JournalError as exc:
                     self._record(target, exc)
                 except Exception as exc:  # a bug, not the disk: still no change is durable
@@ -352,21 +358,43 @@ class Journal:
         self._progress.set()
         self._progress = asyncio.Event()
 
-    def _snapshot(self) -> dict[str, Any]:
-        workers = []
+    def _snapshot(self) -> list[_Item]:
+        """What the next write holds, taken on the loop: the (immutable) records and specs as
+        they are now, not yet serialized; :meth:`_serialize` does that off the loop."""
         with self.registry.locked() as entries:
             items = list(entries.values())
-        for entry in items:
-            record = entry.record
-            workers.append(
-                {
-                    "record": json.loads(record.model_dump_json()),
-                    "spec": entry.spec.model_dump(mode="json", by_alias=True),
-                    "token": entry.token,
-                    "start_time": self._start_time(record.id, record.pid),
-                }
+        return [
+            (e.record, e.spec, e.token, self._start_time(e.record.id, e.record.pid)) for e in items
+        ]
+
+    def _serialize(self, items: list[_Item]) -> bytes:
+        """The journal's bytes (in the writer's thread). A worker whose record, spec, token and
+        start time are the objects of the last write is not serialized again: a write costs
+        the workers that changed, not all of them."""
+        fragments: dict[str, tuple[_Item, bytes]] = {}
+        for item in items:
+            record, spec, token, started = item
+            cached = self._fragments.get(record.id)
+            if cached is not None and all(a is b for a, b in zip(cached[0], item, strict=True)):
+                fragments[record.id] = cached
+                continue
+            body = b"".join(
+                (
+                    b'{"record":',
+                    record.model_dump_json().encode(),
+                    b',"spec":',
+                    spec.model_dump_json(by_alias=True).encode(),
+                    b',"token":',
+                    json.dumps(token).encode(),
+                    b',"start_time":',
+                    json.dumps(started).encode(),
+                    b"}",
+                )
             )
-        return {"version": VERSION, "workers": workers}
+            fragments[record.id] = (item, body)
+        self._fragments = fragments
+        workers = b",".join(body for _, body in fragments.values())
+        return b'{"version":%d,"workers":[%s]}' % (VERSION, workers)
 
     def _start_time(self, worker_id: str, pid: int | None) -> float | None:
         if pid is None:
@@ -381,13 +409,15 @@ class Journal:
         """For an adopted process: the start time the previous journal vouched for."""
         self._start_times[(worker_id, pid)] = started
 
-    def _write(self, snapshot: dict[str, Any]) -> None:
-        """Make ``snapshot`` the journal, the current one becoming ``journal.json.1``.
+    def _serialize_and_write(self, items: list[_Item]) -> None:
+        self._write(self._serialize(items))
+
+    def _write(self, data: bytes) -> None:
+        """Make ``data`` the journal, the current one becoming ``journal.json.1``.
 
         Complete or not done at all: on failure no temporary file is left, ``journal.json`` is
         as it was, and :class:`JournalError` says which step failed and why.
         """
-        data = json.dumps(snapshot, separators=(",", ":")).encode()
         directory = self.path.parent
         temporary = self._temporary
         step, moved = "", False
