@@ -285,22 +285,29 @@ class Tree:
         self._members: dict[int, _Member] = {}
         self._loop = asyncio.get_running_loop()
 
-    def scan(self) -> None:
+    async def scan(self) -> None:
         """Find members: descendants of the leader, processes in its session or group, and
-        the members of its containment."""
+        the members of its containment. The search reads the whole process table, so it runs
+        off the loop: a worker's exit never holds up what the loop has to tell (the ``failed``
+        event, the routers) while hundreds of others run."""
+        found = await asyncio.to_thread(self._discover)
+        for pid in found - self._members.keys() - {self.leader.pid, os.getpid()}:
+            self._adopt(pid)
+
+    def _discover(self) -> set[int]:
+        known = set(self._members)
         found: set[int] = set()
         with contextlib.suppress(psutil.NoSuchProcess):
             found.update(p.pid for p in psutil.Process(self.leader.pid).children(recursive=True))
         for pid in psutil.pids():
-            if pid == self.leader.pid or pid in self._members:
+            if pid == self.leader.pid or pid in known:
                 continue
             with contextlib.suppress(OSError):
                 if os.getsid(pid) == self.leader.pid or os.getpgid(pid) == self.leader.pid:
                     found.add(pid)
         if self.group is not None:
             found.update(self.group.members())
-        for pid in found - self._members.keys() - {self.leader.pid, os.getpid()}:
-            self._adopt(pid)
+        return found
 
     def _adopt(self, pid: int) -> None:
         try:
@@ -386,13 +393,13 @@ async def terminate(
     """
     tree = Tree(process, group)
     try:
-        tree.scan()
+        await tree.scan()
         tree.signal(signal.SIGTERM)
         if await tree.wait(timeout):
-            tree.scan()  # a child may have been forked between the scan and the signal
+            await tree.scan()  # a child may have been forked between the scan and the signal
             if not tree.alive():
                 return True
-        tree.scan()
+        await tree.scan()
         tree.kill()
         return await tree.wait(kill_timeout)
     finally:

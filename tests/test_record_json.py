@@ -33,9 +33,10 @@ def test_a_listing_is_the_bytes_pydantic_writes_and_follows_each_change() -> Non
     changed = cache.one(reg.get("w1"))
     assert changed is not first and b'"pid":4242' in changed
     records = reg.list()
-    assert cache.listing(records, reg.ids()) == WorkerList(
-        workers=records, total=3
-    ).model_dump_json().encode()
+    assert (
+        cache.listing(records, reg.ids())
+        == WorkerList(workers=records, total=3).model_dump_json().encode()
+    )
     assert cache.listing([], reg.ids()) == b'{"workers":[],"total":0}'
 
 

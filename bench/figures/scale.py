@@ -248,7 +248,9 @@ async def _default_settings(settings: Settings, small: int, large: int) -> list[
                 if failed:
                     notes.append(f"{failed} failed to start")
                 held = count
-            await asyncio.sleep(2)
+            # At rest: past the start-up, and past the load reads' back-off from every 2 s to
+            # every liveness period (2 + 4 + 8 s) that follows each worker's ready.
+            await asyncio.sleep(3 if settings.quick else 16)
             usage = await watch_usage({"hive": psutil.Process(hive.pid)}, settings.idle_seconds)
             flame = await profile(settings, hive.pid, f"idle-{count}", settings.idle_seconds)
             figures.append(
