@@ -295,6 +295,10 @@ class Tree:
             self._adopt(pid)
 
     def _discover(self) -> set[int]:
+        if self.group is not None and self.group.containment.kind == "cgroup":
+            # Everything the worker started since it entered its cgroup is in it, wherever it
+            # moved in the process tree; the group adds anything tagged that got out first.
+            return self.group.members()
         known = set(self._members)
         found: set[int] = set()
         with contextlib.suppress(psutil.NoSuchProcess):

@@ -139,6 +139,8 @@ class Records:
         self._entries: dict[str, Entry] = {}
         self._subscribers: list[Subscriber] = []
         self._seq = 0
+        #: Counts every write to any record: equal versions mean equal contents.
+        self.version = 0
 
     # -- subscribers ---------------------------------------------------------------------------
 
@@ -196,6 +198,11 @@ class Records:
         with self._lock:
             return frozenset(self._entries)
 
+    def versioned(self) -> tuple[int, list[Worker]]:
+        """Every record, oldest first, and the :attr:`version` they are."""
+        with self._lock:
+            return self.version, [e.record for e in self._entries.values()]
+
     def list(
         self,
         *,
@@ -237,6 +244,7 @@ class Records:
                 raise DuplicateWorker(worker_id)
             record = Worker(**{"created_at": now(), **fields, "state": State.STARTING})
             self._entries[worker_id] = Entry(record, spec, token)
+            self.version += 1
             self._publish(worker_id, None, State.STARTING, record)
             return record
 
@@ -278,6 +286,7 @@ class Records:
                 fields = {**built, **fields}
             record = entry.record.model_copy(update={**fields, "state": to})
             self._entries[worker_id] = Entry(record, entry.spec, entry.token)
+            self.version += 1
             self._publish(worker_id, current, to, record)
             return record
 
@@ -291,6 +300,7 @@ class Records:
             entry = self._entry(worker_id)
             record = entry.record.model_copy(update=fields)
             self._entries[worker_id] = Entry(record, entry.spec, entry.token)
+            self.version += 1
             return record
 
     def update_many(self, changes: Mapping[str, dict[str, Any]]) -> None:
@@ -302,6 +312,7 @@ class Records:
                 if (entry := self._entries.get(worker_id)) is not None:
                     record = entry.record.model_copy(update=fields)
                     self._entries[worker_id] = Entry(record, entry.spec, entry.token)
+                    self.version += 1
 
     def remove(self, worker_id: str) -> Worker:
         """Forget a record; only one whose process is gone may be forgotten."""
@@ -310,6 +321,7 @@ class Records:
             if entry.record.state not in DOWN_STATES:
                 raise IllegalTransition(worker_id, entry.record.state, State.STOPPED)
             del self._entries[worker_id]
+            self.version += 1
             self._publish(worker_id, entry.record.state, None, entry.record)
             return entry.record
 
@@ -320,6 +332,7 @@ class Records:
             if entry.record.pid is not None:
                 raise IllegalTransition(worker_id, entry.record.state, State.STOPPED)
             del self._entries[worker_id]
+            self.version += 1
             self._publish(worker_id, entry.record.state, None, entry.record)
             return entry.record
 

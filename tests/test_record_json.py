@@ -51,3 +51,16 @@ def test_forgotten_records_leave_the_cache() -> None:
     add(reg, "last")
     cache.listing(reg.list(), reg.ids())
     assert set(cache._cache) == {"last"}
+
+
+def test_the_whole_listing_is_kept_while_nothing_is_written() -> None:
+    reg, cache = Registry(), RecordJson()
+    add(reg, "a")
+    first = cache.everything(*reg.versioned())
+    assert cache.everything(*reg.versioned()) is first
+    reg.update("a", in_flight=3)  # a write that tells no subscriber still moves the version
+    second = cache.everything(*reg.versioned())
+    assert second is not first and b'"in_flight":3' in second
+    reg.attempt_ended("a", State.STOPPED, exit_code=0, error=None)
+    reg.remove("a")
+    assert cache.everything(*reg.versioned()) == b'{"workers":[],"total":0}'

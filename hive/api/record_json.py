@@ -18,6 +18,8 @@ class RecordJson:
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[Worker, bytes]] = {}
+        #: The unfiltered listing, and the registry version it is of.
+        self._everything: tuple[int, bytes] | None = None
 
     def one(self, record: Worker) -> bytes:
         cached = self._cache.get(record.id)
@@ -38,3 +40,12 @@ class RecordJson:
             for worker_id in [w for w in self._cache if w not in known]:
                 del self._cache[worker_id]
         return b'{"workers":[' + b",".join(parts) + b'],"total":' + str(len(parts)).encode() + b"}"
+
+    def everything(self, version: int, records: Sequence[Worker]) -> bytes:
+        """The listing of every record, which is the same bytes while ``version`` (the
+        registry's count of writes) is."""
+        if self._everything is not None and self._everything[0] == version:
+            return self._everything[1]
+        body = self.listing(records, {record.id for record in records})
+        self._everything = (version, body)
+        return body

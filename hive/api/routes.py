@@ -139,11 +139,15 @@ async def devices(request: web.Request) -> web.Response:
 )
 async def list_workers(request: web.Request) -> web.Response:
     query = _query(request, ListQuery)
-    registry = _context(request).registry
-    workers = registry.list(
-        state=query.state, model=query.model, device=query.device, labels=query.labels()
-    )
-    body = request.app[RECORD_JSON].listing(workers, registry.ids())
+    registry, record_json = _context(request).registry, request.app[RECORD_JSON]
+    labels = query.labels()
+    if query.state is None and query.model is None and query.device is None and not labels:
+        body = record_json.everything(*registry.versioned())
+    else:
+        workers = registry.list(
+            state=query.state, model=query.model, device=query.device, labels=labels
+        )
+        body = record_json.listing(workers, registry.ids())
     return web.Response(body=body, content_type="application/json")
 
 
