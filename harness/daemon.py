@@ -264,7 +264,9 @@ class Hive:
                 self.url,
                 headers=self.headers,
                 timeout=aiohttp.ClientTimeout(total=300),
-                connector=aiohttp.TCPConnector(limit=0),
+                # hive drops a connection idle for http_header_timeout (10 s): reuse one for
+                # less than that, never one the server is closing.
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=5),
             )
         return self._http
 

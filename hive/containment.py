@@ -34,6 +34,8 @@ import hashlib
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,28 @@ def _tagged(instance: str) -> Iterator[Tag]:
         tag = read_tag(pid)
         if tag is not None and tag.instance == instance and not _is_zombie(pid):
             yield tag
+
+
+class _TagIndex:
+    """This instance's tagged processes by worker, from one pass over ``/proc`` that the calls
+    within ``max_age`` seconds share: a hundred workers stopped at once cost a few passes, not
+    a few hundred. Safe from any thread."""
+
+    def __init__(self, instance: str, max_age: float = 0.05) -> None:
+        self.instance = instance
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._index: dict[str, set[int]] = {}
+        self._at: float | None = None
+
+    def pids_of(self, worker_id: str) -> set[int]:
+        with self._lock:
+            if self._at is None or time.monotonic() - self._at > self.max_age:
+                index: dict[str, set[int]] = {}
+                for tag in _tagged(self.instance):
+                    index.setdefault(tag.worker_id, set()).add(tag.pid)
+                self._index, self._at = index, time.monotonic()
+            return set(self._index.get(worker_id, ()))
 
 
 def _pids() -> Iterator[int]:
@@ -180,6 +204,10 @@ class Cgroups:
         self.base = base
         self.instance = instance
         self.mount = mount
+        # Only a process that forked in the instant between its spawn and its move into the
+        # cgroup is outside it (with the worker's tag): a pass over /proc shared by the calls
+        # of 50 ms is fresh enough for those; the cgroup itself is read anew every time.
+        self._tags = _TagIndex(instance)
 
     @classmethod
     def discover(cls, instance: str) -> tuple[Cgroups | None, str]:
@@ -232,11 +260,10 @@ class Cgroups:
         """The cgroup's processes, and any process with the worker's tag outside it (forked
         in the instant between the spawn and the move), which is moved in."""
         found = _procs(self.path(worker_id))
-        for tag in _tagged(self.instance):
-            if tag.worker_id == worker_id and tag.pid not in found:
-                with contextlib.suppress(OSError):
-                    self.enter(worker_id, tag.pid)
-                found.add(tag.pid)
+        for pid in self._tags.pids_of(worker_id) - found:
+            with contextlib.suppress(OSError):
+                self.enter(worker_id, pid)
+            found.add(pid)
         return found
 
     def figures(self, worker_id: str) -> tuple[set[int], int | None, int] | None:
