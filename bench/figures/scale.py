@@ -133,6 +133,14 @@ async def crash_samples(hive: Hive, events: EventStream, ids: list[str], count: 
     return samples
 
 
+def left_behind(hive: Hive) -> str:
+    """What a clean shutdown left of the worker cgroups (there should be none), said in a
+    note; the bench removes them either way, so no run leaves any."""
+    left = [p for p in hive.cgroups() if p.name.startswith("worker.")]
+    hive.remove_cgroups()
+    return f"; it LEFT {len(left)} empty worker cgroups (removed by the bench)" if left else ""
+
+
 def idle_figure(
     label: str,
     usage: dict[str, Any],
@@ -219,10 +227,15 @@ async def _quiet_beside_peers(settings: Settings, small: int) -> list[Figure]:
         )
         ids = [f"tiny-{i:04d}" for i in range(small)]
         figures.append(await figure_stop_all(settings, hive, ids))
+        await events.close()
+        await hive.close()
+        figures[-1].notes.append("hive's shutdown: done" + left_behind(hive))
         return figures
     finally:
         await events.close()
         await hive.close()
+        hive.remove_cgroups()
+        hive.remove_cgroups()
 
 
 async def _default_settings(settings: Settings, small: int, large: int) -> list[Figure]:
@@ -302,9 +315,10 @@ async def _default_settings(settings: Settings, small: int, large: int) -> list[
         if figures:
             figures[-1].notes.append(
                 f"hive's shutdown (SIGTERM, stops every worker) took "
-                f"{time.perf_counter() - begun:.2f}s, exit code {code}"
+                f"{time.perf_counter() - begun:.2f}s, exit code {code}" + left_behind(hive)
             )
         return figures
     finally:
         await events.close()
         await hive.close()
+        hive.remove_cgroups()
