@@ -66,7 +66,9 @@ class Hive:
         self.tag = tag
         self.port = free_port()
         if port_range is None:
-            low = random.randrange(20000, 60000, 500)
+            # Below the kernel's ephemeral ports (32768 and up, by default), which outgoing
+            # connections take: a worker could find its port taken.
+            low = random.randrange(20000, 32000, 500)
             port_range = (low, low + 499)
         self.port_range = port_range
         self.socket = self.home / "run" / "hive.sock"

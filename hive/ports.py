@@ -7,6 +7,7 @@ taken while any worker holding resources has it, so two spawns can never get the
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from hive.devices.placement import holds_resources
 from hive.errors import Conflict, NoCapacity
@@ -56,3 +57,24 @@ class PortPool:
                 self._next = port + 1 if port < self.high else self.low
                 return port
         raise NoCapacity(f"no free port in port_range {self.low}-{self.high}")
+
+
+#: Where Linux says which local ports it gives to outgoing connections.
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_overlap(low: int, high: int, source: Path = EPHEMERAL_RANGE) -> str | None:
+    """Why ``port_range`` is a poor choice on this host, or None: a range that overlaps the
+    kernel's ephemeral ports shares them with every outgoing connection, hive's own kept-alive
+    probe connections among them, so a worker can find its port taken when it binds."""
+    try:
+        first, last = (int(x) for x in source.read_text().split())
+    except (OSError, ValueError):
+        return None
+    if high < first or low > last:
+        return None
+    return (
+        f"port_range {low}-{high} overlaps the ephemeral ports {first}-{last} "
+        f"({source}): outgoing connections, hive's own included, can take a worker's port "
+        "before it binds; a range outside it (the default is 18000-18999) avoids that"
+    )

@@ -26,7 +26,7 @@ from hive.lifecycle import Deps, WorkerRun
 from hive.logs import Logs
 from hive.metrics import Metrics
 from hive.models import DOWN_STATES, Heartbeat, SpawnRequest, State, Worker
-from hive.ports import PortPool
+from hive.ports import PortPool, ephemeral_overlap
 from hive.probes import Prober
 from hive.process import Spawner, reap_orphans
 from hive.registry import Entry, Registry, RegistryError
@@ -61,6 +61,8 @@ class Supervisor:
         self.logs = logs
         self.journal = journal
         ports = PortPool(*config.port_range)
+        if (overlap := ephemeral_overlap(*config.port_range)) is not None:
+            log.warning("%s", overlap)
         self.containment = containment
         self._deps = Deps(
             config=config,

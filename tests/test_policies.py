@@ -13,7 +13,7 @@ from hive.config import BackendConfig, Config
 from hive.errors import NoCapacity
 from hive.launch import SCRUBBED_ENV, build_launch
 from hive.models import SpawnRequest, State, Worker
-from hive.ports import PortPool
+from hive.ports import PortPool, ephemeral_overlap
 from hive.process import port_is_free
 from hive.registry import Entry, Figures, IllegalTransition, Registry, now
 from hive.restart import Backoff, Outcome, next_delay
@@ -250,3 +250,13 @@ def test_a_command_that_cannot_run_is_not_retried_whatever_the_policy() -> None:
     assert decision.gave_up == (
         "cannot start 'x': No such file or directory; not retried: fix the backend's command"
     )
+
+
+def test_a_port_range_among_the_ephemeral_ports_is_named(tmp_path: Path) -> None:
+    source = tmp_path / "ip_local_port_range"
+    source.write_text("32768\t60999\n")
+    why = ephemeral_overlap(33000, 33999, source)
+    assert why is not None and "overlaps the ephemeral ports 32768-60999" in why
+    assert ephemeral_overlap(18000, 18999, source) is None
+    assert ephemeral_overlap(20000, 32768, source) is not None  # one port in common is enough
+    assert ephemeral_overlap(18000, 18999, tmp_path / "missing") is None
