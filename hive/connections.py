@@ -51,28 +51,28 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self._waiter is not None and not self._waiter.done():
-            try:
-                answer = self._parse(final=False)
-            except HttpError as exc:
-                self._waiter.set_exception(exc)
-                return
-            if answer is not None:
-                self._waiter.set_result(answer)
+        self._settle(final=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool._forget(self._port, self)
-        if self._waiter is not None and not self._waiter.done():
-            try:
-                answer = self._parse(final=True)
-            except HttpError as error:
-                self._waiter.set_exception(error)
-                return
-            if answer is not None:
-                self._waiter.set_result(answer)
-            else:
-                self._waiter.set_exception(HttpError("the worker closed the connection"))
+        self._settle(final=True)
+
+    def _settle(self, final: bool) -> None:
+        """Hand the waiting request its answer once the buffer holds all of it (or, at the
+        close, what it holds, or why it is not an answer)."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        try:
+            answer = self._parse(final)
+        except HttpError as exc:
+            waiter.set_exception(exc)
+            return
+        if answer is not None:
+            waiter.set_result(answer)
+        elif final:
+            waiter.set_exception(HttpError("the worker closed the connection"))
 
     # -- one request --
 

@@ -63,6 +63,43 @@ _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.
 _Item = tuple[Worker, SpawnRequest, str, float | None]
 
 
+class _Encoder:
+    """The journal's bytes, for the writer's thread: a worker whose record, spec, token and
+    start time are the objects of the last write reuses that write's bytes."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[_Item, bytes]] = {}
+
+    def encode(self, items: list[_Item]) -> bytes:
+        """The journal's bytes (in the writer's thread). A worker whose record, spec, token and
+        start time are the objects of the last write is not serialized again: a write costs
+        the workers that changed, not all of them."""
+        fragments: dict[str, tuple[_Item, bytes]] = {}
+        for item in items:
+            record, spec, token, started = item
+            cached = self._last.get(record.id)
+            if cached is not None and all(a is b for a, b in zip(cached[0], item, strict=True)):
+                fragments[record.id] = cached
+                continue
+            body = b"".join(
+                (
+                    b'{"record":',
+                    record.model_dump_json().encode(),
+                    b',"spec":',
+                    spec.model_dump_json(by_alias=True).encode(),
+                    b',"token":',
+                    json.dumps(token).encode(),
+                    b',"start_time":',
+                    json.dumps(started).encode(),
+                    b"}",
+                )
+            )
+            fragments[record.id] = (item, body)
+        self._last = fragments
+        workers = b",".join(body for _, body in fragments.values())
+        return b'{"version":%d,"workers":[%s]}' % (VERSION, workers)
+
+
 class JournalError(NoCapacity):
     """The journal could not be written: the change it was to hold is not on disk.
 
@@ -124,8 +161,8 @@ class Journal:
         self._writer: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._start_times: dict[tuple[str, int], float | None] = {}
-        #: What the last write serialized, by worker (touched only by the one writing thread).
-        self._fragments: dict[str, tuple[_Item, bytes]] = {}
+        #: Serializes each write (only ever from the one writing thread).
+        self._encoder = _Encoder()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -295,7 +332,7 @@ class Journal:
             self._writer = None
         target = self._marked
         try:
-            self._write(self._serialize(self._snapshot()))
+            self._write(self._encoder.encode(self._snapshot()))
         except JournalError as exc:
             self._record(target, exc)
         else:
@@ -360,41 +397,12 @@ class Journal:
 
     def _snapshot(self) -> list[_Item]:
         """What the next write holds, taken on the loop: the (immutable) records and specs as
-        they are now, not yet serialized; :meth:`_serialize` does that off the loop."""
+        they are now, not yet serialized; :class:`_Encoder` does that off the loop."""
         with self.registry.locked() as entries:
             items = list(entries.values())
         return [
             (e.record, e.spec, e.token, self._start_time(e.record.id, e.record.pid)) for e in items
         ]
-
-    def _serialize(self, items: list[_Item]) -> bytes:
-        """The journal's bytes (in the writer's thread). A worker whose record, spec, token and
-        start time are the objects of the last write is not serialized again: a write costs
-        the workers that changed, not all of them."""
-        fragments: dict[str, tuple[_Item, bytes]] = {}
-        for item in items:
-            record, spec, token, started = item
-            cached = self._fragments.get(record.id)
-            if cached is not None and all(a is b for a, b in zip(cached[0], item, strict=True)):
-                fragments[record.id] = cached
-                continue
-            body = b"".join(
-                (
-                    b'{"record":',
-                    record.model_dump_json().encode(),
-                    b',"spec":',
-                    spec.model_dump_json(by_alias=True).encode(),
-                    b',"token":',
-                    json.dumps(token).encode(),
-                    b',"start_time":',
-                    json.dumps(started).encode(),
-                    b"}",
-                )
-            )
-            fragments[record.id] = (item, body)
-        self._fragments = fragments
-        workers = b",".join(body for _, body in fragments.values())
-        return b'{"version":%d,"workers":[%s]}' % (VERSION, workers)
 
     def _start_time(self, worker_id: str, pid: int | None) -> float | None:
         if pid is None:
@@ -410,7 +418,7 @@ class Journal:
         self._start_times[(worker_id, pid)] = started
 
     def _serialize_and_write(self, items: list[_Item]) -> None:
-        self._write(self._serialize(items))
+        self._write(self._encoder.encode(items))
 
     def _write(self, data: bytes) -> None:
         """Make ``data`` the journal, the current one becoming ``journal.json.1``.

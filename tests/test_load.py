@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_policies import record
 
 from hive.config import BackendConfig, Config, ConfigError, LoadConfig, parse_config
 from hive.launch import build_launch, memory_fraction
 from hive.load import Load, LoadError, parse
 from hive.models import SpawnRequest, State, Worker
-from hive.registry import Entry, Registry, now
+from hive.registry import Entry, Registry
 
 LLAMA = LoadConfig(path="/slots", format="llama-server")
 SGLANG = LoadConfig(path="/v1/loads?include=core", format="sglang")
@@ -142,17 +143,8 @@ def test_engine_load_drives_ready_and_busy_and_tells_only_state_changes() -> Non
 
 
 def worker(**fields: Any) -> Worker:
-    base: dict[str, Any] = {
-        "id": "w",
-        "model": "m",
-        "backend": "vllm",
-        "device": "GPU-0",
-        "port": 18000,
-        "url": "http://127.0.0.1:18000",
-        "state": State.STARTING,
-        "created_at": now(),
-    }
-    return Worker(**{**base, **fields})
+    """A starting vLLM record on GPU-0 (test_policies' record, with these fields)."""
+    return record(**{"backend": "vllm", "device": "GPU-0", "state": State.STARTING, **fields})
 
 
 def test_memory_fraction_rounds_down_so_the_engine_stays_in_its_share() -> None:
