@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from hive.containment import read_tag
 from hive.journal import Saved
 from hive.launch import attempt_nonce
-from hive.models import LIVE_STATES, SpawnRequest, State, Worker
+from hive.models import LIVE_STATES, SpawnRequest, State, Worker, process_key
 from hive.process import Process, start_time
 from hive.registry import now
 
@@ -125,10 +125,11 @@ def plan(
     running = {wid: set(pids) for wid, pids in (inventory or {}).items()}
     for item in saved:
         record = item.record
+        key = process_key(record)  # what its processes are tagged with
         if record.id in known:
-            running.pop(record.id, None)
+            running.pop(key, None)
             continue
-        members = running.pop(record.id, set())
+        members = running.pop(key, set())
         process, started = None, None
         if record.state in LIVE_STATES and record.pid is None:
             leader = _leader(members, attempt_nonce(record))
@@ -153,11 +154,11 @@ def plan(
             result.adopted += 1
             nonce = attempt_nonce(record)
             stale = {pid for pid in members - {process.pid} if _attempt(pid) not in (nonce, None)}
-            result.stray(record.id, stale, "left from an earlier attempt")
+            result.stray(key, stale, "left from an earlier attempt")
         else:
             if record.state not in LIVE_STATES:
                 result.restored += 1
-            result.stray(record.id, members, f"the worker is {record.state.value}")
+            result.stray(key, members, f"the worker is {record.state.value}")
         pending = record.state == State.FAILED and record.desired == "running"
         resume = (
             process is None
@@ -230,12 +231,15 @@ def _rebuild(worker_id: str, members: set[int], find: Reattach) -> tuple[Adoptio
             return None
         port = int(env["HIVE_PORT"])
         gpus = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+        base, _, generation = worker_id.partition("~")  # a successor that had not taken over
         spec = SpawnRequest(
-            model=env["HIVE_MODEL"], id=worker_id, backend=env.get("HIVE_BACKEND"), port=port
+            model=env["HIVE_MODEL"], id=base, backend=env.get("HIVE_BACKEND"), port=port
         )
         created_at, _, restarts = env.get("HIVE_ATTEMPT", "0.0").rpartition(".")
         record = Worker(
             id=worker_id,
+            generation=int(generation or 1),
+            replacing=base if generation else None,
             model=spec.model,
             backend=env.get("HIVE_BACKEND", "unknown"),
             device=env.get("HIVE_DEVICE", "auto"),

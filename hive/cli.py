@@ -16,11 +16,23 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from hive import __version__, tables
+from hive.cli_args import (
+    FAILED,
+    OK,
+    USAGE,
+    Parser,
+    UsageError,
+    _cpus,
+    _pair,
+    _positive,
+)
+from hive.cli_args import print_json as _print_json
+from hive.cli_declared import add_commands, cmd_apply, cmd_diff, cmd_replace
 from hive.client import (
     URL_FORMS,
     HiveAPIError,
@@ -32,62 +44,12 @@ from hive.client import (
     local_config,
 )
 from hive.config import Config, ConfigError, find_config_path, load_config
-from hive.devices.cpu import parse_cpulist
 from hive.logs import MARKER
 from hive.models import LIVE_STATES, SpawnRequest, State, Worker
 from hive.validation import FIELD_SENTENCES, field_errors
 
-OK, FAILED, USAGE = 0, 1, 2
-
 #: How many log lines ``hive spawn`` shows when a worker fails to start.
 FAILURE_TAIL = 20
-
-
-class UsageError(Exception):
-    """A command line that parses but makes no sense; exits 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(USAGE, f"hive: {message}\n")
-
-
-# -- argument types --------------------------------------------------------------------------
-
-
-def _pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _cpus(text: str) -> int | list[int]:
-    """``4`` (a count) or ``0,1,2`` / ``0-3,8`` (core ids)."""
-    try:
-        if text.isdigit():
-            return int(text)
-        if not text:
-            raise ValueError
-        cores = parse_cpulist(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{FIELD_SENTENCES['cpus']} like 0-3,8, not {text!r}"
-        ) from None
-    return cores
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds ≥ 0, got {text!r}")
-    return value
 
 
 # -- the parser --------------------------------------------------------------------------------
@@ -216,20 +178,11 @@ def build_parser() -> Parser:
 
     p = command("status", "the daemon, its devices and worker counts")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
+    add_commands(command, JSON_HELP)
     return parser
 
 
 # -- output ------------------------------------------------------------------------------------
-
-
-def _print_json(data: BaseModel | list[BaseModel] | dict[str, Any]) -> None:
-    if isinstance(data, BaseModel):
-        text = data.model_dump_json(indent=2)
-    elif isinstance(data, list):
-        text = json.dumps([m.model_dump(mode="json") for m in data], indent=2)
-    else:
-        text = json.dumps(data, indent=2, default=str)
-    print(text)
 
 
 def _err(message: str) -> None:
@@ -540,6 +493,9 @@ COMMANDS: dict[str, Callable[[HiveClient, argparse.Namespace], Awaitable[int]]] 
     "events": cmd_events,
     "devices": cmd_devices,
     "status": cmd_status,
+    "apply": cmd_apply,
+    "diff": cmd_diff,
+    "replace": cmd_replace,
 }
 
 
@@ -643,7 +599,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _err(str(exc))
         return FAILED
-    return serve(config, args.log_format, lambda: _load_for_serve(args))
+    path, _ = find_config_path(args.config)
+    return serve(config, args.log_format, lambda: _load_for_serve(args), path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -654,8 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
-    if extra and args.command != "spawn":
-        build_parser().error("arguments after -- are only for hive spawn")
+    if extra and args.command not in ("spawn", "replace"):
+        build_parser().error("arguments after -- are only for hive spawn and hive replace")
     args.extra = extra
     if args.command == "serve":
         if args.url is not None or args.token is not None:

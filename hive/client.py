@@ -24,7 +24,7 @@ from urllib.parse import SplitResult, urlsplit
 import aiohttp
 
 from hive.config import Config, ConfigError, load_config
-from hive.models import Devices, Health, Node, SpawnRequest, Worker, WorkerList
+from hive.models import ApplyResult, Devices, Health, Node, SpawnRequest, Worker, WorkerList
 from hive.sse import SSEParser
 
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=None)
@@ -232,6 +232,35 @@ class HiveClient:
     async def delete(self, worker_id: str) -> Worker:
         _, data = await self._request("DELETE", f"/v1/workers/{worker_id}")
         return Worker.model_validate(data)
+
+    async def replace(
+        self,
+        worker_id: str,
+        changes: Mapping[str, Any],
+        *,
+        in_place: bool = False,
+        timeout: float | None = None,
+    ) -> Worker:
+        """Replace a worker by a successor with ``changes`` (spawn fields); returns once the
+        successor has taken over (or raises, the old worker left as it was)."""
+        params = {"in_place": in_place or None, "timeout": timeout}
+        _, data = await self._request(
+            "POST", f"/v1/workers/{worker_id}/replace", params=params, json=dict(changes)
+        )
+        return Worker.model_validate(data)
+
+    async def apply(
+        self,
+        workers: list[Mapping[str, Any]],
+        *,
+        prune: bool = False,
+        dry_run: bool = False,
+        source: str = "api",
+    ) -> ApplyResult:
+        """Make the workers match ``workers`` (declared spawn requests with ids)."""
+        body = {"workers": workers, "prune": prune, "dry_run": dry_run, "source": source}
+        _, data = await self._request("POST", "/v1/apply", json=body)
+        return ApplyResult.model_validate(data)
 
     async def heartbeat(self, worker_id: str, state: str, in_flight: int | None = None) -> Worker:
         body = {"state": state, "in_flight": in_flight}

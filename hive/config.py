@@ -291,6 +291,12 @@ class Config(BaseModel):
     containment: Literal["auto", "cgroup", "tags"] = "auto"
     backends: dict[str, BackendConfig] = {}
     routers: list[RouterConfig] = []
+    #: Declared workers (spawn requests with an ``id``): started at boot, kept, and reconciled
+    #: on SIGHUP (:mod:`hive.declared`). Validated when hive reads them, with the file's name.
+    workers: list[dict[str, Any]] = []
+    #: A directory of TOML files of more ``[[workers]]``; relative to the config file's
+    #: directory. Default: ``workers.d`` beside the config file.
+    workers_dir: Path | None = None
 
     @field_validator("listen")
     @classmethod

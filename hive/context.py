@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hive import __version__
@@ -15,6 +16,7 @@ from hive.devices.placement import Placer
 from hive.events import EventHub
 from hive.logs import Logs
 from hive.metrics import Metrics
+from hive.reconcile import Reconciler
 from hive.registry import Registry, now
 from hive.supervisor import Supervisor
 
@@ -34,6 +36,10 @@ class Context:
     token: str
     events: EventHub
     metrics: Metrics
+    #: Replacements and applies of declared sets.
+    reconciler: Reconciler
+    #: Where hive's configuration file is (declared workers are read beside it).
+    config_path: Path | None = None
     #: Set when the API listens: the deadlines and caps of its connections.
     guard: ConnectionGuard | None = None
     version: str = __version__

@@ -33,6 +33,7 @@ from hive.config import Config, ConfigError
 from hive.containment import Cgroups
 from hive.containment import choose as choose_containment
 from hive.context import Context
+from hive.declared import CONFIG_SOURCE, DeclarationError, check_backends, read_declared
 from hive.devices import cpu
 from hive.devices.gpu import GpuMonitor
 from hive.devices.placement import Placer
@@ -40,8 +41,9 @@ from hive.events import EventHub
 from hive.journal import Journal
 from hive.logs import Logs
 from hive.metrics import Metrics
-from hive.models import State
+from hive.models import PlanItem, State
 from hive.notify import Notifier
+from hive.reconcile import Reconciler
 from hive.registry import Change, Registry
 from hive.router_sync import RouterSync
 from hive.supervisor import Supervisor
@@ -140,9 +142,17 @@ def _claim_socket(path: Path) -> None:
 class Daemon:
     """One running ``hive serve``."""
 
-    def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loader: Callable[[], Config] | None = None,
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
         self.loader = loader
+        self.config_path = config_path
+        self._reconciling: asyncio.Task[None] | None = None
+        self._reconcile_again = False
         self.notifier = Notifier()
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -199,8 +209,20 @@ class Daemon:
         events = EventHub(registry, config.events_buffer, config.events_queue)
         events.start()
         metrics.event_clients.set_function(lambda: events.clients)
+        reconciler = Reconciler(supervisor, registry)
         self.context = Context(
-            config, registry, supervisor, logs, placer, nodes, gpus, token, events, metrics
+            config,
+            registry,
+            supervisor,
+            logs,
+            placer,
+            nodes,
+            gpus,
+            token,
+            events,
+            metrics,
+            reconciler,
+            self.config_path,
         )
         await supervisor.start()
         # Adopt before serving, so no request ever sees a registry without the old workers.
@@ -230,6 +252,7 @@ class Daemon:
         upstream.start()
         metrics.watch_gpus(lambda: gpus.snapshot().gpus)
         log.info("hive listening on %s and %s", config.listen, config.socket_path)
+        self._reconcile(first=True)
         notifier = self.notifier
         notifier.ready(status_line(registry))
         changed = asyncio.Event()
@@ -258,6 +281,9 @@ class Daemon:
             log.info("shutting down (on_exit = %s)", self.config.on_exit)
             await usage.close()
             await supervisor.close()  # stops (and first withdraws) every worker
+            if self._reconciling is not None:  # what it left half-way, the next hive settles
+                self._reconciling.cancel()
+                await asyncio.gather(self._reconciling, return_exceptions=True)
             unsubscribe_log()
             await upstream.close()
             await journal.close()
@@ -317,6 +343,49 @@ class Daemon:
             self._upstream.reload(new)
         log.info("reloaded the configuration: %s", ", ".join(live) or "nothing changed")
         self.notifier.ready(status_line(context.registry))
+        self._reconcile()
+
+    # -- declared workers ------------------------------------------------------------------
+
+    def _reconcile(self, first: bool = False) -> None:
+        """Bring what runs to what hive's files declare, in the background; one pass at a
+        time (a SIGHUP during a pass runs another after it)."""
+        if self._reconciling is not None and not self._reconciling.done():
+            self._reconcile_again = True
+            return
+        self._reconciling = asyncio.create_task(self._reconcile_loop(first), name="hive-declared")
+
+    async def _reconcile_loop(self, first: bool) -> None:
+        context = self.context
+        assert context is not None
+        if first:
+            await context.reconciler.settle_interrupted()
+        while True:
+            self._reconcile_again = False
+            await self._reconcile_once(context)
+            if not self._reconcile_again:
+                return
+
+    async def _reconcile_once(self, context: Context) -> None:
+        try:
+            declared = read_declared(self.config, self.config_path)
+            check_backends(declared, self.config)
+        except DeclarationError as exc:
+            log.error("declared workers refused, nothing of them applied: %s", exc)
+            self.notifier.status(f"declared workers refused: {str(exc).splitlines()[0]}")
+            return
+        managed = {item.spec.id for item in declared}
+        if not declared and not any(
+            (r.declared or "").startswith(CONFIG_SOURCE) for r in context.registry.list()
+        ):
+            return
+        items = await context.reconciler.apply(
+            declared, prune=lambda entry: (entry.record.declared or "").startswith(CONFIG_SOURCE)
+        )
+        for item in items:
+            if item.action != "unchanged" or item.result != "done":
+                log.info("declared worker %s: %s: %s", item.id, item.action, item.result)
+        log.info("declared workers: %d declared, %s", len(managed), _summary(items))
 
     def _lock_state_dir(self) -> None:
         """One hive per state_dir: two would adopt the same workers."""
@@ -369,10 +438,20 @@ class Daemon:
             raise
 
 
+def _summary(items: list[PlanItem]) -> str:
+    counts: dict[str, int] = {}
+    for item in items:
+        key = item.action if item.result == "done" else f"{item.action} failed"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {key}" for key, n in sorted(counts.items())) or "nothing to do"
+
+
 def _log_change(change: Change) -> None:
     """Every state change in hive's log, with the worker id (and why, when it failed)."""
     before = change.from_.value if change.from_ else "new"
     after = change.to.value if change.to else "forgotten"
+    if change.renamed_to is not None:
+        after = f"took over as {change.renamed_to}"
     worker = change.worker
     detail = f" ({worker.error})" if change.to == State.FAILED and worker.error else ""
     log.info("worker %s: %s -> %s%s", change.id, before, after, detail)
@@ -387,7 +466,10 @@ def _log_tasks() -> None:
 
 
 def serve(
-    config: Config, log_format: str = "text", loader: Callable[[], Config] | None = None
+    config: Config,
+    log_format: str = "text",
+    loader: Callable[[], Config] | None = None,
+    config_path: Path | None = None,
 ) -> int:
     """Run hive until SIGTERM or SIGINT; SIGHUP re-reads the configuration through ``loader``.
 
@@ -397,7 +479,7 @@ def serve(
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     async def main() -> None:
-        daemon = Daemon(config, loader)
+        daemon = Daemon(config, loader, config_path)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)

@@ -45,6 +45,7 @@ def _event(change: Change) -> Event:
         "from": change.from_.value if change.from_ else None,
         "to": change.to.value if change.to else None,
         "worker": json.loads(change.worker.model_dump_json()),
+        **({"renamed_to": change.renamed_to} if change.renamed_to else {}),
     }
     return Event(change.seq, json.dumps(data, separators=(",", ":")))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hive.config import BackendConfig, Config
 from hive.containment import ATTEMPT_ENV, INSTANCE_ENV, WORKER_ENV
-from hive.models import Worker
+from hive.models import Worker, base_id, process_key
 from hive.process import Launch
 from hive.registry import Entry
 
@@ -62,7 +62,7 @@ def placeholders(
         "port": str(record.port),
         "host": config.worker_host,
         "python": str(venv_python(backend_venv)) if backend_venv else sys.executable,
-        "id": record.id,
+        "id": base_id(record.id),
         "device": record.device,
         "gpus": str(len(record.gpus)),
         "ncpus": str(len(record.cpus)),
@@ -109,7 +109,7 @@ def build_launch(
     env.update(
         {
             INSTANCE_ENV: instance,
-            WORKER_ENV: record.id,
+            WORKER_ENV: process_key(record),
             ATTEMPT_ENV: attempt_nonce(record),
             "HIVE_MODEL": spec.model,
             "HIVE_BACKEND": record.backend,

@@ -32,7 +32,7 @@ from hive.launch import build_launch
 from hive.load import Load
 from hive.logs import Logs
 from hive.metrics import Metrics
-from hive.models import State
+from hive.models import State, process_key
 from hive.probes import Prober, WorkerProbes
 from hive.process import Process, Spawner, describe_exit, terminate
 from hive.registry import Registry, now
@@ -88,7 +88,10 @@ class WorkerRun:
     """
 
     def __init__(self, worker_id: str, deps: Deps) -> None:
+        #: The worker's id in the registry; a successor's changes once, when it takes over.
         self.id = worker_id
+        #: What its processes are known by (:func:`hive.registry.process_key`), set per attempt.
+        self.key = worker_id
         self.deps = deps
         self.process: Process | None = None
         self.task: asyncio.Task[None] | None = None
@@ -103,8 +106,8 @@ class WorkerRun:
         registry = deps.registry
         self._probes = WorkerProbes(
             deps.prober,
-            lambda: registry.get(worker_id).port,
-            lambda: _age(registry.get(worker_id).last_heartbeat_at),
+            lambda: registry.get(self.id).port,
+            lambda: _age(registry.get(self.id).last_heartbeat_at),
         )
 
     # -- what the supervisor asks of a run ------------------------------------------------------
@@ -140,6 +143,7 @@ class WorkerRun:
 
     def adopt(self, process: Process, ready: bool, heartbeating: bool) -> None:
         """Watch a process a previous hive started, as it runs now."""
+        self.key = process_key(self.deps.registry.get(self.id))
         self.process = process
         if ready:
             self._ready.set()
@@ -221,6 +225,7 @@ class WorkerRun:
         """Start the process of a record in ``starting``; a failure to exec makes it failed."""
         deps = self.deps
         entry = deps.registry.entry(self.id)
+        self.key = process_key(entry.record)
         backend = deps.backend(entry.record.backend)
         if backend is None:
             self._fail(f"backend {entry.record.backend!r} is no longer configured", None)
@@ -237,7 +242,7 @@ class WorkerRun:
         attempt = entry.record.restarts + 1
         deps.logs.mark(self.id, f"attempt {attempt}: {' '.join(launch.argv)}")
         try:
-            deps.containment.prepare(self.id)
+            deps.containment.prepare(self.key)
         except OSError as exc:
             error = f"cannot create the worker's {deps.containment.kind}: {exc.strerror or exc}"
             deps.logs.mark(self.id, error)
@@ -251,7 +256,7 @@ class WorkerRun:
                     "and only a hive running as root can switch to them",
                 )
             self.process = await deps.spawner.start(
-                launch, lambda pid: deps.containment.enter(self.id, pid)
+                launch, lambda pid: deps.containment.enter(self.key, pid)
             )
         except KeyError as exc:
             error = f"cannot start {launch.argv[0]!r}: this host has no {exc.args[0]}"
@@ -381,12 +386,12 @@ class WorkerRun:
         release its containment once empty; True when nothing of it is left."""
         assert self.process is not None
         containment = self.deps.containment
-        gone = await terminate(self.process, timeout, kill_timeout, Group(containment, self.id))
+        gone = await terminate(self.process, timeout, kill_timeout, Group(containment, self.key))
         if gone:
-            containment.release(self.id)
+            containment.release(self.key)
         else:
             log.error(
-                "worker %s: processes %s outlived SIGKILL", self.id, containment.members(self.id)
+                "worker %s: processes %s outlived SIGKILL", self.id, containment.members(self.key)
             )
         return gone
 

@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from hive.models import base_id
+
 log = logging.getLogger("hive.logs")
 
 #: What starts each line hive writes into a worker's log; readers (the CLI, tests) match it too.
@@ -35,7 +37,8 @@ class Logs:
         directory.mkdir(parents=True, exist_ok=True, mode=0o750)
 
     def path(self, worker_id: str) -> Path:
-        return self.directory / f"{worker_id}.log"
+        """A worker's log; a successor (``<id>~<generation>``) writes on in its worker's."""
+        return self.directory / f"{base_id(worker_id)}.log"
 
     def mark(self, worker_id: str, text: str) -> None:
         """Append one line of hive's own, e.g. at each start of the worker."""
@@ -122,7 +125,7 @@ class Logs:
             await asyncio.sleep(poll)
 
     def _rotated(self, worker_id: str) -> Path:
-        return self.directory / f"{worker_id}.log.1"
+        return self.directory / f"{base_id(worker_id)}.log.1"
 
 
 def _tail_of(path: Path, lines: int) -> str:

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     StrictBool,
     StringConstraints,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -234,6 +235,37 @@ class Worker(BaseModel):
     #: How hive holds the worker's whole process tree: its own ``cgroup`` (v2), or ``tags``
     #: (an environment tag found by a scan of /proc, with hive as child subreaper).
     containment: Literal["cgroup", "tags"] | None = None
+    #: Counts the worker's replacements: 1 for the worker as first spawned, one more for each
+    #: successor that took its place (``POST /v1/workers/{id}/replace``, ``hive apply``).
+    generation: int = 1
+    #: Where the worker is declared: ``config:<file>`` (``[[workers]]`` in hive's config, or a
+    #: file of ``workers_dir``), ``apply:<source>`` (``hive apply``); None when only spawned.
+    declared: str | None = None
+    #: A replacement under way, on the worker being replaced: the successor's id and how far
+    #: it is (``"web~2 starting"``, ``"web~2 ready, registering"``, ``"draining the old"``).
+    replacement: str | None = None
+    #: On a successor (its id is ``<id>~<generation>`` until it takes over): the id it replaces.
+    replacing: str | None = None
+
+
+def successor_id(worker_id: str, generation: int) -> str:
+    """The id a successor has until it takes over: ``<id>~<generation>`` (``~`` is never in
+    a worker id, so it can clash with none)."""
+    return f"{worker_id}~{generation}"
+
+
+def base_id(worker_id: str) -> str:
+    """The worker id a successor's id is for (``web~2`` -> ``web``); an id is its own."""
+    return worker_id.split("~", 1)[0]
+
+
+def process_key(record: Worker) -> str:
+    """What the worker's processes are known by (cgroup, environment tag, heartbeat path):
+    its id in generation 1, else the successor id it was started under, which a process keeps
+    for life because it cannot be told a new one."""
+    if record.generation == 1 or "~" in record.id:
+        return record.id
+    return successor_id(record.id, record.generation)
 
 
 class WorkerList(BaseModel):
@@ -394,3 +426,90 @@ class LogsQuery(BaseModel):
 
     tail: Annotated[int, Field(ge=0, le=1_000_000)] = 100
     follow: bool = False
+
+
+def _replace_fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, info in SpawnRequest.model_fields.items():
+        if name != "id":
+            fields[name] = (info.annotation | None, Field(None, alias=info.alias))
+    return fields
+
+
+class _Changes(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, serialize_by_alias=True)
+
+    def applied_to(self, spec: SpawnRequest) -> SpawnRequest:
+        """``spec`` with the fields given here (``null`` clears one, such as a pinned port),
+        validated as a whole: an error names the field."""
+        changes = self.model_dump(by_alias=True, exclude_unset=True)
+        return SpawnRequest.model_validate({**spec.model_dump(by_alias=True), **changes})
+
+
+#: The body of ``POST /v1/workers/{id}/replace``: the spawn request's fields that change (any of
+#: them but ``id``); the successor runs the worker's request with these applied.
+ReplaceRequest: type[_Changes] = create_model(  # type: ignore[call-overload]
+    "ReplaceRequest", __base__=_Changes, **_replace_fields()
+)
+
+
+class ReplaceQuery(BaseModel):
+    """``POST /v1/workers/{id}/replace?in_place=false&timeout=S``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Stop the old worker first and start the successor on what it freed (a gap in serving):
+    #: for a successor that needs the old worker's GPUs or its pinned port.
+    in_place: bool = False
+    #: How long the successor has to become ready (and registered) before the replacement is
+    #: abandoned and the old worker kept.
+    timeout: Annotated[float, Field(gt=0, le=86400)] = 1800.0
+
+
+class DeclaredWorker(SpawnRequest):
+    """A worker as declared in a file (``[[workers]]``, ``workers_dir``, ``hive apply -f``):
+    a spawn request whose ``id`` is required."""
+
+    id: WorkerId  # type: ignore[assignment]
+
+
+class ApplyRequest(BaseModel):
+    """The body of ``POST /v1/apply``: the declared set, and what to do with the rest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: list[DeclaredWorker]
+    #: Stop and remove every worker that is not in ``workers``.
+    prune: StrictBool = False
+    #: Only say what would be done (``hive diff``).
+    dry_run: StrictBool = False
+    #: Where the declarations come from, shown in each record's ``declared`` (``apply:<source>``).
+    source: Annotated[str, StringConstraints(min_length=1, max_length=512)] = "api"
+
+    @field_validator("workers")
+    @classmethod
+    def _unique_ids(cls, workers: list[DeclaredWorker]) -> list[DeclaredWorker]:
+        seen: set[str] = set()
+        for worker in workers:
+            if worker.id in seen:
+                raise ValueError(f"worker {worker.id!r} is declared twice")
+            seen.add(worker.id)
+        return workers
+
+
+class PlanItem(BaseModel):
+    """One worker in an apply's plan, and (unless a dry run) what became of it."""
+
+    id: str
+    action: Literal["create", "replace", "unchanged", "prune"]
+    #: The fields that differ, for ``replace``: ``{field: [running, declared]}``.
+    changes: dict[str, list[Any]] = {}
+    #: What happened: ``done``, or the error that stopped it (the worker is left as it was).
+    result: str | None = None
+
+
+class ApplyResult(BaseModel):
+    """What ``POST /v1/apply`` answers: the plan in order, each item with its result."""
+
+    items: list[PlanItem]
+    dry_run: bool

@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hive.models import DOWN_STATES, LIVE_STATES, Desired, SpawnRequest, State, Worker
+from hive.models import (
+    DOWN_STATES,
+    LIVE_STATES,
+    Desired,
+    SpawnRequest,
+    State,
+    Worker,
+    base_id,
+    process_key,
+)
 from hive.timeouts import within
 
 #: The legal state changes; anything else is refused.
@@ -78,6 +87,9 @@ class Change:
     from_: State | None
     to: State | None
     worker: Worker
+    #: A successor taking its worker's id (:meth:`Registry.promote`): on the change that forgets
+    #: the successor's own id, the id it now has. Its process is the same and keeps serving.
+    renamed_to: str | None = None
 
 
 Subscriber = Callable[[Change], None]
@@ -162,10 +174,15 @@ class Records:
         return self._seq
 
     def _publish(
-        self, worker_id: str, from_: State | None, to: State | None, worker: Worker
+        self,
+        worker_id: str,
+        from_: State | None,
+        to: State | None,
+        worker: Worker,
+        renamed_to: str | None = None,
     ) -> None:
         self._seq += 1
-        change = Change(self._seq, now(), worker_id, from_, to, worker)
+        change = Change(self._seq, now(), worker_id, from_, to, worker, renamed_to)
         for subscriber in list(self._subscribers):
             subscriber(change)
 
@@ -228,6 +245,17 @@ class Records:
             return self._entries[worker_id]
         except KeyError:
             raise UnknownWorker(worker_id) from None
+
+    def resolve(self, key: str) -> str | None:
+        """The id of the record whose id or process key is ``key`` (a successor that took over
+        still heartbeats as ``<id>~<generation>``); None when there is none."""
+        with self._lock:
+            if key in self._entries:
+                return key
+            entry = self._entries.get(base_id(key))
+            if entry is not None and process_key(entry.record) == key:
+                return entry.record.id
+            return None
 
     # -- changing ------------------------------------------------------------------------------
 
@@ -356,9 +384,10 @@ class Records:
     # -- waiting -------------------------------------------------------------------------------
 
     def token(self, worker_id: str) -> str | None:
-        """The worker's heartbeat token, or None for an unknown worker."""
+        """The worker's heartbeat token (by id or process key), or None for an unknown worker."""
         with self._lock:
-            entry = self._entries.get(worker_id)
+            resolved = self.resolve(worker_id)
+            entry = self._entries.get(resolved) if resolved is not None else None
             return entry.token if entry is not None else None
 
     async def wait_until(
@@ -491,6 +520,57 @@ class Registry(Records):
 
     def set_draining(self, worker_id: str, draining: bool) -> Worker:
         return self.update(worker_id, draining=draining)
+
+    def set_declared(self, worker_id: str, declared: str | None) -> Worker:
+        """Where the worker is declared now (None: nowhere any more)."""
+        return self.update(worker_id, declared=declared)
+
+    def replacement_progress(self, worker_id: str, progress: str | None) -> Worker | None:
+        """How far the replacement of ``worker_id`` is; None if the worker is gone."""
+        with self._lock:
+            if worker_id not in self._entries:
+                return None
+            return self.update(worker_id, replacement=progress)
+
+    def respec(self, worker_id: str, spec: SpawnRequest, generation: int) -> Worker:
+        """A worker whose process is gone takes a new request (an in-place replacement): the
+        next attempt runs it, as generation ``generation``."""
+        with self._lock:
+            entry = self._entry(worker_id)
+            if entry.record.state not in DOWN_STATES:
+                raise IllegalTransition(worker_id, entry.record.state, State.STARTING)
+            record = entry.record.model_copy(
+                update={
+                    "model": spec.model,
+                    "backend": spec.backend or entry.record.backend,
+                    "labels": spec.labels,
+                    "restart": spec.restart or entry.record.restart,
+                    "role": spec.role,
+                    "priority": spec.priority,
+                    "cost": spec.cost,
+                    "generation": generation,
+                }
+            )
+            self._entries[worker_id] = Entry(record, spec, entry.token)
+            self.version += 1
+            return record
+
+    def promote(self, successor: str, worker_id: str) -> Worker:
+        """The successor takes its worker's id, once the worker it replaced is forgotten. Its
+        process, port and router registration stay as they are: subscribers hear the
+        successor's id forgotten (``renamed_to`` set) and the worker's id appear."""
+        with self._lock:
+            entry = self._entry(successor)
+            if worker_id in self._entries:
+                raise DuplicateWorker(worker_id)
+            del self._entries[successor]
+            record = entry.record.model_copy(update={"id": worker_id, "replacing": None})
+            self._entries[worker_id] = Entry(record, entry.spec, entry.token)
+            self.version += 1
+            state = record.state
+            self._publish(successor, state, None, entry.record, renamed_to=worker_id)
+            self._publish(worker_id, None, state, record)
+            return record
 
     def router_status(self, worker_id: str, router_url: str, status: str) -> Worker | None:
         """Record one router's view of the worker; None if the worker is gone."""

@@ -189,8 +189,8 @@ class RouterSync:
 
     def _on_change(self, change: Change) -> None:
         # Called with the registry's lock held, maybe off the loop: only schedule.
-        if self._loop is None:
-            return
+        if self._loop is None or change.renamed_to is not None:
+            return  # a successor taking its worker's id: the same process, still registered
         worker = change.worker
         if change.to in (State.READY, State.BUSY) and change.from_ == State.STARTING:
             self._loop.call_soon_threadsafe(self._spawn_task, self._register(worker))

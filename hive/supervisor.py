@@ -25,7 +25,15 @@ from hive.journal import Journal, JournalError, Saved
 from hive.lifecycle import Deps, WorkerRun
 from hive.logs import Logs
 from hive.metrics import Metrics
-from hive.models import DOWN_STATES, Heartbeat, SpawnRequest, State, Worker
+from hive.models import (
+    DOWN_STATES,
+    Heartbeat,
+    SpawnRequest,
+    State,
+    Worker,
+    process_key,
+    successor_id,
+)
 from hive.ports import PortPool, ephemeral_overlap
 from hive.probes import Prober
 from hive.process import Spawner, reap_orphans
@@ -137,7 +145,7 @@ class Supervisor:
             if adoption.process is not None:
                 for pid in adoption.members:  # hive may have died before it moved them
                     with contextlib.suppress(OSError):
-                        self.containment.enter(record.id, pid)
+                        self.containment.enter(process_key(record), pid)
                 if self.journal is not None:
                     self.journal.remember_start_time(
                         record.id, adoption.process.pid, adoption.started
@@ -165,23 +173,49 @@ class Supervisor:
 
     # -- requests ------------------------------------------------------------------------------
 
-    async def spawn(self, spec: SpawnRequest) -> Worker:
-        """Place, reserve and start a new worker; returns its record once it has a pid."""
+    def normalized(self, spec: SpawnRequest) -> SpawnRequest:
+        """The request as hive keeps it: backend and restart policy filled in from the
+        configuration's defaults (so that two requests meaning the same compare equal)."""
+        return spec.model_copy(
+            update={
+                "backend": spec.backend or self.config.default_backend,
+                "restart": spec.restart or self.config.default_restart,
+            }
+        )
+
+    async def spawn(
+        self,
+        spec: SpawnRequest,
+        *,
+        declared: str | None = None,
+        successor: tuple[str, int] | None = None,
+    ) -> Worker:
+        """Place, reserve and start a new worker; returns its record once it has a pid.
+
+        ``declared`` says where it is declared; ``successor`` = (id it replaces, generation)
+        starts it as that worker's successor, under the id ``<id>~<generation>``.
+        """
         self._refuse_if_closing()
+        spec = self.normalized(spec)
         backend_name = spec.backend or self.config.default_backend
         backend = self._backend(backend_name)
         worker_id = spec.id or self._new_id(spec.model)
         restart = spec.restart or self.config.default_restart
-        spec = spec.model_copy(
-            update={"backend": backend_name, "id": worker_id, "restart": restart}
-        )
+        spec = spec.model_copy(update={"id": worker_id})
+        record_id, generation, replacing = worker_id, 1, None
+        if successor is not None:
+            replacing, generation = successor
+            record_id = successor_id(replacing, generation)
         reservations = self._deps.reservations
 
         def build(entries: Mapping[str, Entry]) -> dict[str, Any]:
-            if worker_id in entries:
+            if record_id in entries or (successor is None and _successor_of(worker_id, entries)):
                 raise Conflict(f"id: worker {worker_id!r} already exists")
             return {
-                "id": worker_id,
+                "id": record_id,
+                "generation": generation,
+                "replacing": replacing,
+                "declared": declared,
                 "model": spec.model,
                 "backend": backend_name,
                 "labels": spec.labels,
@@ -191,7 +225,7 @@ class Supervisor:
                 "role": spec.role,
                 "priority": spec.priority,
                 "cost": spec.cost,
-                **reservations.reserve(spec, backend_name, backend, entries, worker_id, None),
+                **reservations.reserve(spec, backend_name, backend, entries, record_id, None),
             }
 
         self._room.check()
@@ -202,16 +236,16 @@ class Supervisor:
         try:
             await self._persist()
         except JournalError:
-            self.registry.forget_unstarted(worker_id)
+            self.registry.forget_unstarted(record_id)
             raise
-        run = WorkerRun(worker_id, self._deps)
+        run = WorkerRun(record_id, self._deps)
         await self._start(run)
         try:
             await self._persist()
         except JournalError:
             await self._undo_spawn(run)
             raise
-        return self.registry.get(worker_id)
+        return self.registry.get(record_id)
 
     async def _undo_spawn(self, run: WorkerRun) -> None:
         """A spawn whose pid could not reach the disk: end it and forget it, leaving nothing."""
@@ -222,12 +256,21 @@ class Supervisor:
         self._runs.pop(run.id, None)
         with contextlib.suppress(RegistryError):
             self.registry.remove(run.id)
-        self.containment.release(run.id)
-        self.logs.remove(run.id)
+        self.containment.release(run.key)
+        if "~" not in run.id:  # a successor writes in its worker's log: that one stays
+            self.logs.remove(run.id)
 
     async def _start(self, run: WorkerRun) -> None:
         self._runs[run.id] = run
         await run.start()
+
+    def check_backend(self, spec: SpawnRequest) -> None:
+        """Refuse a request that names a backend hive does not have (a 422 naming it)."""
+        self._backend(spec.backend or self.config.default_backend)
+
+    async def persist(self) -> None:
+        """Wait until the journal holds every change so far."""
+        await self._persist()
 
     async def _persist(self) -> None:
         """Answer only once the journal holds the change: a hive crash right after a reply
@@ -258,7 +301,8 @@ class Supervisor:
         run = self._runs.get(worker_id)
         if run is not None and run.active:
             return None
-        end_strays(self.containment, worker_id, self.containment.members(worker_id))
+        key = process_key(self.registry.get(worker_id))
+        end_strays(self.containment, key, self.containment.members(key))
         return self.registry.attempt_ended(
             worker_id, State.STOPPED, exit_code=None, error="no process was being watched"
         )
@@ -283,19 +327,56 @@ class Supervisor:
             known = ", ".join(sorted(self.config.backends))
             raise Invalid(f"{exc} (configured: {known})") from None
 
-    async def delete(self, worker_id: str) -> Worker:
-        """Stop the worker if it runs, then forget it and its log."""
+    async def delete(self, worker_id: str, keep_log: bool = False) -> Worker:
+        """Stop the worker if it runs, then forget it and (unless ``keep_log``) its log."""
         await self.stop(worker_id, wait=True)
         self._settle_unwatched(worker_id)
         record = self.registry.remove(worker_id)
-        self.containment.release(worker_id)
+        self.containment.release(process_key(record))
         self._runs.pop(worker_id, None)
-        self.logs.remove(worker_id)
+        if not keep_log and "~" not in worker_id:  # a successor's log is its worker's
+            self.logs.remove(worker_id)
         await self._persist()
         return record
 
+    def run_of(self, worker_id: str) -> WorkerRun | None:
+        """The lifecycle of a worker, if it has one."""
+        return self._runs.get(worker_id)
+
+    async def promote(self, successor: str, worker_id: str) -> Worker:
+        """The successor takes the id of the worker it replaced (which is forgotten by now);
+        its process goes on as it is."""
+        record = self.registry.promote(successor, worker_id)
+        run = self._runs.pop(successor, None)
+        if run is not None:
+            run.id = worker_id
+            self._runs[worker_id] = run
+        await self._persist()
+        return record
+
+    async def respec(self, worker_id: str, spec: SpawnRequest) -> Worker:
+        """Start a worker whose process is gone again, with a new request, as its next
+        generation (a replacement in place). The old process must have ended."""
+        self._refuse_if_closing()
+        old = self._runs.get(worker_id)
+        if old is not None and old.active:
+            raise Conflict(f"worker {worker_id!r} is changing state; try again")
+        spec = self.normalized(spec).model_copy(update={"id": worker_id})
+        self._backend(spec.backend or self.config.default_backend)
+        record = self.registry.get(worker_id)
+        self.registry.respec(worker_id, spec, record.generation + 1)
+        run = WorkerRun(worker_id, self._deps)
+        try:
+            run.begin_attempt(restarts_delta=-record.restarts)
+        except LookupError as exc:
+            raise Invalid(str(exc)) from None
+        await self._start(run)
+        await self._persist()
+        return self.registry.get(worker_id)
+
     def heartbeat(self, worker_id: str, beat: Heartbeat) -> Worker:
         """Take a worker's report of itself: ready or busy, and how many requests in flight."""
+        worker_id = self.registry.resolve(worker_id) or worker_id  # a successor's own key
         record = self.registry.get(worker_id)
         if record.state in DOWN_STATES:
             raise Conflict(f"worker {worker_id!r} is {record.state}", worker=record)
@@ -370,3 +451,9 @@ class Supervisor:
                         self.logs.cap(worker_id)
             except OSError:
                 log.exception("housekeeping failed")
+
+
+def _successor_of(worker_id: str, entries: Mapping[str, Entry]) -> bool:
+    """True while a successor of ``worker_id`` exists (its id would be taken when it promotes)."""
+    prefix = f"{worker_id}~"
+    return any(key.startswith(prefix) for key in entries)

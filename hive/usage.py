@@ -22,7 +22,7 @@ import psutil
 from hive.containment import Cgroups
 from hive.devices.gpu import GpuSnapshot, compute_pids
 from hive.devices.placement import Placer
-from hive.models import LIVE_STATES
+from hive.models import LIVE_STATES, process_key
 from hive.registry import Figures, Registry
 
 log = logging.getLogger("hive.usage")
@@ -126,7 +126,7 @@ class Usage:
         for record in self.registry.list():
             if record.state not in LIVE_STATES or record.pid is None:
                 continue
-            figures = cgroups.figures(record.id)
+            figures = cgroups.figures(process_key(record))
             if figures is None:
                 continue
             pids, memory, cpu_usec = figures

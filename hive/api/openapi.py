@@ -63,7 +63,8 @@ def _parameters(op: Operation, schemas: dict[str, Any]) -> list[dict[str, Any]]:
                 "name": "id",
                 "in": "path",
                 "required": True,
-                "schema": {"type": "string", "pattern": WORKER_ID_PATTERN},
+                # A successor's id, and the key it heartbeats by, end in ``~<generation>``.
+                "schema": {"type": "string", "pattern": WORKER_ID_PATTERN[:-1] + "(~[0-9]+)?$"},
             }
         )
     if op.query is not None:

@@ -20,10 +20,13 @@ from hive import views
 from hive.api.keys import CONTEXT, RECORD_JSON
 from hive.api.openapi import Operation, build_openapi
 from hive.context import Context
+from hive.declared import APPLY_SOURCE, DeclarationError, parse_workers
 from hive.errors import BadRequest, Conflict, Invalid
 from hive.events import SSE_HEADERS, drop, limit_send_buffer
 from hive.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hive.models import (
+    ApplyRequest,
+    ApplyResult,
     Devices,
     EventsQuery,
     Health,
@@ -31,6 +34,8 @@ from hive.models import (
     ListQuery,
     LogsQuery,
     Node,
+    ReplaceQuery,
+    ReplaceRequest,
     SpawnQuery,
     SpawnRequest,
     State,
@@ -91,7 +96,7 @@ def _query(request: web.Request, model: type[M]) -> M:
     return model.model_validate(data)
 
 
-async def _body(request: web.Request, model: type[M]) -> M:
+async def _json(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
         data = json.loads(raw) if raw else None
@@ -101,7 +106,11 @@ async def _body(request: web.Request, model: type[M]) -> M:
         raise BadRequest("body: nested too deeply") from None
     if not isinstance(data, dict):
         raise Invalid("body: must be a JSON object")
-    return model.model_validate(data)
+    return data
+
+
+async def _body(request: web.Request, model: type[M]) -> M:
+    return model.model_validate(await _json(request))
 
 
 def _worker_id(request: web.Request) -> str:
@@ -239,6 +248,54 @@ async def restart_worker(request: web.Request) -> web.Response:
 )
 async def delete_worker(request: web.Request) -> web.Response:
     return _reply(await _context(request).supervisor.delete(_worker_id(request)))
+
+
+@route(
+    Operation(
+        "post",
+        "/v1/workers/{id}/replace",
+        "Replace the worker by a successor with these fields changed, without a gap: the "
+        "successor starts beside it, and takes its id once ready and registered",
+        {"200": ("the worker, now its successor", Worker)},
+        query=ReplaceQuery,
+        body=ReplaceRequest,
+        errors=("400", "404", "409", "413", "422", "503"),
+    )
+)
+async def replace_worker(request: web.Request) -> web.Response:
+    query = _query(request, ReplaceQuery)
+    changes = await _body(request, ReplaceRequest)
+    context = _context(request)
+    worker_id = _worker_id(request)
+    spec = changes.applied_to(context.registry.entry(worker_id).spec)
+    record = await context.reconciler.replace(worker_id, spec, query.in_place, query.timeout)
+    return _reply(record)
+
+
+@route(
+    Operation(
+        "post",
+        "/v1/apply",
+        "Make the workers match a declared set: create, replace, leave alone, prune",
+        {"200": ("the plan, each item with its result (none for a dry run)", ApplyResult)},
+        body=ApplyRequest,
+        errors=("400", "413", "422"),
+    )
+)
+async def apply(request: web.Request) -> web.Response:
+    data = await _json(request)
+    flags = ApplyRequest.model_validate({**data, "workers": []})
+    try:
+        declared = parse_workers(data.get("workers"), "workers", APPLY_SOURCE + flags.source)
+    except DeclarationError as exc:
+        raise Invalid(str(exc)) from None
+    reconciler = _context(request).reconciler
+    prune = (lambda _: True) if flags.prune else None
+    try:
+        items = await reconciler.apply(declared, prune=prune, dry_run=flags.dry_run)
+    except DeclarationError as exc:
+        raise Invalid(str(exc)) from None
+    return _reply(ApplyResult(items=items, dry_run=flags.dry_run))
 
 
 @route(
