@@ -186,12 +186,16 @@ class Hive:
         self.proc.wait()
         self.proc = None
 
-    async def close(self) -> int | None:
-        """Close :meth:`http`, SIGTERM hive (it stops its workers) and wait, SIGKILLing it and
-        what it started after 60 s; returns its exit code."""
+    async def close_http(self) -> None:
+        """Close the session of :meth:`http` (a new one is made on the next call)."""
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+    async def close(self) -> int | None:
+        """Close :meth:`http`, SIGTERM hive (it stops its workers) and wait, SIGKILLing it and
+        what it started after 60 s; returns its exit code."""
+        await self.close_http()
         code = None
         if self.proc is not None:
             proc = self.proc

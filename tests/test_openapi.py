@@ -63,6 +63,8 @@ def test_every_route_is_described(daemon: Hive) -> None:
         ("POST", "/v1/workers/{id}/restart"),
         ("DELETE", "/v1/workers/{id}"),
         ("POST", "/v1/workers/{id}/heartbeat"),
+        ("POST", "/v1/workers/{id}/replace"),
+        ("POST", "/v1/apply"),
         ("GET", "/v1/workers/{id}/logs"),
         ("GET", "/v1/events"),
         ("GET", "/metrics"),
@@ -99,7 +101,10 @@ def _no_server_error(ctx: Any, response: Any, case: Any) -> bool | None:
     return None
 
 
-@schema.exclude(path="/v1/events").parametrize()
+# Left out: /v1/events (it streams), and /v1/apply, which a fuzzed `prune: true` would turn into
+# "remove every worker" under the other cases; its bad bodies have their own tests
+# (tests/test_declared.py).
+@schema.exclude(path="/v1/events").exclude(path="/v1/apply").parametrize()
 @hypothesis.settings(
     # `make fuzz` runs many more (HIVE_FUZZ_EXAMPLES); CI keeps it short.
     max_examples=int(os.environ.get("HIVE_FUZZ_EXAMPLES", "20")),

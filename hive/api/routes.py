@@ -96,8 +96,11 @@ def _query(request: web.Request, model: type[M]) -> M:
     return model.model_validate(data)
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
+async def _json(request: web.Request, empty: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The body as a JSON object; ``empty`` stands for no body at all, where one may be left out."""
     raw = await request.read()
+    if not raw and empty is not None:
+        return empty
     try:
         data = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError):
@@ -264,7 +267,7 @@ async def delete_worker(request: web.Request) -> web.Response:
 )
 async def replace_worker(request: web.Request) -> web.Response:
     query = _query(request, ReplaceQuery)
-    changes = await _body(request, ReplaceRequest)
+    changes = ReplaceRequest.model_validate(await _json(request, empty={}))
     context = _context(request)
     worker_id = _worker_id(request)
     spec = changes.applied_to(context.registry.entry(worker_id).spec)
