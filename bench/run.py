@@ -28,6 +28,7 @@ from benchlib import TAG, EventStream, OtherLoad, bench_hive, log, remove_homes
 from figures.api import figures_api
 from figures.common import HIVE_MAIN_CONFIG, Figure, Popened, Settings, unavailable
 from figures.crash import crash_peers, figures_heartbeat_and_crash
+from figures.replace import figure_replace
 from figures.router import RouterDefaults, figure_router
 from figures.scale import figures_scale
 from figures.spawn import figure_spawn_burst, figures_spawn_and_probe
@@ -133,6 +134,12 @@ async def bench(settings: Settings) -> dict[str, Any]:
                 return [await figure_router(settings, peer, peer_error)]
 
             await guarded(figures, "4", "out of the router", router)
+        if "8" in settings.only:
+
+            async def replace() -> list[Figure]:
+                return [await figure_replace(settings)]
+
+            await guarded(figures, "8", "replace and drain under load", replace)
         if "5" in settings.only:
             await guarded(figures, "5", "API", lambda: figures_api(settings, popened))
         if settings.only & {"6", "7"}:

@@ -46,6 +46,9 @@ Desired = Literal["running", "stopped"]
 Role = Literal["regular", "prefill", "decode"]
 
 WORKER_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+#: A worker id in a path: an id, or a successor's ``<id>~<generation>`` (the key its process
+#: keeps for life, and heartbeats by, after it takes its worker's id).
+WORKER_KEY_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}(~[0-9]+)?$"
 DEVICE_PATTERN = (
     r"^(auto|cpu|gpu|CPU-[0-9]+|GPU-[0-9]+"
     r"|GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"

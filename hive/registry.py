@@ -365,7 +365,8 @@ class Records:
             return entry.record
 
     def expire(self, at: datetime | None = None) -> list[str]:
-        """Forget stopped and failed records older than ``retention`` with no restart pending."""
+        """Forget stopped and failed records older than ``retention`` with no restart pending
+        (declared workers are kept: a stopped one stays stopped, not forgotten and re-created)."""
         cutoff = (at or now()) - timedelta(seconds=self.retention)
         gone = []
         with self._lock:
@@ -373,6 +374,7 @@ class Records:
                 r = entry.record
                 if (
                     r.state in DOWN_STATES
+                    and r.declared is None  # a declared worker is kept while it is declared
                     and r.next_restart_at is None
                     and r.stopped_at is not None
                     and r.stopped_at <= cutoff

@@ -132,6 +132,10 @@ def worker(w: Worker) -> str:
         ("cost", w.cost),
         ("routers", ", ".join(f"{k}: {v}" for k, v in w.routers.items()) or "-"),
         ("containment", _opt(w.containment)),
+        ("generation", w.generation),
+        ("declared", _opt(w.declared)),
+        ("replacement", _opt(w.replacement)),
+        ("replacing", _opt(w.replacing)),
     ]
     width = max(len(name) for name, _ in fields)
     return "\n".join(f"{name.ljust(width)}  {escape(str(value))}" for name, value in fields)

@@ -266,3 +266,23 @@ def _worker_cgroups(hive: Hive) -> set[str]:
 async def _pid_of(hive: Hive, worker_id: str) -> int | None:
     record = (await records(hive)).get(worker_id)
     return record["pid"] if record else None
+
+
+async def test_a_successor_heartbeats_on_under_its_own_key_after_taking_over() -> None:
+    # Heartbeats every 0.5 s: the successor's process goes on sending them as web~2.
+    async with serving("heartbeat_timeout = 1.5\n") as hive:
+        await hive.spawn({"model": "m", "id": "web"}, wait=True)
+        record = await hive.call(
+            "POST", "/v1/workers/web/replace", json_body={"args": ["--latency-ms", "1"]}
+        )
+        assert record["generation"] == 2 and record["id"] == "web"
+        seen = {record["last_heartbeat_at"]}
+
+        async def beats() -> bool:
+            current = (await records(hive))["web"]
+            assert current["state"] == "ready", current  # never hung, never unknown
+            seen.add(current["last_heartbeat_at"])
+            return len(seen) >= 4
+
+        await async_wait_for(beats, timeout=30, what="heartbeats after the take-over")
+        assert "heartbeat" not in hive.worker_log("web").read_text().split("attempt 1:")[-1]

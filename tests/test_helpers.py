@@ -17,7 +17,7 @@ from hive.cli import build_parser, main
 from hive.config import Config, ConfigError, parse_config
 from hive.devices.cpu import parse_cpulist
 from hive.logs import MARKER, Logs
-from hive.models import WORKER_ID_PATTERN, Heartbeat, SpawnRequest
+from hive.models import WORKER_ID_PATTERN, WORKER_KEY_PATTERN, Heartbeat, SpawnRequest
 from hive.validation import field_errors
 
 # -- the worker-id pattern -----------------------------------------------------------------------
@@ -45,7 +45,12 @@ def test_openapi_documents_the_same_worker_id_pattern() -> None:
         for param in op["parameters"]
         if param["in"] == "path" and param["name"] == "id"
     }
-    assert patterns == {WORKER_ID_PATTERN}
+    assert patterns == {WORKER_KEY_PATTERN}
+    # Every id, and a successor's key, matches it; nothing an id refuses does, but ``~<n>``.
+    for good in ("a", "web", "web~2", "a" * 63 + "~10"):
+        assert re.match(WORKER_KEY_PATTERN, good)
+    for bad in ("", "A", "-a", "a~", "a~x", "~2", "a b"):
+        assert not re.match(WORKER_KEY_PATTERN, bad)
 
 
 # -- the cpulist parser ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hive.config import BackendConfig, Config, RouterConfig, load_config, parse_config
+from hive.declared import parse_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -298,9 +299,19 @@ def test_example_commented_keys_are_valid_once_uncommented() -> None:
         assert key in config.model_fields_set
 
 
+def test_example_workers_are_valid_once_uncommented() -> None:
+    text = EXAMPLE.read_text()
+    block = text[text.index("# -- Declared workers ----") :]
+    uncommented = re.sub(r"^# ?(?=[\[a-z_]+ =|\[\[)", "", block, flags=re.M)
+    config = parse_config(text + "\n" + uncommented, EXAMPLE)
+    declared = parse_workers(config.workers, str(EXAMPLE), "config:")
+    assert [item.spec.id for item in declared] == ["chat"]
+    assert declared[0].spec.backend == "vllm"
+
+
 def test_example_router_is_valid_once_uncommented() -> None:
     text = EXAMPLE.read_text()
-    block = text[text.index("# [[routers]]") :]
+    block = text[text.index("# [[routers]]") : text.index("# -- Declared workers ----")]
     uncommented = re.sub(r"^# ?", "", block, flags=re.M)
     config = parse_config(text + "\n" + uncommented, EXAMPLE)
     assert len(config.routers) == 1

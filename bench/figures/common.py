@@ -53,7 +53,7 @@ class Settings:
     def from_env(cls) -> Settings:
         quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
         scale = os.environ.get("BENCH_SCALE", "") or ("20,50" if quick else "200,1000")
-        only = os.environ.get("BENCH_ONLY", "") or "1,2,3,4,5,6,7"
+        only = os.environ.get("BENCH_ONLY", "") or "1,2,3,4,5,6,7,8"
         out = os.environ.get("BENCH_OUT", "") or str(
             BENCH / ("results-quick.json" if quick else "results.json")
         )

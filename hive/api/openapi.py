@@ -17,7 +17,7 @@ from pydantic.json_schema import models_json_schema
 
 from hive import __version__
 from hive.models import (
-    WORKER_ID_PATTERN,
+    WORKER_KEY_PATTERN,
     Devices,
     ErrorBody,
     Health,
@@ -63,8 +63,7 @@ def _parameters(op: Operation, schemas: dict[str, Any]) -> list[dict[str, Any]]:
                 "name": "id",
                 "in": "path",
                 "required": True,
-                # A successor's id, and the key it heartbeats by, end in ``~<generation>``.
-                "schema": {"type": "string", "pattern": WORKER_ID_PATTERN[:-1] + "(~[0-9]+)?$"},
+                "schema": {"type": "string", "pattern": WORKER_KEY_PATTERN},
             }
         )
     if op.query is not None:
