@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test lint venv clean bench fuzz soak llama-server gpu-check
+.PHONY: run test lint venv clean bench fuzz soak llama-server gpu-check system-tools
 
 venv: $(STAMP)
 
@@ -31,7 +31,12 @@ LLAMA_SERVER_BUILD := $(BIN)/python engines/llama_server.py
 llama-server: $(STAMP)
 	$(LLAMA_SERVER_BUILD) build
 
-test: $(STAMP) llama-server
+# chromium and prometheus (promtool) for the status page's and the alerting rules' tests:
+# installed with apt-get where missing (harness/system_tools.py).
+system-tools: $(STAMP)
+	$(BIN)/python harness/system_tools.py
+
+test: $(STAMP) llama-server system-tools
 	binary=$$($(LLAMA_SERVER_BUILD) path) && HIVE_LLAMA_SERVER=$$binary $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # hive's GPU path on this host's GPU 0 (gpu/check.py): devices against nvidia-smi, a worker

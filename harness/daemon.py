@@ -121,6 +121,10 @@ class Hive:
             s.settimeout(0.5)
             if s.connect_ex(("127.0.0.1", self.port)) != 0:
                 return False
+            # A port nobody listens on can still "accept": a connection whose source port
+            # the kernel picked equal to it connects to itself (TCP simultaneous open).
+            if s.getsockname()[1] == self.port:
+                return False
         return self.socket.exists()
 
     async def start_async(self, timeout: float = 30.0) -> Hive:

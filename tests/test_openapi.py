@@ -54,6 +54,9 @@ def test_every_route_is_described(daemon: Hive) -> None:
     described = {(m.upper(), p) for p, ops in body["paths"].items() for m in ops}
     expected = {
         ("GET", "/health"),
+        ("GET", "/"),
+        ("POST", "/login"),
+        ("POST", "/logout"),
         ("GET", "/v1/node"),
         ("GET", "/v1/devices"),
         ("GET", "/v1/workers"),
@@ -126,3 +129,25 @@ def test_fuzz_the_live_api(case: Any, daemon: Hive) -> None:
         additional_checks=[_no_server_error],
         excluded_checks=[not_a_server_error, negative_data_rejection],
     )
+
+
+def test_every_schema_reference_resolves(daemon: Hive) -> None:
+    """A route's body or answer names a schema that the document holds (none dangles)."""
+    body = requests.get(f"{daemon.url}/openapi.json", timeout=10).json()
+    schemas = body["components"]["schemas"]
+    refs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.append(node["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(body)
+    names = {ref.removeprefix("#/components/schemas/") for ref in refs}
+    assert {"ReplaceRequest", "ApplyRequest", "ApplyResult"} <= names
+    assert sorted(names - set(schemas)) == []

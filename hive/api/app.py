@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from hive.api import page as _page  # noqa: F401  (its routes join ROUTES)
 from hive.api.keys import CONTEXT, RECORD_JSON
 from hive.api.middleware import (
     auth_middleware,

@@ -21,6 +21,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from hive.api.keys import CONTEXT
+from hive.api.session import SESSION_COOKIE, session_value
 from hive.errors import Conflict, Forbidden, HiveError, Invalid, NotFound, Unauthorized
 from hive.models import ErrorBody, ErrorCode, ErrorDetail
 from hive.registry import DuplicateWorker, IllegalTransition, UnknownWorker
@@ -106,11 +107,19 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def _session(request: web.Request, token: str) -> bool:
+    """The request carries the status page's session cookie for this token."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return cookie is not None and hmac.compare_digest(
+        cookie.encode(), session_value(token).encode()
+    )
+
+
 def _open(request: web.Request) -> bool:
     """Routes anyone may read: /health, /openapi.json, and /metrics if ``metrics_public``."""
     if request.path == "/metrics":
         return request.app[CONTEXT].config.metrics_public
-    return not request.path.startswith("/v1")
+    return not request.path.startswith("/v1")  # and the page: it reads the API like anyone
 
 
 @web.middleware
@@ -165,6 +174,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise Forbidden(f"a process of worker {owner!r} may only send that worker's own heartbeat")
     token = _bearer(request)
     if token is None:
+        if request.method in ("GET", "HEAD") and _session(request, context.token):
+            return await handler(request)  # the status page's cookie: reading only
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
     if hmac.compare_digest(token.encode(), context.token.encode()):
         return await handler(request)

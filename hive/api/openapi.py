@@ -125,8 +125,14 @@ def build_openapi(
     """
     models: list[type[BaseModel]] = [ErrorBody, SpawnRequest, Heartbeat, Worker, WorkerList]
     models += [Node, Devices, Health]
+    bodies = {SpawnRequest, Heartbeat}
+    for op in operations:  # and whatever else a route takes or answers
+        if op.body is not None:
+            bodies.add(op.body)
+        kinds = [op.body, *(kind for _, kind in op.responses.values())]
+        models += [k for k in kinds if isinstance(k, type) and k not in models]
     _, defs = models_json_schema(
-        [(m, "validation" if m in (SpawnRequest, Heartbeat) else "serialization") for m in models],
+        [(m, "validation" if m in bodies else "serialization") for m in models],
         ref_template="#/components/schemas/{model}",
     )
     schemas: dict[str, Any] = defs.get("$defs", {})
