@@ -178,6 +178,13 @@ def build_parser() -> Parser:
 
     p = command("status", "the daemon, its devices and worker counts")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    p = command("top", "the host live: devices and workers, redrawn as they change (q quits)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument(
+        "--interval", type=_positive, default=2.0, metavar="S",
+        help="seconds between device refreshes (worker changes show at once; default 2)",
+    )  # fmt: skip
     add_commands(command, JSON_HELP)
     return parser
 
@@ -482,6 +489,12 @@ async def cmd_status(client: HiveClient, args: argparse.Namespace) -> int:
     return OK
 
 
+async def cmd_top(client: HiveClient, args: argparse.Namespace) -> int:
+    from hive import top  # terminal handling, only for this command
+
+    return await top.run(client, once=args.once, interval=max(args.interval, 0.1))
+
+
 COMMANDS: dict[str, Callable[[HiveClient, argparse.Namespace], Awaitable[int]]] = {
     "spawn": cmd_spawn,
     "list": cmd_list,
@@ -493,6 +506,7 @@ COMMANDS: dict[str, Callable[[HiveClient, argparse.Namespace], Awaitable[int]]] 
     "events": cmd_events,
     "devices": cmd_devices,
     "status": cmd_status,
+    "top": cmd_top,
     "apply": cmd_apply,
     "diff": cmd_diff,
     "replace": cmd_replace,
