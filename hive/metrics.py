@@ -58,7 +58,15 @@ class _RecordCollector(Collector):
         up = GaugeMetricFamily(
             "hive_worker_up", "1 when the worker is ready or busy.", labels=["worker", "model"]
         )
+        registered = GaugeMetricFamily(
+            "hive_worker_router_registered",
+            "1 when the router lists the ready worker as registered, 0 while it does not.",
+            labels=["worker", "router"],
+        )
         for w in self.registry.list():
+            if w.state in (State.READY, State.BUSY) and w.desired == "running":
+                for router, status in w.routers.items():
+                    registered.add_metric([w.id, router], 1 if status == "registered" else 0)
             restarts.add_metric([w.id, w.model], w.restarts)
             up.add_metric([w.id, w.model], 1 if w.state in (State.READY, State.BUSY) else 0)
             for family, value in (
@@ -69,7 +77,7 @@ class _RecordCollector(Collector):
             ):
                 if value is not None:
                     family.add_metric([w.id], value)
-        yield from (restarts, up, rss, cpu, gpu_memory, in_flight)
+        yield from (restarts, up, rss, cpu, gpu_memory, in_flight, registered)
 
         if self.gpus is None:
             return
