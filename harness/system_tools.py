@@ -2,7 +2,8 @@
 
 Debian's ``chromium`` (the status page's test, in a real headless browser) and ``prometheus``
 (its ``promtool`` checks the shipped alerting rules and hive's live metrics; its server scrapes
-a live hive). ``make test`` runs this first. Where they cannot be installed (not Debian, not
+a live hive) and ``etcd-server`` (3.4, the fleet's store, started by the fleet tests on
+loopback). ``make test`` runs this first. Where they cannot be installed (not Debian, not
 root and no sudo) it says so, and the tests that need them are skipped with that reason.
 """
 
@@ -14,7 +15,12 @@ import subprocess
 import sys
 
 #: command -> the Debian package that brings it.
-TOOLS = {"chromium": "chromium", "promtool": "prometheus", "prometheus": "prometheus"}
+TOOLS = {
+    "chromium": "chromium",
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+    "etcd": "etcd-server",
+}
 
 
 def say(message: str) -> None:

@@ -33,6 +33,8 @@ from hive.cli_args import (
 )
 from hive.cli_args import print_json as _print_json
 from hive.cli_declared import add_commands, cmd_apply, cmd_diff, cmd_replace
+from hive.cli_fleet import add_commands as add_fleet_commands
+from hive.cli_fleet import cmd_fleet
 from hive.client import (
     URL_FORMS,
     HiveAPIError,
@@ -186,6 +188,7 @@ def build_parser() -> Parser:
         help="seconds between device refreshes (worker changes show at once; default 2)",
     )  # fmt: skip
     add_commands(command, JSON_HELP)
+    add_fleet_commands(command, JSON_HELP)
     return parser
 
 
@@ -510,6 +513,7 @@ COMMANDS: dict[str, Callable[[HiveClient, argparse.Namespace], Awaitable[int]]] 
     "apply": cmd_apply,
     "diff": cmd_diff,
     "replace": cmd_replace,
+    "fleet": cmd_fleet,
 }
 
 

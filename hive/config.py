@@ -163,6 +163,41 @@ class BackendConfig(BaseModel):
         return path
 
 
+class FleetConfig(BaseModel):
+    """This hive as a node of a fleet whose shared state is in etcd (docs/fleet-etcd.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: etcd's client URLs (``http://`` or ``https://``), tried in turn.
+    endpoints: Annotated[list[str], Field(min_length=1)]
+    #: The root of hive's keys in etcd.
+    prefix: str = "/hive"
+    #: This node's name in the fleet. Default: the host's name.
+    node: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] | None = None
+    #: Seconds this node's lease lives without a renewal: a dead hive's node and workers leave
+    #: the fleet view this long after it died.
+    lease_ttl: Annotated[int, Field(ge=2, le=3600)] = 10
+    #: TLS towards etcd: the CA that signed etcd's certificate, and this client's own.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, endpoints: list[str]) -> list[str]:
+        for url in endpoints:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} must be an http:// or https:// URL")
+        return endpoints
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, prefix: str) -> str:
+        if not prefix.startswith("/") or prefix.endswith("/") or len(prefix) < 2:
+            raise ValueError("must start with '/' and not end with one, like \"/hive\"")
+        return prefix
+
+
 class RouterConfig(BaseModel):
     """An upstream router that hive keeps in sync with its ready workers."""
 
@@ -297,6 +332,8 @@ class Config(BaseModel):
     #: A directory of TOML files of more ``[[workers]]``; relative to the config file's
     #: directory. Default: ``workers.d`` beside the config file.
     workers_dir: Path | None = None
+    #: Join a fleet in etcd: publish this node and its workers, take desired workers from it.
+    fleet: FleetConfig | None = None
 
     @field_validator("listen")
     @classmethod

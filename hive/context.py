@@ -22,6 +22,7 @@ from hive.supervisor import Supervisor
 
 if TYPE_CHECKING:  # the API imports this module: no cycle at run time
     from hive.api.guard import ConnectionGuard
+    from hive.fleet import Fleet
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Context:
     reconciler: Reconciler
     #: Where hive's configuration file is (declared workers are read beside it).
     config_path: Path | None = None
+    #: With ``[fleet]``: this node in etcd.
+    fleet: Fleet | None = None
     #: Set when the API listens: the deadlines and caps of its connections.
     guard: ConnectionGuard | None = None
     version: str = __version__

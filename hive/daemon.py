@@ -23,9 +23,11 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
+from hive import views
 from hive.api import create_app
 from hive.api.guard import ConnectionGuard
 from hive.api.keys import CONTEXT
@@ -38,6 +40,7 @@ from hive.devices import cpu
 from hive.devices.gpu import GpuMonitor
 from hive.devices.placement import Placer
 from hive.events import EventHub
+from hive.fleet import Fleet
 from hive.journal import Journal
 from hive.logs import Logs
 from hive.metrics import Metrics
@@ -57,7 +60,7 @@ RESTART_ONLY = frozenset(
     {
         "listen", "token", "token_file", "socket", "state_dir", "port_range", "worker_host",
         "events_buffer", "events_queue", "device_refresh", "usage_refresh", "containment",
-        "http_header_timeout", "http_max_connections",
+        "http_header_timeout", "http_max_connections", "fleet",
     }
 )  # fmt: skip
 
@@ -253,6 +256,7 @@ class Daemon:
         metrics.watch_gpus(lambda: gpus.snapshot().gpus)
         log.info("hive listening on %s and %s", config.listen, config.socket_path)
         self._reconcile(first=True)
+        fleet = self._join_fleet(self.context)
         notifier = self.notifier
         notifier.ready(status_line(registry))
         changed = asyncio.Event()
@@ -279,6 +283,8 @@ class Daemon:
                 )
             )
             log.info("shutting down (on_exit = %s)", self.config.on_exit)
+            if fleet is not None:  # out of the fleet view at once, before workers stop
+                await fleet.close()
             await usage.close()
             await supervisor.close()  # stops (and first withdraws) every worker
             if self._reconciling is not None:  # what it left half-way, the next hive settles
@@ -344,6 +350,26 @@ class Daemon:
         log.info("reloaded the configuration: %s", ", ".join(live) or "nothing changed")
         self.notifier.ready(status_line(context.registry))
         self._reconcile()
+
+    # -- the fleet -------------------------------------------------------------------------
+
+    def _join_fleet(self, context: Context) -> Fleet | None:
+        """With ``[fleet]``: publish this node in etcd and take its desired workers from it."""
+        if self.config.fleet is None:
+            return None
+
+        def node_value() -> dict[str, Any]:
+            value = views.node_view(context).model_dump(mode="json", exclude={"fleet"})
+            value["devices"] = views.devices_view(context).model_dump(mode="json")
+            return dict(value)
+
+        fleet = Fleet(
+            self.config.fleet, context.registry, context.reconciler, node_value, lambda: self.config
+        )
+        context.fleet = fleet
+        context.metrics.watch_fleet(lambda: fleet.connected)
+        fleet.start()
+        return fleet
 
     # -- declared workers ------------------------------------------------------------------
 

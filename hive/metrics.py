@@ -160,7 +160,17 @@ class Metrics:
         self.event_clients = Gauge(
             "hive_event_clients", "Clients following /v1/events.", registry=self.prometheus
         )
+
         self._unsubscribe = registry.subscribe(self._on_change)
+
+    def watch_fleet(self, connected: Callable[[], bool]) -> None:
+        """With ``[fleet]``: export whether etcd answers (only then: no fleet, no series)."""
+        gauge = Gauge(
+            "hive_fleet_connected",
+            "1 while etcd answers this node, 0 while it does not (workers run on).",
+            registry=self.prometheus,
+        )
+        gauge.set_function(lambda: 1 if connected() else 0)
 
     def watch_gpus(self, gpus: Callable[[], Iterable[Any]]) -> None:
         """Export per-GPU figures from the device snapshot (read at scrape time)."""

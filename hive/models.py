@@ -330,6 +330,20 @@ class DeviceSummary(BaseModel):
     gpu_error: str | None
 
 
+class FleetStatus(BaseModel):
+    """This hive as a node of a fleet in etcd (``[fleet]``)."""
+
+    node: str
+    #: ``connected``, or ``unreachable`` (workers run on regardless; ``error`` says why).
+    etcd: Literal["connected", "unreachable"]
+    error: str | None = None
+    #: Since when it has been so.
+    since: datetime
+    lease_ttl: int
+    #: Workers etcd's desired set declares for this node.
+    desired: int = 0
+
+
 class Node(BaseModel):
     hostname: str
     version: str
@@ -339,6 +353,8 @@ class Node(BaseModel):
     #: Where hive answers: its TCP API and its unix socket (no token needed there).
     api_url: str | None = None
     socket: str | None = None
+    #: With ``[fleet]``: this node's name and whether etcd answers.
+    fleet: FleetStatus | None = None
 
 
 class Health(BaseModel):

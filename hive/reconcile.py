@@ -32,6 +32,7 @@ class Reconciler:
         self.supervisor = supervisor
         self.registry = registry
         self._replacing: set[str] = set()
+        self._applying = asyncio.Lock()  # one apply at a time: config, API and etcd take turns
 
     # -- replace ---------------------------------------------------------------------------------
 
@@ -95,14 +96,14 @@ class Reconciler:
         routers = [r.url for r in supervisor.config.routers] if spec.register_ else []
         if routers:
             registry.replacement_progress(worker_id, f"{new_id} ready, registering")
-            record = await registry.wait_until(
-                new_id,
-                lambda w: (
-                    w.state not in LIVE_STATES
-                    or all(w.routers.get(url) == "registered" for url in routers)
-                ),
-                _left(deadline),
-            )
+            # A router's status is a field, not a state: no change is published for it, so
+            # it is looked at every 20 ms.
+            record = registry.get(new_id)
+            while record.state in LIVE_STATES and time.monotonic() < deadline:
+                if all(record.routers.get(url) == "registered" for url in routers):
+                    break
+                await asyncio.sleep(0.02)
+                record = registry.get(new_id)
             missing = [url for url in routers if record.routers.get(url) != "registered"]
             if record.state not in LIVE_STATES:
                 return await self._abandon(worker_id, new_id, f"{record.state}: {record.error}")
@@ -176,11 +177,12 @@ class Reconciler:
     ) -> list[PlanItem]:
         """Make what runs match ``declared``; each item's ``result`` says how it went."""
         check_backends(declared, self.supervisor.config)
-        items = self.plan(declared, prune)
         if dry_run:
-            return items
-        by_id = {item.spec.id: item for item in declared}
-        results = await asyncio.gather(*(self._carry_out(i, by_id.get(i.id)) for i in items))
+            return self.plan(declared, prune)
+        async with self._applying:
+            items = self.plan(declared, prune)
+            by_id = {item.spec.id: item for item in declared}
+            results = await asyncio.gather(*(self._carry_out(i, by_id.get(i.id)) for i in items))
         return [
             item.model_copy(update={"result": result})
             for item, result in zip(items, results, strict=True)

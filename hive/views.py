@@ -46,6 +46,7 @@ def node_view(context: Context) -> Node:
         workers=context.registry.counts(),
         api_url=context.config.api_url,
         socket=str(context.config.socket_path),
+        fleet=context.fleet.status() if context.fleet is not None else None,
     )
 
 

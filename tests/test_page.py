@@ -162,3 +162,16 @@ async def test_the_page_needs_no_token_to_load_and_nothing_from_outside(gpu_hive
     assert right.status_code == 303 and right.headers["Location"] == "/"
     header = right.headers["Set-Cookie"]
     assert "HttpOnly" in header and "SameSite=Strict" in header
+
+
+def test_a_malformed_login_form_is_a_failed_log_in_not_an_error(gpu_hive: Hive) -> None:
+    for headers, data in (
+        ({"Content-Type": "multipart/form-data"}, b""),
+        ({"Content-Type": "multipart/form-data; boundary=x"}, b"garbage"),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, b"\xff\xfe=%%"),
+    ):
+        r = requests.post(
+            f"{gpu_hive.url}/login", headers=headers, data=data, allow_redirects=False, timeout=10
+        )
+        assert r.status_code == 303 and r.headers["Location"] == "/#login-failed", r.text
+    assert "Traceback" not in gpu_hive.log()

@@ -80,13 +80,19 @@ async def _replace_and_drain(hive: Hive, router: Router) -> None:
     slow = ["--latency-ms", "30"]
     a = await hive.spawn({"model": "demo-model", "id": "a", "args": slow}, wait=True)
     await async_wait_for(lambda: in_router(router, a["url"]), what="registered")
+    # Idle, nothing else changing: the successor's registration alone must let it take over.
+    idle = await asyncio.wait_for(
+        hive.call("POST", "/v1/workers/a/replace", json_body={"args": slow}), 30
+    )
+    assert idle["generation"] == 2 and await in_router(router, idle["url"])
+    a = idle
     async with Load(router.url) as load:
         # The only worker is replaced: every request needs the old one, or its successor.
         await load.more(40)
         replaced = await hive.call(
             "POST", "/v1/workers/a/replace", json_body={"args": ["--latency-ms", "31"]}
         )
-        assert replaced["generation"] == 2 and replaced["port"] != a["port"]
+        assert replaced["generation"] == 3 and replaced["port"] != a["port"]
         assert not await in_router(router, a["url"])
         assert await in_router(router, replaced["url"])
         await load.more(40)

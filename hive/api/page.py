@@ -62,7 +62,10 @@ async def page(request: web.Request) -> web.Response:
     )
 )
 async def login(request: web.Request) -> web.Response:
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (ValueError, AssertionError):  # a malformed form (multipart, encoding): no log-in
+        return _see_other("/#login-failed")
     token = form.get("token")
     expected = request.app[CONTEXT].token
     if isinstance(token, str) and hmac.compare_digest(token.strip().encode(), expected.encode()):

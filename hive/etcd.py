@@ -1,0 +1,188 @@
+"""A small etcd v3 client over etcd's own JSON gateway (``/v3/...``), on aiohttp.
+
+The maintained Python etcd clients are synchronous gRPC wrappers or abandoned; the gateway is part
+of every etcd server (3.4 and later), speaks JSON over HTTP/1.1, and needs nothing but the
+aiohttp hive already runs on. Keys and values travel base64-encoded, as the gateway wants.
+What hive needs: leases (grant, keep alive, revoke), put and delete (in transactions of up to
+100 operations), a range over a prefix with its revision, and a watch from a revision.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+#: etcd refuses transactions of more than 128 operations by default.
+TXN_OPS = 100
+
+
+class EtcdError(Exception):
+    """etcd could not be reached, or refused the request; the message says which and why."""
+
+
+class Compacted(EtcdError):
+    """A watch asked for a revision etcd no longer keeps; read everything again."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision compacted (oldest kept: {revision})")
+        self.revision = revision
+
+
+def _b64(text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str | None) -> bytes:
+    return base64.b64decode(text or "")
+
+
+def prefix_end(prefix: str) -> str:
+    """The end of the range of every key that starts with ``prefix`` (its last byte + 1)."""
+    data = bytearray(prefix.encode())
+    data[-1] += 1
+    return data.decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change under a watched prefix: ``put`` (with the value) or ``delete``."""
+
+    kind: str
+    key: str
+    value: bytes
+    revision: int
+
+
+class Etcd:
+    """One etcd cluster, by its client URLs (tried in turn until one answers)."""
+
+    def __init__(self, endpoints: Sequence[str], ssl_context: ssl.SSLContext | None = None) -> None:
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        self._current = 0
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True),
+                timeout=aiohttp.ClientTimeout(total=None, connect=3, sock_read=None),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(self, path: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """POST one gateway request, trying each endpoint from the one that last answered."""
+        errors = []
+        for i in range(len(self.endpoints)):
+            index = (self._current + i) % len(self.endpoints)
+            url = f"{self.endpoints[index]}{path}"
+            try:
+                async with self._http().post(
+                    url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+                ) as response:
+                    data = await response.json(content_type=None)
+                    if response.status >= 400:
+                        message = data.get("message") or data.get("error") or response.reason
+                        raise EtcdError(f"{url}: {message}")
+                    self._current = index
+                    return dict(data)
+            except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+                errors.append(f"{self.endpoints[index]}: {type(exc).__name__}: {exc}".rstrip(": "))
+        raise EtcdError("etcd unreachable: " + "; ".join(errors))
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    async def grant(self, ttl: int) -> int:
+        data = await self.call("/v3/lease/grant", {"TTL": ttl})
+        return int(data["ID"])
+
+    async def keepalive(self, lease: int) -> int:
+        """Renew ``lease``; its remaining TTL, 0 when etcd no longer has it."""
+        data = await self.call("/v3/lease/keepalive", {"ID": lease})
+        return int(data.get("result", {}).get("TTL", 0))
+
+    async def revoke(self, lease: int) -> None:
+        await self.call("/v3/lease/revoke", {"ID": lease})
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    async def put(self, key: str, value: str, lease: int | None = None) -> None:
+        await self.txn([put_op(key, value, lease)])
+
+    async def delete(self, key: str) -> None:
+        await self.txn([delete_op(key)])
+
+    async def txn(self, ops: list[dict[str, Any]]) -> None:
+        """Apply ``ops`` (from :func:`put_op` and :func:`delete_op`), 100 to a transaction."""
+        for start in range(0, len(ops), TXN_OPS):
+            await self.call("/v3/kv/txn", {"success": ops[start : start + TXN_OPS]})
+
+    async def range(self, prefix: str) -> tuple[int, dict[str, bytes]]:
+        """Every key under ``prefix`` and its value, with the revision they are at."""
+        data = await self.call(
+            "/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))}
+        )
+        revision = int(data.get("header", {}).get("revision", 0))
+        kvs = {_unb64(kv["key"]).decode(): _unb64(kv.get("value")) for kv in data.get("kvs", [])}
+        return revision, kvs
+
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
+        """Each batch of changes under ``prefix`` from ``start_revision`` on, as etcd sends them.
+
+        Ends (raises :class:`EtcdError`) when the connection drops; :class:`Compacted` when
+        ``start_revision`` is older than what etcd keeps."""
+        body = {
+            "create_request": {
+                "key": _b64(prefix),
+                "range_end": _b64(prefix_end(prefix)),
+                "start_revision": start_revision,
+            }
+        }
+        url = f"{self.endpoints[self._current]}/v3/watch"
+        try:
+            async with self._http().post(url, json=body) as response:
+                if response.status >= 400:
+                    raise EtcdError(f"{url}: HTTP {response.status}")
+                async for line in response.content:
+                    if not line.strip():
+                        continue
+                    result = json.loads(line).get("result", {})
+                    if int(result.get("compact_revision", 0) or 0):
+                        raise Compacted(int(result["compact_revision"]))
+                    if result.get("canceled"):
+                        raise EtcdError(f"watch canceled: {result.get('cancel_reason', '')}")
+                    events = [_event(e) for e in result.get("events", [])]
+                    if events:
+                        yield events
+        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+            raise EtcdError(f"watch of {url}: {type(exc).__name__}: {exc}") from None
+        raise EtcdError(f"watch of {url}: the connection ended")
+
+
+def _event(raw: dict[str, Any]) -> Event:
+    kv = raw.get("kv", {})
+    kind = "delete" if raw.get("type") == "DELETE" else "put"
+    key = _unb64(kv.get("key")).decode()
+    return Event(kind, key, _unb64(kv.get("value")), int(kv.get("mod_revision", 0)))
+
+
+def put_op(key: str, value: str, lease: int | None = None) -> dict[str, Any]:
+    request: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    if lease is not None:
+        request["lease"] = lease
+    return {"request_put": request}
+
+
+def delete_op(key: str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key)}}
