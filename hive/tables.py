@@ -212,6 +212,13 @@ def node(n: Node) -> str:
         f"devices  {summary}",
         f"workers  {counts}",
     ]
+    if n.fleet is not None:
+        f = n.fleet
+        state = f.etcd if f.error is None else f"{f.etcd} ({f.error})"
+        lines.append(
+            f"fleet    node {f.node}: etcd {state} for {since(f.since)}; "
+            f"{f.desired} desired worker(s), lease {f.lease_ttl}s"
+        )
     if n.api_url or n.socket:
         where = " and ".join(x for x in (n.api_url, n.socket and f"unix socket {n.socket}") if x)
         lines.append(f"api      {where}")

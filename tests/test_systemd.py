@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from hive.config import BackendConfig, Config, RouterConfig, load_config, parse_config
+from hive.config import (
+    BackendConfig,
+    Config,
+    FleetConfig,
+    RouterConfig,
+    load_config,
+    parse_config,
+)
 from hive.declared import parse_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,9 +288,11 @@ def test_example_config_names_every_key() -> None:
     def mentioned(key: str) -> bool:
         return re.search(rf"^[ \t]*(#[ \t]*)?{re.escape(key)}[ \t]*=", text, re.M) is not None
 
-    top = [k for k in Config.model_fields if k not in ("backends", "routers")]
+    top = [k for k in Config.model_fields if k not in ("backends", "routers", "fleet")]
     missing = [k for k in top + list(BackendConfig.model_fields) if not mentioned(k)]
     missing += [f"routers.{k}" for k in RouterConfig.model_fields if not mentioned(k)]
+    missing += [f"fleet.{k}" for k in FleetConfig.model_fields if not mentioned(k)]
+    assert re.search(r"^#\s*\[fleet\]", text, re.M)
     assert missing == [], f"keys missing from {EXAMPLE.name}: {missing}"
     assert "[backends.vllm]" in text
     assert re.search(r"^#\s*\[\[routers\]\]", text, re.M)
@@ -309,9 +318,16 @@ def test_example_workers_are_valid_once_uncommented() -> None:
     assert declared[0].spec.backend == "vllm"
 
 
+def test_example_fleet_is_valid_once_uncommented() -> None:
+    text = EXAMPLE.read_text()
+    block = text[text.index("# [fleet]") : text.index("# -- Declared workers ----")]
+    config = parse_config(text + "\n" + re.sub(r"^# ?", "", block, flags=re.M), EXAMPLE)
+    assert config.fleet is not None and config.fleet.node == "gpu-07"
+
+
 def test_example_router_is_valid_once_uncommented() -> None:
     text = EXAMPLE.read_text()
-    block = text[text.index("# [[routers]]") : text.index("# -- Declared workers ----")]
+    block = text[text.index("# [[routers]]") : text.index("# -- Fleet ----")]
     uncommented = re.sub(r"^# ?", "", block, flags=re.M)
     config = parse_config(text + "\n" + uncommented, EXAMPLE)
     assert len(config.routers) == 1
