@@ -71,6 +71,18 @@ def _globals(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser.add_argument(
         "--token", default=default, help="bearer token for TCP (env HIVE_TOKEN; default: file)"
     )
+    parser.add_argument(
+        "--ca", default=default, metavar="FILE",
+        help="for https://: the CA that signed hive's certificate (env HIVE_CA)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cert", default=default, metavar="FILE",
+        help="for mutual TLS: this client's certificate (env HIVE_CERT)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--key", default=default, metavar="FILE",
+        help="for mutual TLS: its key (env HIVE_KEY)",
+    )  # fmt: skip
 
 
 def build_parser() -> Parser:
@@ -588,7 +600,16 @@ def _refused(target: Target, exc: HiveAPIError) -> str:
 
 
 async def _run(args: argparse.Namespace, target: Target) -> int:
-    async with HiveClient(target.url, target.token) as client:
+    tls = {
+        name: getattr(args, name, None) or os.environ.get(f"HIVE_{name.upper()}") or None
+        for name in ("ca", "cert", "key")
+    }
+    for name, path in tls.items():
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"--{name} {path!r}: no such file")
+    async with HiveClient(
+        target.url, target.token, ca_file=tls["ca"], cert_file=tls["cert"], key_file=tls["key"]
+    ) as client:
         return await COMMANDS[args.command](client, args)
 
 
@@ -633,10 +654,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error("arguments after -- are only for hive spawn and hive replace")
     args.extra = extra
     if args.command == "serve":
-        if args.url is not None or args.token is not None:
+        client_only = ("url", "token", "ca", "cert", "key")
+        if any(getattr(args, name, None) is not None for name in client_only):
             build_parser().error(
-                "--url and --token are for the commands that talk to a running hive; "
-                "hive serve takes --listen and --socket"
+                "--url, --token, --ca, --cert and --key are for the commands that talk to a "
+                "running hive; hive serve takes --listen and --socket (TLS: tls_cert_file)"
             )
         return _serve(args)
     target: Target | None = None

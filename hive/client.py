@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -111,9 +112,24 @@ def local_config() -> Config:
 class HiveClient:
     """One connection pool to one hive. Use it as an async context manager."""
 
-    def __init__(self, url: str | None = None, token: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+    ) -> None:
+        """``ca_file``: the CA that signed hive's certificate (``https://``; default: the
+        system's); ``cert_file``/``key_file``: this client's certificate, for mutual TLS."""
         self.url = check_url(url or default_url())
         self.token = token if token is not None else default_token()
+        self._tls: ssl.SSLContext | None = None
+        if self.url.startswith("https://") and (ca_file or cert_file):
+            self._tls = ssl.create_default_context(cafile=ca_file)
+            if cert_file:
+                self._tls.load_cert_chain(cert_file, key_file)
         if self.url.startswith("unix://"):
             self._socket: str | None = self.url.removeprefix("unix://")
             self._base = "http://hive"
@@ -138,7 +154,9 @@ class HiveClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = (
-                aiohttp.UnixConnector(path=self._socket) if self._socket else aiohttp.TCPConnector()
+                aiohttp.UnixConnector(path=self._socket)
+                if self._socket
+                else aiohttp.TCPConnector(ssl=self._tls if self._tls is not None else True)
             )
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
             self._session = aiohttp.ClientSession(
@@ -172,7 +190,7 @@ class HiveClient:
                     raise _api_error(response.status, body)
                 return response.status, body
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(self.url, _reason(exc)) from None
+            raise HiveConnectionError(self.url, _reason(exc, self.url)) from None
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -288,7 +306,7 @@ class HiveClient:
                 async for chunk in response.content.iter_any():
                     yield chunk
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(self.url, _reason(exc)) from None
+            raise HiveConnectionError(self.url, _reason(exc, self.url)) from None
 
     async def events(self, last_event_id: int | None = None) -> AsyncIterator[dict[str, Any]]:
         """Follow ``/v1/events``: each change as ``{seq, at, id, from, to, worker}``, in order.
@@ -309,11 +327,29 @@ class HiveClient:
                             data = json.loads(event.data)
                             yield {"reset": True, **data} if event.event == "reset" else data
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(self.url, _reason(exc)) from None
+            raise HiveConnectionError(self.url, _reason(exc, self.url)) from None
 
 
-def _reason(exc: aiohttp.ClientConnectionError) -> str:
-    """Why a connection failed, short: ``connection refused``, ``no such file or directory``."""
+def _reason(exc: aiohttp.ClientConnectionError, url: str = "") -> str:
+    """Why a connection failed, short: ``connection refused``, ``no such file or directory``,
+    and for TLS what to do about it."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return (
+            f"its certificate is not trusted ({exc.certificate_error.reason or exc}); "
+            "pass the CA that signed it with --ca or HIVE_CA"
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS failed ({exc}); for mutual TLS pass this client's --cert and --key"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        if url.startswith("https://"):
+            return (
+                "it closed the connection without answering; if hive asks for client "
+                "certificates (mutual TLS), pass this client's --cert and --key"
+            )
+        return (
+            "it closed the connection without answering; if hive listens with TLS, "
+            "use an https:// URL"
+        )
     error = getattr(exc, "os_error", None)
     if isinstance(error, OSError) and error.errno:
         return os.strerror(error.errno).lower()

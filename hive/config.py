@@ -291,6 +291,11 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     listen: str = "127.0.0.1:7070"
+    #: TLS on the TCP API: this certificate (chain) and key. Then ``https://`` only.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: Mutual TLS: only clients with a certificate this CA signed may connect over TCP.
+    tls_client_ca_file: Path | None = None
     token: str = ""
     token_file: Path | None = None
     socket: Path | None = None
@@ -362,6 +367,14 @@ class Config(BaseModel):
         return merged
 
     @model_validator(mode="after")
+    def _tls_pair(self) -> Config:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file: give both tls_cert_file and tls_key_file, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file: mutual TLS needs tls_cert_file and tls_key_file")
+        return self
+
+    @model_validator(mode="after")
     def _defaults(self) -> Config:
         if not self.backends:
             self.backends = {n: BackendConfig(**b) for n, b in BUILTIN_BACKENDS.items()}
@@ -397,9 +410,14 @@ class Config(BaseModel):
         return int(self.listen.rpartition(":")[2])
 
     @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
     def api_url(self) -> str:
         """The TCP API as a client on this host reaches it (a wildcard ``listen`` as loopback)."""
-        return http_url(self.listen_host, self.listen_port)
+        url = http_url(self.listen_host, self.listen_port)
+        return "https://" + url.removeprefix("http://") if self.tls else url
 
 
 def _format_error(path: Path | str, error: ValidationError) -> str:

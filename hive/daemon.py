@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -59,6 +60,7 @@ log = logging.getLogger("hive")
 RESTART_ONLY = frozenset(
     {
         "listen", "token", "token_file", "socket", "state_dir", "port_range", "worker_host",
+        "tls_cert_file", "tls_key_file", "tls_client_ca_file",
         "events_buffer", "events_queue", "device_refresh", "usage_refresh", "containment",
         "http_header_timeout", "http_max_connections", "fleet",
     }
@@ -196,12 +198,15 @@ class Daemon:
         log.info("%s", how)
         if isinstance(containment, Cgroups):
             usage.cgroups = containment
+        # Workers heartbeat over TCP, or over the unix socket when TCP speaks TLS (a worker has
+        # no CA to check hive's certificate with; the socket needs none).
+        worker_api = f"unix://{config.socket_path}" if config.tls else config.api_url
         supervisor = Supervisor(
             config,
             registry,
             placer,
             logs,
-            config.api_url,
+            worker_api,
             metrics,
             journal,
             upstream,
@@ -441,8 +446,13 @@ class Daemon:
         # (aiohttp has no public hook for a listener's protocol factory.)
         self._runner._server = guard.wrap(self._runner.server)  # type: ignore[assignment]
         try:
+            tls = server_tls(config)
             await web.TCPSite(
-                self._runner, config.listen_host, config.listen_port, reuse_address=True
+                self._runner,
+                config.listen_host,
+                config.listen_port,
+                reuse_address=True,
+                ssl_context=tls,
             ).start()
         except OSError as exc:
             await self._runner.cleanup()
@@ -470,6 +480,22 @@ def _summary(items: list[PlanItem]) -> str:
         key = item.action if item.result == "done" else f"{item.action} failed"
         counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{n} {key}" for key, n in sorted(counts.items())) or "nothing to do"
+
+
+def server_tls(config: Config) -> ssl.SSLContext | None:
+    """The TCP listener's TLS, from ``tls_cert_file``/``tls_key_file`` (and, for mutual TLS,
+    ``tls_client_ca_file``); None for plain HTTP. A file that cannot be used stops start-up."""
+    if config.tls_cert_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(config.tls_cert_file), str(config.tls_key_file))
+        if config.tls_client_ca_file is not None:
+            context.load_verify_locations(str(config.tls_client_ca_file))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot use the TLS files: {exc}") from None
+    return context
 
 
 def _log_change(change: Change) -> None:

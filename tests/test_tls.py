@@ -1,0 +1,122 @@
+"""TLS on hive's TCP API, with certificates made here by ``openssl``: a client with the CA is
+answered, one without it is refused with a sentence that says what to pass, plain HTTP to the
+TLS port gets a clear error, and with mutual TLS a client without its own certificate is
+refused. Workers still heartbeat (over the unix socket)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from hivetest import Hive, running_hive
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed"),
+]
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, both CA-signed."""
+    d = tmp_path_factory.mktemp("tls")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=hive test CA", "-keyout", "ca.key", "-out", "ca.pem", cwd=d)  # fmt: skip
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=hive test {name}",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext",
+                "-out", f"{name}.pem", cwd=d)  # fmt: skip
+    return d
+
+
+@pytest.fixture(scope="module")
+def tls_hive(certs: Path) -> Iterator[Hive]:
+    config = f'tls_cert_file = "{certs / "server.pem"}"\ntls_key_file = "{certs / "server.key"}"\n'
+    with running_hive(config) as hive:
+        yield hive
+
+
+def cli(hive: Hive, *args: str) -> subprocess.CompletedProcess[str]:
+    return hive.cli(
+        *args, env={"HIVE_URL": f"https://127.0.0.1:{hive.port}", "HIVE_TOKEN": hive.token}
+    )
+
+
+def test_a_client_with_the_ca_is_answered(tls_hive: Hive, certs: Path) -> None:
+    r = requests.get(
+        f"https://127.0.0.1:{tls_hive.port}/v1/node",
+        headers=tls_hive.headers,
+        verify=str(certs / "ca.pem"),
+        timeout=10,
+    )
+    assert r.status_code == 200
+    assert r.json()["api_url"] == f"https://127.0.0.1:{tls_hive.port}"
+    spawned = cli(tls_hive, "--ca", str(certs / "ca.pem"), "spawn", "m", "--id", "tls-a")
+    assert spawned.returncode == 0, spawned.stderr
+    listed = cli(tls_hive, "--ca", str(certs / "ca.pem"), "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "tls-a" in listed.stdout and "ready" in listed.stdout
+    # The demo worker heartbeats, over the unix socket: hive's certificate is not its concern.
+    env = {**tls_hive.env, "HIVE_URL": f"unix://{tls_hive.socket}"}
+    shown = subprocess.run(
+        [*tls_hive.cli_command(), "show", "tls-a", "--json"], env=env, capture_output=True,
+        text=True, timeout=30,
+    )  # fmt: skip
+    assert '"last_heartbeat_at": null' not in shown.stdout, shown.stdout
+    assert cli(tls_hive, "--ca", str(certs / "ca.pem"), "rm", "--force", "tls-a").returncode == 0
+
+
+def test_a_client_without_the_ca_is_refused_with_what_to_pass(tls_hive: Hive) -> None:
+    result = cli(tls_hive, "list")
+    assert result.returncode == 1
+    assert "certificate is not trusted" in result.stderr
+    assert "pass the CA that signed it with --ca or HIVE_CA" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_plain_http_to_the_tls_port_gets_a_clear_error(tls_hive: Hive) -> None:
+    result = tls_hive.cli(
+        "list", env={"HIVE_URL": f"http://127.0.0.1:{tls_hive.port}", "HIVE_TOKEN": tls_hive.token}
+    )
+    assert result.returncode == 1
+    assert "use an https:// URL" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_mutual_tls_refuses_a_client_without_its_certificate(certs: Path) -> None:
+    config = (
+        f'tls_cert_file = "{certs / "server.pem"}"\ntls_key_file = "{certs / "server.key"}"\n'
+        f'tls_client_ca_file = "{certs / "ca.pem"}"\n'
+    )
+    with running_hive(config) as hive:
+        ca = str(certs / "ca.pem")
+        refused = cli(hive, "--ca", ca, "list")
+        assert refused.returncode == 1
+        assert "pass this client's --cert and --key" in refused.stderr, refused.stderr
+        mine = ["--cert", str(certs / "client.pem"), "--key", str(certs / "client.key")]
+        accepted = cli(hive, "--ca", ca, *mine, "list")
+        assert accepted.returncode == 0, accepted.stderr
+
+
+def test_tls_files_that_cannot_be_used_stop_start_up(certs: Path) -> None:
+    hive = Hive(
+        f'tls_cert_file = "{certs / "nope.pem"}"\ntls_key_file = "{certs / "server.key"}"\n'
+    )
+    try:
+        proc = hive.launch()
+        assert proc.wait(30) == 1
+        assert "cannot use the TLS files" in hive.log()
+    finally:
+        hive.cleanup()
