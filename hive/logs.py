@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,8 @@ log = logging.getLogger("hive.logs")
 
 #: What starts each line hive writes into a worker's log; readers (the CLI, tests) match it too.
 MARKER = "--- hive: "
+#: How often a log's size is looked at: every 10 s at most, every second at least.
+CAP_PERIOD_MIN, CAP_PERIOD_MAX = 1.0, 10.0
 _BLOCK = 64 * 1024
 
 
@@ -34,6 +37,7 @@ class Logs:
         self.max_bytes = max_bytes
         self._failing = False
         self._names: dict[str, str] = {}  # worker id -> its log's path, as a string
+        self._sizes: dict[str, tuple[float, int]] = {}  # worker id -> (when, size) last seen
         directory.mkdir(parents=True, exist_ok=True, mode=0o750)
 
     def path(self, worker_id: str) -> Path:
@@ -78,27 +82,43 @@ class Logs:
                 return line[:500]
         return None
 
-    def cap(self, worker_id: str) -> bool:
-        """Rotate the log if it passed half of ``max_bytes``; True if it did.
+    def cap(self, worker_id: str, now: float | None = None) -> float:
+        """Rotate the log if it passed half of ``max_bytes``; returns the seconds until it
+        should be looked at again.
 
-        Called for every running worker each housekeeping pass, so the common case is one
-        ``stat`` of a path string built once per worker.
+        That is :data:`CAP_PERIOD_MAX` for a log that grows slowly, and less, down to
+        :data:`CAP_PERIOD_MIN`, for one that grows fast enough to pass the threshold before
+        then (half its time to the threshold at its last rate), so a quiet host costs one
+        ``stat`` per worker every 10 s, and a chatty worker's log still stays near its cap.
         """
         name = self._names.get(worker_id)
         if name is None:
             name = self._names[worker_id] = str(self.path(worker_id))
+        at = time.monotonic() if now is None else now
+        threshold = self.max_bytes // 2
         try:
-            if os.stat(name).st_size <= self.max_bytes // 2:
-                return False
-            path = self.path(worker_id)
-            shutil.copyfile(path, self._rotated(worker_id))
-            os.truncate(path, 0)
+            size = os.stat(name).st_size
+            if size > threshold:
+                path = self.path(worker_id)
+                shutil.copyfile(path, self._rotated(worker_id))
+                os.truncate(path, 0)
+                self._sizes[worker_id] = (at, 0)
+                return CAP_PERIOD_MIN  # it filled half the cap: look again soon
         except FileNotFoundError:
-            return False
-        return True
+            self._sizes.pop(worker_id, None)
+            return CAP_PERIOD_MAX
+        last = self._sizes.get(worker_id)
+        self._sizes[worker_id] = (at, size)
+        if last is None:
+            return CAP_PERIOD_MIN  # a first look: soon again, to learn how fast it grows
+        if at <= last[0] or size <= last[1]:
+            return CAP_PERIOD_MAX
+        rate = (size - last[1]) / (at - last[0])
+        return max(CAP_PERIOD_MIN, min(CAP_PERIOD_MAX, (threshold - size) / rate / 2))
 
     def remove(self, worker_id: str) -> None:
         self._names.pop(worker_id, None)
+        self._sizes.pop(worker_id, None)
         for path in (self.path(worker_id), self._rotated(worker_id)):
             path.unlink(missing_ok=True)
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -439,16 +440,23 @@ class Supervisor:
     # -- housekeeping --------------------------------------------------------------------------
 
     async def _housekeep(self) -> None:
-        """Once a second: cap log files and forget records past ``retention``."""
+        """Once a second: forget records past ``retention``, and cap the log files that are
+        due a look (:meth:`Logs.cap` says when: every 10 s for a quiet log, sooner for a
+        fast-growing one)."""
+        due: dict[str, float] = {}
         while True:
             await asyncio.sleep(1.0)
             try:
                 for worker_id in self.registry.expire():
                     self._runs.pop(worker_id, None)
                     self.logs.remove(worker_id)
+                now = time.monotonic()
                 for worker_id, run in self._runs.items():
-                    if run.process is not None and run.process.running:
-                        self.logs.cap(worker_id)
+                    running = run.process is not None and run.process.running
+                    if running and due.get(worker_id, 0.0) <= now:
+                        due[worker_id] = now + self.logs.cap(worker_id, now)
+                for worker_id in due.keys() - self._runs.keys():
+                    del due[worker_id]
             except OSError:
                 log.exception("housekeeping failed")
 

@@ -130,6 +130,12 @@ async def _desired_state(
     assert listing.splitlines()[1].split()[:2] == ["n1", "up"]
     assert listing.splitlines()[2].split()[:2] == ["n2", "up"]
     assert "chat" in fleet_cli(n1, etcd, "show", "n1")
+    as_json = json.loads(fleet_cli(n1, etcd, "ls", "--json"))
+    assert as_json["n1"]["up"] is True and as_json["n1"]["api_url"] == n1.url
+    assert fleet_cli(n1, etcd, "devices").strip() == "no GPUs in the fleet"  # none here
+    nodes = json.loads(fleet_cli(n1, etcd, "show", "n1", "--json"))
+    assert nodes["workers"]["chat"]["declared"] == "etcd:n1"
+    assert nodes["desired"] == {"chat": {"model": "demo-chat"}}
 
     # A change replaces it; a removal stops it; the local worker stays as it was.
     fleet_cli(n1, etcd, "apply", "--node", "n1", "-f",

@@ -235,3 +235,18 @@ def test_marker_lines_are_hives_own(tmp_path: Path) -> None:
     assert lines[1].endswith(" attempt 1: python -m demo")
     assert MARKER == "--- hive: "  # the docs and README show it; workers' logs are read by people
     assert logs.last_line("w") == "serving on 18000"  # the worker's, never a marker
+
+
+def test_a_quiet_log_is_looked_at_every_10_s_a_fast_one_sooner(tmp_path: Path) -> None:
+    logs = Logs(tmp_path, max_bytes=100_000)  # rotated past 50,000 bytes
+    path = logs.path("w")
+    path.write_text("")
+    assert logs.cap("w", now=0.0) == 1.0  # first look: soon again, to learn its rate
+    assert logs.cap("w", now=1.0) == 10.0  # it did not grow
+    path.write_text("x" * 1_000)  # 1,000 bytes in 10 s: 49 s from the threshold
+    assert logs.cap("w", now=11.0) == 10.0
+    path.write_text("x" * 41_000)  # 40,000 bytes in 10 s: 9,000 left, 2.25 s away
+    assert logs.cap("w", now=21.0) == 1.125
+    path.write_text("x" * 60_000)  # past the threshold: moved aside
+    assert logs.cap("w", now=22.0) == 1.0
+    assert path.stat().st_size == 0 and (tmp_path / "w.log.1").stat().st_size == 60_000
