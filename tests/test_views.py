@@ -57,6 +57,7 @@ class _Context:
         self.version = "9.9.9"
         self.started_at = STARTED
         self.config = Config(listen="127.0.0.1:7171", socket=Path("/run/hive-test/hive.sock"))
+        self.fleet = None  # no [fleet]
 
 
 def _add(registry: Registry, worker_id: str, **fields: Any) -> None:
