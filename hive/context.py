@@ -19,6 +19,7 @@ from hive.metrics import Metrics
 from hive.reconcile import Reconciler
 from hive.registry import Registry, now
 from hive.supervisor import Supervisor
+from hive.usage import Usage
 
 if TYPE_CHECKING:  # the API imports this module: no cycle at run time
     from hive.api.guard import ConnectionGuard
@@ -41,6 +42,8 @@ class Context:
     reconciler: Reconciler
     #: Where hive's configuration file is (declared workers are read beside it).
     config_path: Path | None = None
+    #: Per-worker figures; readers say they want them (:meth:`Usage.wanted`).
+    usage: Usage | None = None
     #: With ``[fleet]``: this node in etcd.
     fleet: Fleet | None = None
     #: Set when the API listens: the deadlines and caps of its connections.

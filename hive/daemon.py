@@ -231,6 +231,7 @@ class Daemon:
             metrics,
             reconciler,
             self.config_path,
+            usage=usage,
         )
         await supervisor.start()
         # Adopt before serving, so no request ever sees a registry without the old workers.

@@ -46,8 +46,28 @@ class Usage:
         #: Where workers have cgroups, figures come from them (:meth:`_refresh_cgroups`).
         self.cgroups = cgroups
         self._cpu_times: dict[str, tuple[float, int]] = {}  # worker -> (monotonic, usage_usec)
+        self._read_at = time.monotonic()  # watched from the start, for the first minute
+        self._wake: asyncio.Event | None = None
+
+    #: Figures are refreshed while someone read them within this many seconds (or GPUs are in
+    #: use: placement counts what hive's own workers hold on them).
+    WATCHED = 60.0
+
+    def wanted(self) -> None:
+        """Someone reads the figures (a worker list, a record, a metrics scrape): keep them
+        fresh for the next :attr:`WATCHED` seconds, and refresh now if they were let go."""
+        idle = time.monotonic() - self._read_at > self.WATCHED
+        self._read_at = time.monotonic()
+        if idle and self._wake is not None:
+            self._wake.set()
+
+    def _watched(self) -> bool:
+        if time.monotonic() - self._read_at <= self.WATCHED:
+            return True
+        return any(gpu.processes for gpu in self.gpus().gpus)
 
     def start(self) -> None:
+        self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="hive-usage")
 
     async def close(self) -> None:
@@ -57,12 +77,18 @@ class Usage:
                 await self._task
 
     async def _loop(self) -> None:
+        """Every ``interval`` while the figures are watched; while nobody reads them (and no GPU
+        is in use), nothing: a quiet host reads no cgroup at all."""
+        assert self._wake is not None
         while True:
-            try:
-                await asyncio.to_thread(self.refresh)
-            except (OSError, psutil.Error):  # the process table moved under the refresh
-                log.exception("refreshing worker figures failed")
-            await asyncio.sleep(self.interval)
+            self._wake.clear()
+            if self._watched():
+                try:
+                    await asyncio.to_thread(self.refresh)
+                except (OSError, psutil.Error):  # the process table moved under the refresh
+                    log.exception("refreshing worker figures failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
 
     def _process(self, pid: int) -> psutil.Process | None:
         process = self._processes.get(pid)

@@ -16,8 +16,12 @@ from hive.api.routes import operations
 from hive.cli import build_parser, main
 from hive.config import Config, ConfigError, parse_config
 from hive.devices.cpu import parse_cpulist
+from hive.devices.gpu import GpuSnapshot
+from hive.devices.placement import Placer
 from hive.logs import MARKER, Logs
 from hive.models import WORKER_ID_PATTERN, WORKER_KEY_PATTERN, Heartbeat, SpawnRequest
+from hive.registry import Registry
+from hive.usage import Usage
 from hive.validation import field_errors
 
 # -- the worker-id pattern -----------------------------------------------------------------------
@@ -250,3 +254,19 @@ def test_a_quiet_log_is_looked_at_every_10_s_a_fast_one_sooner(tmp_path: Path) -
     path.write_text("x" * 60_000)  # past the threshold: moved aside
     assert logs.cap("w", now=22.0) == 1.0
     assert path.stat().st_size == 0 and (tmp_path / "w.log.1").stat().st_size == 60_000
+
+
+async def test_figures_are_refreshed_only_while_someone_reads_them() -> None:
+    registry = Registry()
+    placer = Placer([], GpuSnapshot)
+    usage = Usage(registry, placer, GpuSnapshot, interval=0.05)
+    usage.start()
+    try:
+        assert usage._watched()  # the first minute after start
+        usage._read_at -= Usage.WATCHED + 1  # nobody has read them for over a minute
+        assert not usage._watched()  # and no GPU in use: the loop reads nothing
+        assert usage._wake is not None and not usage._wake.is_set()
+        usage.wanted()  # a list, a record or a scrape
+        assert usage._watched() and usage._wake.is_set()  # refreshed now, then every interval
+    finally:
+        await usage.close()

@@ -116,6 +116,13 @@ async def _body(request: web.Request, model: type[M]) -> M:
     return model.model_validate(await _json(request))
 
 
+def _want_figures(request: web.Request) -> None:
+    """This answer shows per-worker figures: keep them fresh while someone reads them."""
+    usage = _context(request).usage
+    if usage is not None:
+        usage.wanted()
+
+
 def _worker_id(request: web.Request) -> str:
     return request.match_info["id"]
 
@@ -151,6 +158,7 @@ async def devices(request: web.Request) -> web.Response:
 )
 async def list_workers(request: web.Request) -> web.Response:
     query = _query(request, ListQuery)
+    _want_figures(request)
     registry, record_json = _context(request).registry, request.app[RECORD_JSON]
     labels = query.labels()
     if query.state is None and query.model is None and query.device is None and not labels:
@@ -206,6 +214,7 @@ async def spawn(request: web.Request) -> web.Response:
     )
 )
 async def get_worker(request: web.Request) -> web.Response:
+    _want_figures(request)
     record = _context(request).registry.get(_worker_id(request))
     return web.Response(body=request.app[RECORD_JSON].one(record), content_type="application/json")
 
@@ -386,6 +395,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     )
 )
 async def metrics(request: web.Request) -> web.Response:
+    _want_figures(request)
     body = _context(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
