@@ -46,25 +46,29 @@ class Usage:
         #: Where workers have cgroups, figures come from them (:meth:`_refresh_cgroups`).
         self.cgroups = cgroups
         self._cpu_times: dict[str, tuple[float, int]] = {}  # worker -> (monotonic, usage_usec)
-        self._read_at = time.monotonic()  # watched from the start, for the first minute
+        self._read_at = time.monotonic()  # watched from the start, for three periods
         self._wake: asyncio.Event | None = None
 
-    #: Figures are refreshed while someone read them within this many seconds (or GPUs are in
-    #: use: placement counts what hive's own workers hold on them).
-    WATCHED = 60.0
+    #: Figures are refreshed while someone read them within this many refresh periods (or GPUs
+    #: are in use: placement counts what hive's own workers hold on them).
+    WATCHED_PERIODS = 3
 
     def wanted(self) -> None:
         """Someone reads the figures (a worker list, a record, a metrics scrape): keep them
-        fresh for the next :attr:`WATCHED` seconds, and refresh now if they were let go."""
-        idle = time.monotonic() - self._read_at > self.WATCHED
+        fresh for the next three refresh periods, and refresh now if they were let go."""
+        idle = time.monotonic() - self._read_at > self.watched_for
         self._read_at = time.monotonic()
         if idle and self._wake is not None:
             self._wake.set()
 
     def _watched(self) -> bool:
-        if time.monotonic() - self._read_at <= self.WATCHED:
+        if time.monotonic() - self._read_at <= self.watched_for:
             return True
         return any(gpu.processes for gpu in self.gpus().gpus)
+
+    @property
+    def watched_for(self) -> float:
+        return self.WATCHED_PERIODS * self.interval
 
     def start(self) -> None:
         self._wake = asyncio.Event()

@@ -262,8 +262,8 @@ async def test_figures_are_refreshed_only_while_someone_reads_them() -> None:
     usage = Usage(registry, placer, GpuSnapshot, interval=0.05)
     usage.start()
     try:
-        assert usage._watched()  # the first minute after start
-        usage._read_at -= Usage.WATCHED + 1  # nobody has read them for over a minute
+        assert usage._watched()  # the first three periods after start
+        usage._read_at -= usage.watched_for + 1  # nobody has read them for longer
         assert not usage._watched()  # and no GPU in use: the loop reads nothing
         assert usage._wake is not None and not usage._wake.is_set()
         usage.wanted()  # a list, a record or a scrape
