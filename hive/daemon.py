@@ -145,7 +145,12 @@ def _claim_socket(path: Path) -> None:
 
 
 class Daemon:
-    """One running ``hive serve``."""
+    """One running ``hive serve``.
+
+    About 330 lines: start-up and shut-down are each one ordered sequence (adopt before
+    serving, leave the fleet before stopping workers...), and the signals that change a running
+    hive (SIGHUP's reload and its reconcile of the declared files) sit beside them.
+    """
 
     def __init__(
         self,

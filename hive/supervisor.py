@@ -49,8 +49,11 @@ log = logging.getLogger("hive.supervisor")
 class Supervisor:
     """Spawns, stops, restarts and deletes workers; one :class:`WorkerRun` per worker.
 
-    About 300 lines: the request API and adoption, each a few lines over the policies it calls;
-    a spawn's crash-safe order (intent, process, pid, undo) reads best in one place.
+    About 400 lines: the request API and adoption, each a few lines over the policies it calls;
+    a spawn's crash-safe order (intent, process, pid, undo) reads best in one place, and so do
+    the two moves of a replacement that touch runs (a successor promoted to its worker's id, a
+    worker restarted in place under a new request). The replacement itself lives in
+    :mod:`hive.reconcile`.
     """
 
     def __init__(
@@ -339,10 +342,6 @@ class Supervisor:
             self.logs.remove(worker_id)
         await self._persist()
         return record
-
-    def run_of(self, worker_id: str) -> WorkerRun | None:
-        """The lifecycle of a worker, if it has one."""
-        return self._runs.get(worker_id)
 
     async def promote(self, successor: str, worker_id: str) -> Worker:
         """The successor takes the id of the worker it replaced (which is forgotten by now);
