@@ -14,6 +14,7 @@ async with HiveClient("http://10.0.0.5:7070", token="...") as hive:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import ssl
@@ -340,7 +341,8 @@ def _reason(exc: aiohttp.ClientConnectionError, url: str = "") -> str:
         )
     if isinstance(exc, aiohttp.ClientSSLError):
         return f"TLS failed ({exc}); for mutual TLS pass this client's --cert and --key"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
+    reset = isinstance(exc, OSError) and exc.errno == errno.ECONNRESET
+    if isinstance(exc, aiohttp.ServerDisconnectedError) or reset:
         if url.startswith("https://"):
             return (
                 "it closed the connection without answering; if hive asks for client "
