@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from harness.net import free_port
-from harness.procs import Tag
+from harness.procs import Tag, kill_tree
 from harness.waits import async_wait_for
 
 #: Where Debian's package puts it.
@@ -133,11 +133,6 @@ class Browser:
             await self._ws.close()
         if self._session is not None:
             await self._session.close()
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                await asyncio.to_thread(self.proc.wait, 15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                await asyncio.to_thread(self.proc.wait)
+        if self.proc is not None:  # its renderers too, if it does not end them itself
+            await asyncio.to_thread(kill_tree, self.proc, 15.0)
         shutil.rmtree(self.profile, ignore_errors=True)

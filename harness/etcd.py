@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from harness.net import free_port
-from harness.procs import Tag
+from harness.procs import Tag, kill_tree
 from harness.waits import wait_for
 
 
@@ -56,13 +56,8 @@ class EtcdServer:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            kill_tree(self.proc, 15.0)
         self.proc = None
 
     def cleanup(self) -> None:

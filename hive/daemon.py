@@ -36,7 +36,6 @@ from hive.config import Config, ConfigError
 from hive.containment import Cgroups
 from hive.containment import choose as choose_containment
 from hive.context import Context
-from hive.declared import CONFIG_SOURCE, DeclarationError, check_backends, read_declared
 from hive.devices import cpu
 from hive.devices.gpu import GpuMonitor
 from hive.devices.placement import Placer
@@ -45,9 +44,9 @@ from hive.fleet import Fleet
 from hive.journal import Journal
 from hive.logs import Logs
 from hive.metrics import Metrics
-from hive.models import PlanItem, State
+from hive.models import State
 from hive.notify import Notifier
-from hive.reconcile import Reconciler
+from hive.reconcile import DeclaredFiles, Reconciler
 from hive.registry import Change, Registry
 from hive.router_sync import RouterSync
 from hive.supervisor import Supervisor
@@ -145,12 +144,7 @@ def _claim_socket(path: Path) -> None:
 
 
 class Daemon:
-    """One running ``hive serve``.
-
-    About 330 lines: start-up and shut-down are each one ordered sequence (adopt before
-    serving, leave the fleet before stopping workers...), and the signals that change a running
-    hive (SIGHUP's reload and its reconcile of the declared files) sit beside them.
-    """
+    """One running ``hive serve``."""
 
     def __init__(
         self,
@@ -161,8 +155,7 @@ class Daemon:
         self.config = config
         self.loader = loader
         self.config_path = config_path
-        self._reconciling: asyncio.Task[None] | None = None
-        self._reconcile_again = False
+        self._declared: DeclaredFiles | None = None
         self.notifier = Notifier()
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -266,7 +259,10 @@ class Daemon:
         upstream.start()
         metrics.watch_gpus(lambda: gpus.snapshot().gpus)
         log.info("hive listening on %s and %s", config.listen, config.socket_path)
-        self._reconcile(first=True)
+        self._declared = DeclaredFiles(
+            reconciler, lambda: self.config, self.config_path, self.notifier.status
+        )
+        self._declared.request(first=True)
         fleet = self._join_fleet(self.context)
         notifier = self.notifier
         notifier.ready(status_line(registry))
@@ -298,9 +294,8 @@ class Daemon:
                 await fleet.close()
             await usage.close()
             await supervisor.close()  # stops (and first withdraws) every worker
-            if self._reconciling is not None:  # what it left half-way, the next hive settles
-                self._reconciling.cancel()
-                await asyncio.gather(self._reconciling, return_exceptions=True)
+            if self._declared is not None:
+                await self._declared.close()
             unsubscribe_log()
             await upstream.close()
             await journal.close()
@@ -360,7 +355,8 @@ class Daemon:
             self._upstream.reload(new)
         log.info("reloaded the configuration: %s", ", ".join(live) or "nothing changed")
         self.notifier.ready(status_line(context.registry))
-        self._reconcile()
+        if self._declared is not None:
+            self._declared.request()
 
     # -- the fleet -------------------------------------------------------------------------
 
@@ -374,55 +370,11 @@ class Daemon:
             value["devices"] = views.devices_view(context).model_dump(mode="json")
             return dict(value)
 
-        fleet = Fleet(
-            self.config.fleet, context.registry, context.reconciler, node_value, lambda: self.config
-        )
+        fleet = Fleet(self.config.fleet, context.registry, context.reconciler, node_value)
         context.fleet = fleet
         context.metrics.watch_fleet(lambda: fleet.connected)
         fleet.start()
         return fleet
-
-    # -- declared workers ------------------------------------------------------------------
-
-    def _reconcile(self, first: bool = False) -> None:
-        """Bring what runs to what hive's files declare, in the background; one pass at a
-        time (a SIGHUP during a pass runs another after it)."""
-        if self._reconciling is not None and not self._reconciling.done():
-            self._reconcile_again = True
-            return
-        self._reconciling = asyncio.create_task(self._reconcile_loop(first), name="hive-declared")
-
-    async def _reconcile_loop(self, first: bool) -> None:
-        context = self.context
-        assert context is not None
-        if first:
-            await context.reconciler.settle_interrupted()
-        while True:
-            self._reconcile_again = False
-            await self._reconcile_once(context)
-            if not self._reconcile_again:
-                return
-
-    async def _reconcile_once(self, context: Context) -> None:
-        try:
-            declared = read_declared(self.config, self.config_path)
-            check_backends(declared, self.config)
-        except DeclarationError as exc:
-            log.error("declared workers refused, nothing of them applied: %s", exc)
-            self.notifier.status(f"declared workers refused: {str(exc).splitlines()[0]}")
-            return
-        managed = {item.spec.id for item in declared}
-        if not declared and not any(
-            (r.declared or "").startswith(CONFIG_SOURCE) for r in context.registry.list()
-        ):
-            return
-        items = await context.reconciler.apply(
-            declared, prune=lambda entry: (entry.record.declared or "").startswith(CONFIG_SOURCE)
-        )
-        for item in items:
-            if item.action != "unchanged" or item.result != "done":
-                log.info("declared worker %s: %s: %s", item.id, item.action, item.result)
-        log.info("declared workers: %d declared, %s", len(managed), _summary(items))
 
     def _lock_state_dir(self) -> None:
         """One hive per state_dir: two would adopt the same workers."""
@@ -478,14 +430,6 @@ class Daemon:
         except StartupError:
             await self._runner.cleanup()
             raise
-
-
-def _summary(items: list[PlanItem]) -> str:
-    counts: dict[str, int] = {}
-    for item in items:
-        key = item.action if item.result == "done" else f"{item.action} failed"
-        counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{n} {key}" for key, n in sorted(counts.items())) or "nothing to do"
 
 
 def server_tls(config: Config) -> ssl.SSLContext | None:

@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any
 
 from hive.config import FleetConfig
-from hive.declared import DeclarationError, check_backends, parse_workers
+from hive.declared import DeclarationError, parse_workers
 from hive.etcd import Compacted, Etcd, EtcdError, delete_op, put_op
 from hive.models import FleetStatus, Worker
 from hive.reconcile import Reconciler
@@ -81,14 +81,12 @@ class Fleet:
         registry: Registry,
         reconciler: Reconciler,
         node_value: Callable[[], dict[str, Any]],
-        backends: Callable[[], Any],
     ) -> None:
         self.config = config
         self.node = node_name(config)
         self.registry = registry
         self.reconciler = reconciler
         self.node_value = node_value
-        self.backends = backends  # the running configuration, for the backends' check
         self.etcd = Etcd(config.endpoints, ssl_context(config))
         prefix = config.prefix
         self.node_key = f"{prefix}/nodes/{self.node}"
@@ -295,13 +293,6 @@ class Fleet:
     async def _reconcile(self) -> None:
         try:
             declared = self._parse_desired()
-            check_backends(declared, self.backends())
+            await self.reconciler.apply_set(declared, ETCD_SOURCE, "fleet: desired workers")
         except DeclarationError as exc:
             log.error("fleet: desired workers refused, nothing of them applied: %s", exc)
-            return
-        items = await self.reconciler.apply(
-            declared, prune=lambda entry: (entry.record.declared or "").startswith(ETCD_SOURCE)
-        )
-        for item in items:
-            if item.action != "unchanged" or item.result != "done":
-                log.info("fleet: desired worker %s: %s: %s", item.id, item.action, item.result)

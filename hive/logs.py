@@ -117,8 +117,12 @@ class Logs:
         return max(CAP_PERIOD_MIN, min(CAP_PERIOD_MAX, (threshold - size) / rate / 2))
 
     def remove(self, worker_id: str) -> None:
+        """Delete a worker's log. A successor's id (``<id>~<generation>``) deletes nothing: the
+        log it wrote in is its worker's, which goes on."""
         self._names.pop(worker_id, None)
         self._sizes.pop(worker_id, None)
+        if base_id(worker_id) != worker_id:
+            return
         for path in (self.path(worker_id), self._rotated(worker_id)):
             path.unlink(missing_ok=True)
 

@@ -15,8 +15,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-from hive.declared import Declared, check_backends, plan
+from hive.config import Config
+from hive.declared import (
+    CONFIG_SOURCE,
+    DeclarationError,
+    Declared,
+    check_backends,
+    plan,
+    read_declared,
+)
 from hive.errors import Conflict, HiveError, Invalid, NoCapacity
 from hive.models import DOWN_STATES, LIVE_STATES, PlanItem, SpawnRequest, State, Worker
 from hive.registry import Entry, Registry, RegistryError
@@ -188,6 +197,19 @@ class Reconciler:
             for item, result in zip(items, results, strict=True)
         ]
 
+    async def apply_set(self, declared: list[Declared], source: str, what: str) -> list[PlanItem]:
+        """Apply a set that owns every worker declared from ``source`` (a prefix of their
+        ``declared``: hive's files, or etcd): what it no longer names is pruned, nothing else
+        is. Each change and a summary go to the log, as ``what``."""
+        items = await self.apply(
+            declared, prune=lambda entry: (entry.record.declared or "").startswith(source)
+        )
+        for item in items:
+            if item.action != "unchanged" or item.result != "done":
+                log.info("%s %s: %s: %s", what, item.id, item.action, item.result)
+        log.info("%s: %d declared, %s", what, len(declared), _summary(items))
+        return items
+
     async def _carry_out(self, item: PlanItem, declared: Declared | None) -> str:
         supervisor = self.supervisor
         try:
@@ -211,3 +233,67 @@ class Reconciler:
 
 def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
+
+
+def _summary(items: list[PlanItem]) -> str:
+    counts: dict[str, int] = {}
+    for item in items:
+        key = item.action if item.result == "done" else f"{item.action} failed"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {key}" for key, n in sorted(counts.items())) or "nothing to do"
+
+
+class DeclaredFiles:
+    """hive's own files of declared workers (``[[workers]]``, ``workers_dir``), applied in the
+    background at start and after each reload: one pass at a time, and a reload during a pass
+    runs another after it. A set that does not load is refused whole, and ``refused`` hears
+    why (the daemon puts it in systemd's status line)."""
+
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        config: Callable[[], Config],
+        config_path: Path | None,
+        refused: Callable[[str], None],
+    ) -> None:
+        self.reconciler = reconciler
+        self.config = config
+        self.config_path = config_path
+        self.refused = refused
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    def request(self, first: bool = False) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.create_task(self._loop(first), name="hive-declared")
+
+    async def close(self) -> None:
+        """Stop a pass under way (what it left half-way, the next hive settles)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self, first: bool) -> None:
+        if first:
+            await self.reconciler.settle_interrupted()
+        while True:
+            self._again = False
+            await self._once()
+            if not self._again:
+                return
+
+    async def _once(self) -> None:
+        config = self.config()
+        try:
+            declared = read_declared(config, self.config_path)
+            if not declared and not any(
+                (r.declared or "").startswith(CONFIG_SOURCE)
+                for r in self.reconciler.registry.list()
+            ):
+                return  # nothing declared, now or before: nothing to do
+            await self.reconciler.apply_set(declared, CONFIG_SOURCE, "declared workers")
+        except DeclarationError as exc:
+            log.error("declared workers refused, nothing of them applied: %s", exc)
+            self.refused(f"declared workers refused: {str(exc).splitlines()[0]}")

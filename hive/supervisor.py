@@ -261,8 +261,7 @@ class Supervisor:
         with contextlib.suppress(RegistryError):
             self.registry.remove(run.id)
         self.containment.release(run.key)
-        if "~" not in run.id:  # a successor writes in its worker's log: that one stays
-            self.logs.remove(run.id)
+        self.logs.remove(run.id)
 
     async def _start(self, run: WorkerRun) -> None:
         self._runs[run.id] = run
@@ -338,7 +337,7 @@ class Supervisor:
         record = self.registry.remove(worker_id)
         self.containment.release(process_key(record))
         self._runs.pop(worker_id, None)
-        if not keep_log and "~" not in worker_id:  # a successor's log is its worker's
+        if not keep_log:  # kept when a successor writes on in it
             self.logs.remove(worker_id)
         await self._persist()
         return record

@@ -88,6 +88,10 @@ class Top:
         self._quit = asyncio.Event()
         self.code = 0
 
+    def redraw(self) -> None:
+        """Draw again soon (something changed, or the terminal was resized)."""
+        self._dirty.set()
+
     def quit(self, code: int = 0) -> None:
         self.code = code
         self._quit.set()
@@ -126,10 +130,10 @@ class Top:
                         else:
                             self.workers[event["id"]] = Worker.model_validate(event["worker"])
                     self.note = ""
-                    self._dirty.set()
+                    self.redraw()
             except HiveConnectionError as exc:
                 self.note = f"hive unreachable ({exc.reason}); retrying"
-                self._dirty.set()
+                self.redraw()
             await asyncio.sleep(1.0)
 
     async def _poll_devices(self) -> None:
@@ -137,7 +141,7 @@ class Top:
             await asyncio.sleep(self.interval)
             with contextlib.suppress(HiveConnectionError):
                 self.devices = await self.client.devices()
-                self._dirty.set()
+                self.redraw()
 
     async def _redraw(self) -> None:
         while True:
@@ -186,7 +190,7 @@ async def run(client: HiveClient, once: bool = False, interval: float = 2.0) -> 
         loop.add_reader(fd, key)
         loop.add_signal_handler(signal.SIGINT, view.quit, 130)
         loop.add_signal_handler(signal.SIGTERM, view.quit, 143)
-        loop.add_signal_handler(signal.SIGWINCH, view._dirty.set)
+        loop.add_signal_handler(signal.SIGWINCH, view.redraw)
         return await view.run()
     finally:
         loop.remove_reader(fd)

@@ -20,6 +20,7 @@ import requests
 from hivetest import TAG, Hive, running_hive
 
 from harness.net import free_port
+from harness.procs import kill_tree
 from harness.waits import async_wait_for, wait_for
 
 pytestmark = [
@@ -90,12 +91,7 @@ class Prometheus:
             return False
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        kill_tree(self.proc, 20.0)
         shutil.rmtree(self.home, ignore_errors=True)
 
 
