@@ -100,6 +100,7 @@ class WorkerRun:
         self._ready = asyncio.Event()
         self._hung = asyncio.Event()
         self._hang_timer: asyncio.TimerHandle | None = None
+        self._hang_deadline = 0.0  # loop time by which the next heartbeat must come
         self._backoff = Backoff()
         self._sweeps: set[asyncio.Task[bool]] = set()
         self._unrunnable = False
@@ -462,9 +463,23 @@ class WorkerRun:
     # -- liveness by heartbeat ------------------------------------------------------------------
 
     def arm_hang_timer(self) -> None:
-        self.disarm_hang_timer()
+        """A heartbeat came: the worker hangs if none follows within ``heartbeat_timeout``.
+
+        A beat only moves the deadline; the one timer, when it fires early, sleeps on to the
+        deadline. So a worker beating many times a second costs no timer churn, and the hang
+        is still found within the timeout of its last beat.
+        """
         loop = asyncio.get_running_loop()
-        self._hang_timer = loop.call_later(self.deps.config.heartbeat_timeout, self._hung.set)
+        self._hang_deadline = loop.time() + self.deps.config.heartbeat_timeout
+        if self._hang_timer is None:
+            self._hang_timer = loop.call_at(self._hang_deadline, self._hang_due)
+
+    def _hang_due(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._hang_deadline:  # a beat came since: wait for its deadline
+            self._hang_timer = loop.call_at(self._hang_deadline, self._hang_due)
+            return
+        self._hung.set()
 
     def disarm_hang_timer(self) -> None:
         if self._hang_timer is not None:

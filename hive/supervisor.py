@@ -38,7 +38,7 @@ from hive.models import (
 from hive.ports import PortPool, ephemeral_overlap
 from hive.probes import Prober
 from hive.process import Spawner, reap_orphans
-from hive.registry import Entry, Registry, RegistryError
+from hive.registry import Entry, Registry
 from hive.reservations import Reservations
 from hive.room import Room
 from hive.router_sync import RouterSync
@@ -234,9 +234,12 @@ class Supervisor:
 
         self._room.check()
         self.registry.add(spec, secrets.token_urlsafe(24), build)
-        # The intent reaches the disk before the process starts, and its pid before the
-        # answer: a hive killed at any instruction between leaves a journal that, with what
-        # the containment finds running, says exactly what to adopt and what to end.
+        # The intent (id, spec, port, devices, token, attempt) reaches the disk before the
+        # process starts; the pid follows in the journal's next write, which the answer does
+        # not wait for. A hive killed in between finds the process by its attempt's tag
+        # (adoption adopts a live record without a pid by its leader), so the journal and what
+        # the containment finds running still say exactly what to adopt and what to end: one
+        # fsync a spawn, shared by the spawns in flight.
         try:
             await self._persist()
         except JournalError:
@@ -244,24 +247,7 @@ class Supervisor:
             raise
         run = WorkerRun(record_id, self._deps)
         await self._start(run)
-        try:
-            await self._persist()
-        except JournalError:
-            await self._undo_spawn(run)
-            raise
         return self.registry.get(record_id)
-
-    async def _undo_spawn(self, run: WorkerRun) -> None:
-        """A spawn whose pid could not reach the disk: end it and forget it, leaving nothing."""
-        self.registry.set_desired(run.id, "stopped")
-        if run.active and run.task is not None:
-            run.request_stop(None)
-            await asyncio.shield(run.task)
-        self._runs.pop(run.id, None)
-        with contextlib.suppress(RegistryError):
-            self.registry.remove(run.id)
-        self.containment.release(run.key)
-        self.logs.remove(run.id)
 
     async def _start(self, run: WorkerRun) -> None:
         self._runs[run.id] = run

@@ -90,6 +90,33 @@ async def test_sigkill_of_hive_keeps_workers_and_the_next_hive_adopts_them() -> 
             await async_wait_for(lambda: not _alive(a["pid"]), what="adopted worker gone")
 
 
+async def test_a_spawn_answered_before_its_pid_was_written_is_adopted_by_its_tag() -> None:
+    # A spawn is answered once its intent is on disk; the pid follows in the next write. A hive
+    # killed before that write leaves a record without a pid: the next hive finds the process
+    # by its attempt's tag and adopts it, the same pid, not restarted and not left running.
+    with running_hive() as hive:
+        async with hive.session() as s:
+            answered = await spawn_ready(s, id="no-pid")
+        hive.kill()
+        journal = hive.state_dir / "journal.json"
+        data = json.loads(journal.read_text())
+        for item in data["workers"]:
+            if item["record"]["id"] == "no-pid":
+                item["record"].update(pid=None, state="starting", ready_at=None)
+                item["start_time"] = None
+        journal.write_text(json.dumps(data))
+
+        hive.start()
+        async with hive.session() as s:
+            adopted = await async_wait_for(
+                lambda: state_is(s, "no-pid", "ready"), what="the pid-less record ready"
+            )
+            assert adopted["pid"] == answered["pid"] and adopted["restarts"] == 0
+            async with s.post("/v1/workers/no-pid/stop", params={"wait": "true"}) as r:
+                assert (await r.json())["state"] == "stopped"
+        await async_wait_for(lambda: not _alive(answered["pid"]), what="the worker gone")
+
+
 async def test_detach_leaves_workers_for_the_next_hive() -> None:
     with running_hive('on_exit = "detach"\n') as hive:
         async with hive.session() as s:

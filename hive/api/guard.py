@@ -110,6 +110,7 @@ class _Guarded(asyncio.Protocol):
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
         self.busy = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,19 +123,32 @@ class _Guarded(asyncio.Protocol):
         self.arm()
 
     def arm(self) -> None:
-        self.disarm()
+        """The next request must come within ``header_timeout``. Arming moves the deadline;
+        the one timer, when it fires before the deadline, sleeps on to it: a kept-alive
+        connection answering thousands of requests a second costs no timer per request."""
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._guard.header_timeout, self._expire)
+        self._deadline = loop.time() + self._guard.header_timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._expire)
 
     def disarm(self) -> None:
+        self._deadline = None  # the timer, if one is pending, finds nothing due
+
+    def close_timer(self) -> None:
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _expire(self) -> None:
         self._timer = None
-        if self.busy == 0 and self._transport is not None:
-            self._transport.abort()  # silent, or its headers never came: nothing to answer
+        if self._deadline is None or self.busy or self._transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._expire)
+            return
+        self._transport.abort()  # silent, or its headers never came: nothing to answer
 
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
@@ -152,7 +166,7 @@ class _Guarded(asyncio.Protocol):
             self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.disarm()
+        self.close_timer()
         if self._transport is not None:
             self._guard.forget(self._transport)
         if self._inner is not None:
