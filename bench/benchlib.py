@@ -233,6 +233,8 @@ class EventStream:
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        #: How often hive cut the stream off and it was resumed from the ring.
+        self.reconnects = 0
 
     async def start(self) -> EventStream:
         self._session = aiohttp.ClientSession(
@@ -244,15 +246,39 @@ class EventStream:
         return self
 
     async def _follow(self) -> None:
+        """Follow the stream; when hive cuts it off (this process fell ``events_queue`` events
+        behind, as it can while it sends hundreds of spawns on a 2-core machine), reconnect
+        with ``Last-Event-ID`` and resume from hive's ring, so no event is lost."""
         assert self._session is not None
-        async with self._session.get(f"{self.hive.url}/v1/events") as response:
-            response.raise_for_status()
-            self._connected.set()
-            parser = SSEParser()
-            async for raw in response.content:
-                for event in parser.feed(raw):
-                    if event.event == "worker" and event.data:
-                        self._deliver(Received(time.time(), json.loads(event.data)))
+        last: str | None = None
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                async with self._session.get(
+                    f"{self.hive.url}/v1/events", headers=headers
+                ) as response:
+                    response.raise_for_status()
+                    self._connected.set()
+                    parser = SSEParser()
+                    async for raw in response.content:
+                        for event in parser.feed(raw):
+                            if event.id:
+                                last = event.id
+                            if event.event == "reset":
+                                return self._fail("hive's ring no longer held the events missed")
+                            if event.event == "worker" and event.data:
+                                self._deliver(Received(time.time(), json.loads(event.data)))
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            self.reconnects += 1
+            await asyncio.sleep(0.1)
+
+    def _fail(self, why: str) -> None:
+        """The stream cannot say every event any more: every wait fails, saying why."""
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_exception(RuntimeError(f"the event stream lost events: {why}"))
+        self._waiters.clear()
 
     def _deliver(self, event: Received) -> None:
         self.history.append(event)

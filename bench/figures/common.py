@@ -9,11 +9,12 @@ import os
 import shutil
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import BENCH, PYTHON, bench_env
+from benchlib import BENCH, PYTHON, bench_env, new_home
 
 # -- settings -------------------------------------------------------------------------------------
 
@@ -158,20 +159,78 @@ class Popened:
 
 async def profile(settings: Settings, pid: int, name: str, seconds: float) -> str | None:
     """Record a py-spy flame graph of ``pid`` (only with BENCH_PYSPY=DIR)."""
-    spy = shutil.which("py-spy", path=str(Path(PYTHON).parent))
-    if settings.pyspy is None or spy is None:
+    if settings.pyspy is None:
         return None
     settings.pyspy.mkdir(parents=True, exist_ok=True)
     kind = os.environ.get("BENCH_PYSPY_FORMAT", "") or "flamegraph"
     suffix = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}.get(kind, kind)
     out = settings.pyspy / f"{name}.{suffix}"
+    return str(out) if await _record(pid, out, kind, seconds) else None
+
+
+async def _record(pid: int, out: Path, kind: str, seconds: float) -> bool:
+    spy = shutil.which("py-spy", path=str(Path(PYTHON).parent))
+    if spy is None:
+        return False
     proc = await asyncio.create_subprocess_exec(
         spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
         "--rate", "250", "--nonblocking", "--format", kind, "--output", str(out),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     await proc.wait()
-    return str(out) if out.exists() else None
+    return out.exists()
+
+
+async def profile_top(pid: int, seconds: float, top: int = 6) -> list[str]:
+    """A py-spy profile of ``pid`` over ``seconds`` (in a pass of its own, so the measured
+    window is not perturbed), taken apart: where hive's busy samples went. Empty without
+    py-spy."""
+    out = new_home("pyspy") / "idle.txt"
+    if not await _record(pid, out, "raw", seconds):
+        return []
+    return top_entries(out.read_text(), top)
+
+
+def top_entries(collapsed: str, top: int) -> list[str]:
+    """From py-spy's collapsed stacks: the functions the samples were in (self), and hive's own
+    innermost frame of each sample (what in hive asked for that work), each as a share of the
+    busy samples."""
+    leaf: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        n = int(count)
+        total += n
+        leaf[_frame(frames[-1])] += n
+        mine = [f for f in frames if _in_hive(f)]
+        ours[_frame(mine[-1]) if mine else "(outside hive's code)"] += n
+    if not total:
+        return []
+
+    def share(counter: Counter[str]) -> str:
+        return "; ".join(f"{k} {100 * v / total:.0f} %" for k, v in counter.most_common(top))
+
+    return [
+        f"idle profile (py-spy, {total} busy samples at 250 Hz), self: {share(leaf)}",
+        f"idle profile, hive's innermost frame: {share(ours)}",
+    ]
+
+
+def _in_hive(frame: str) -> bool:
+    """A frame of hive's own code (``hive/...`` relative, or ``.../hive/...`` absolute)."""
+    path = frame.partition(" (")[2]
+    return (path.startswith("hive/") or "/hive/" in path) and "site-packages" not in path
+
+
+def _frame(frame: str) -> str:
+    """``write (asyncio/selector_events.py:1071)`` -> ``write (selector_events.py)``."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rpartition(":")[0]
+    return f"{name} ({Path(path).name})" if path else name
 
 
 def tiny_command(flags: str) -> str:

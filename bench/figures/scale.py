@@ -20,6 +20,7 @@ from figures.common import (
     check,
     ms,
     profile,
+    profile_top,
     tiny_command,
     unavailable,
     wait_listening,
@@ -260,12 +261,18 @@ async def _default_settings(settings: Settings, small: int, large: int) -> list[
                 _, _, failed = await spawn_many(hive, events, count - held, f"d{count}")
                 if failed:
                     notes.append(f"{failed} failed to start")
+                if events.reconnects:
+                    notes.append(
+                        f"the bench's event stream fell behind and was resumed from hive's ring "
+                        f"{events.reconnects} time(s) while it spawned"
+                    )
                 held = count
             # At rest: past the start-up, and past the load reads' back-off from every 2 s to
             # every liveness period (2 + 4 + 8 s) that follows each worker's ready.
             await asyncio.sleep(3 if settings.quick else 16)
             usage = await watch_usage({"hive": psutil.Process(hive.pid)}, settings.idle_seconds)
             flame = await profile(settings, hive.pid, f"idle-{count}", settings.idle_seconds)
+            top = await profile_top(hive.pid, settings.idle_seconds)
             figures.append(
                 idle_figure(
                     f"idle CPU of hive, {count} workers, default settings",
@@ -279,7 +286,8 @@ async def _default_settings(settings: Settings, small: int, large: int) -> list[
                         f"% of one core over {usage['hive']['window_s']:g} s idle; liveness "
                         "probes and load reads (/slots) at their defaults",
                         *notes,
-                        *([f"py-spy profile (taken apart): {flame}"] if flame else []),
+                        *top,
+                        *([f"py-spy flame graph: {flame}"] if flame else []),
                     ],
                 )
             )
