@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from hive.config import BackendConfig
 from hive.connections import Connections, HttpError
 from hive.load import Load, LoadError, parse
+from hive.timeouts import sleep_to_tick
 
 #: Seconds a probe or load read waits for its answer.
 _TIMEOUT = 2.0
@@ -106,7 +107,7 @@ class Prober:
         failures = 0
         period = backend.liveness_period
         while True:
-            await asyncio.sleep(period)
+            await sleep_to_tick(period)
             if proven_within(period * 1.5):  # a proof as old as one period, give or take
                 failures = 0
                 continue
@@ -229,4 +230,4 @@ class WorkerProbes:
                 moving = load != last or load.in_flight > 0
                 wait = fastest if moving else min(wait * 2, slowest)
                 last = load
-            await asyncio.sleep(wait)
+            await sleep_to_tick(wait)

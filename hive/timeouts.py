@@ -3,15 +3,32 @@
 ``asyncio.wait_for`` on Python 3.11 can lose a cancellation that arrives while its inner wait
 finishes, and a task blocked that way holds hive's shutdown for ever. :func:`within` waits with
 ``asyncio.wait`` instead, which never swallows the caller's cancellation.
+
+:func:`sleep_to_tick` is the sleep of the periodic per-worker work (liveness probes, load
+reads): it ends on the next whole ``TICK`` of the loop's clock at or after the delay, so the
+probes of hundreds of workers that fall due within one tick wake the loop once, together, and
+their answers come back in a few loop passes, instead of each worker waking it on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+#: Seconds on whose whole multiples the periodic per-worker work wakes.
+TICK = 0.5
+
+
+async def sleep_to_tick(delay: float, tick: float = TICK) -> None:
+    """Sleep ``delay`` seconds, and on to the next whole ``tick`` of the loop's clock (so at
+    most ``tick`` longer)."""
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    await asyncio.sleep(math.ceil((now + delay) / tick) * tick - now)
 
 
 async def within(awaitable: Awaitable[T], timeout: float | None) -> asyncio.Future[T] | None:
