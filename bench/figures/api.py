@@ -93,9 +93,10 @@ async def figures_api(settings: Settings, popened: Popened) -> list[Figure]:
 
         auth = f"Authorization: Bearer {hive.token}"
         cases = [
-            ("5a", f"list {total} records: GET /v1/workers", "GET", "/v1/workers", "", None),
+            # The targets are shares of the bare handler's rate in the same run.
+            ("5a", f"list {total} records: GET /v1/workers", "GET", "/v1/workers", "", 0.40),
             ("5b", "get one record: GET /v1/workers/{id}", "GET", "/v1/workers/hb", "", None),
-            ("5c", "heartbeat: POST .../heartbeat", "POST", "/v1/workers/hb/heartbeat", beat, 2000),
+            ("5c", "heartbeat: POST .../heartbeat", "POST", "/v1/workers/hb/heartbeat", beat, 0.75),
         ]
         figures = []
         for key, title, method, path, body, target in cases:
@@ -117,8 +118,8 @@ async def figures_api(settings: Settings, popened: Popened) -> list[Figure]:
                 "req/s",
                 {"value": ours["rate"], "n": ours["requests"]},
                 {"bare aiohttp": {"value": bare["rate"], "n": bare["requests"]}},
-                target=f">= {target} req/s" if target else "(none)",
-                met=check(ours["rate"], ">=", target) if target else None,
+                target=f">= {target:.0%} of bare aiohttp" if target else "(none)",
+                met=check(ours["rate"], ">=", target * bare["rate"]) if target else None,
                 stat="value",
                 notes=[f"{conns} keep-alive connections, {seconds:g} s, load generator in its "
                        "own process"],
