@@ -50,7 +50,8 @@ class Supervisor:
     """Spawns, stops, restarts and deletes workers; one :class:`WorkerRun` per worker.
 
     About 400 lines: the request API and adoption, each a few lines over the policies it calls;
-    a spawn's crash-safe order (intent, process, pid, undo) reads best in one place, and so do
+    a spawn's crash-safe order (intent on disk, then the process, then the answer; the pid in
+    the journal's next write) reads best in one place, and so do
     the two moves of a replacement that touch runs (a successor promoted to its worker's id, a
     worker restarted in place under a new request). The replacement itself lives in
     :mod:`hive.reconcile`.

@@ -24,11 +24,13 @@ TICK = 0.5
 
 
 async def sleep_to_tick(delay: float, tick: float = TICK) -> None:
-    """Sleep ``delay`` seconds, and on to the next whole ``tick`` of the loop's clock (so at
-    most ``tick`` longer)."""
+    """Sleep ``delay`` seconds, and on to the next whole ``tick`` of the loop's clock: at most
+    ``tick`` longer, and never more than twice ``delay`` (a period shorter than the tick is
+    its own tick)."""
     loop = asyncio.get_running_loop()
     now = loop.time()
-    await asyncio.sleep(math.ceil((now + delay) / tick) * tick - now)
+    tick = min(tick, delay)
+    await asyncio.sleep(math.ceil((now + delay) / tick) * tick - now if tick > 0 else 0)
 
 
 async def within(awaitable: Awaitable[T], timeout: float | None) -> asyncio.Future[T] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from hive.devices.placement import Placer
 from hive.logs import MARKER, Logs
 from hive.models import WORKER_ID_PATTERN, WORKER_KEY_PATTERN, Heartbeat, SpawnRequest
 from hive.registry import Registry
+from hive.timeouts import sleep_to_tick
 from hive.usage import Usage
 from hive.validation import field_errors
 
@@ -270,3 +273,42 @@ async def test_figures_are_refreshed_only_while_someone_reads_them() -> None:
         assert usage._watched() and usage._wake.is_set()  # refreshed now, then every interval
     finally:
         await usage.close()
+
+
+# -- the probes' tick --------------------------------------------------------------------------
+
+
+async def test_probes_due_in_one_tick_wake_together() -> None:
+    # Twenty probe loops that began 5 ms apart just after a tick, each sleeping its period of
+    # 0.6 s: all are due within the same later tick, so they wake in one loop pass, on that
+    # tick, and none before its period has passed (on their own, each 5 ms after the last).
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    await asyncio.sleep(math.ceil(now / 0.5) * 0.5 - now + 0.001)
+    woke: list[tuple[float, float]] = []
+
+    async def probe(begun: float) -> None:
+        await sleep_to_tick(0.6, tick=0.5)
+        woke.append((begun, loop.time()))
+
+    tasks = []
+    for _ in range(20):
+        tasks.append(asyncio.create_task(probe(loop.time())))
+        await asyncio.sleep(0.005)
+    await asyncio.gather(*tasks)
+    begun = sorted(b for b, _ in woke)
+    assert begun[-1] - begun[0] < 0.39, "the loop was too slow to start them within one tick"
+    assert all(at >= b + 0.6 for b, at in woke)
+    times = sorted(at for _, at in woke)
+    assert times[-1] - times[0] < 0.005, times
+
+
+async def test_a_period_shorter_than_the_tick_is_not_stretched_to_it() -> None:
+    # Begun just after a tick: stretched to the half-second tick it would sleep ~0.5 s; as its
+    # own tick, at most twice its period.
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    await asyncio.sleep(math.ceil(now / 0.5) * 0.5 - now + 0.001)
+    begun = loop.time()
+    await sleep_to_tick(0.05, tick=0.5)
+    assert 0.05 <= loop.time() - begun < 0.25

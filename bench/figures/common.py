@@ -181,11 +181,16 @@ async def _record(pid: int, out: Path, kind: str, seconds: float) -> bool:
     return out.exists()
 
 
-async def profile_top(pid: int, seconds: float, top: int = 6) -> list[str]:
+async def profile_top(
+    settings: Settings, pid: int, name: str, seconds: float, top: int = 6
+) -> list[str]:
     """A py-spy profile of ``pid`` over ``seconds`` (in a pass of its own, so the measured
-    window is not perturbed), taken apart: where hive's busy samples went. Empty without
-    py-spy."""
-    out = new_home("pyspy") / "idle.txt"
+    window is not perturbed), taken apart: where hive's busy samples went. Its collapsed
+    stacks are kept as ``<name>.txt`` in BENCH_PYSPY's directory when one is given. Empty
+    without py-spy."""
+    if settings.pyspy is not None:
+        settings.pyspy.mkdir(parents=True, exist_ok=True)
+    out = (settings.pyspy or new_home("pyspy")) / f"{name}.txt"
     if not await _record(pid, out, "raw", seconds):
         return []
     return top_entries(out.read_text(), top)

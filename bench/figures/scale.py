@@ -19,7 +19,6 @@ from figures.common import (
     Settings,
     check,
     ms,
-    profile,
     profile_top,
     tiny_command,
     unavailable,
@@ -271,8 +270,7 @@ async def _default_settings(settings: Settings, small: int, large: int) -> list[
             # every liveness period (2 + 4 + 8 s) that follows each worker's ready.
             await asyncio.sleep(3 if settings.quick else 16)
             usage = await watch_usage({"hive": psutil.Process(hive.pid)}, settings.idle_seconds)
-            flame = await profile(settings, hive.pid, f"idle-{count}", settings.idle_seconds)
-            top = await profile_top(hive.pid, settings.idle_seconds)
+            top = await profile_top(settings, hive.pid, f"idle-{count}", settings.idle_seconds)
             figures.append(
                 idle_figure(
                     f"idle CPU of hive, {count} workers, default settings",
@@ -287,7 +285,6 @@ async def _default_settings(settings: Settings, small: int, large: int) -> list[
                         "probes and load reads (/slots) at their defaults",
                         *notes,
                         *top,
-                        *([f"py-spy flame graph: {flame}"] if flame else []),
                     ],
                 )
             )
