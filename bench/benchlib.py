@@ -32,7 +32,7 @@ from harness.daemon import Hive
 from harness.env import isolated_env
 from harness.net import port_block
 from harness.procs import Tag, tagged_processes
-from hive.sse import SSEParser
+from hive.client.sse import SSEParser
 
 BENCH = ROOT / "bench"
 PYTHON = sys.executable

@@ -56,7 +56,8 @@ def default_config_path() -> Path:
 
 
 class LoadConfig(BaseModel):
-    """Where an engine says how many requests it runs, and how to read it (:mod:`hive.load`)."""
+    """Where an engine says how many requests it runs, and how to read it
+    (:mod:`hive.workers.engine_load`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -332,7 +333,8 @@ class Config(BaseModel):
     backends: dict[str, BackendConfig] = {}
     routers: list[RouterConfig] = []
     #: Declared workers (spawn requests with an ``id``): started at boot, kept, and reconciled
-    #: on SIGHUP (:mod:`hive.declared`). Validated when hive reads them, with the file's name.
+    #: on SIGHUP (:mod:`hive.desired.declared`). Validated when hive reads them, with the
+    #: file's name.
     workers: list[dict[str, Any]] = []
     #: A directory of TOML files of more ``[[workers]]``; relative to the config file's
     #: directory. Default: ``workers.d`` beside the config file.

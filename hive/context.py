@@ -10,20 +10,20 @@ from typing import TYPE_CHECKING
 
 from hive import __version__
 from hive.config import Config
+from hive.desired.reconcile import Reconciler
 from hive.devices.cpu import CpuNode
 from hive.devices.gpu import GpuMonitor
 from hive.devices.placement import Placer
-from hive.events import EventHub
-from hive.logs import Logs
-from hive.metrics import Metrics
-from hive.reconcile import Reconciler
-from hive.registry import Registry, now
-from hive.supervisor import Supervisor
-from hive.usage import Usage
+from hive.state.events import EventHub
+from hive.state.metrics import Metrics
+from hive.state.registry import Registry, now
+from hive.workers.logs import Logs
+from hive.workers.supervisor import Supervisor
+from hive.workers.usage import Usage
 
 if TYPE_CHECKING:  # the API imports this module: no cycle at run time
     from hive.api.guard import ConnectionGuard
-    from hive.fleet import Fleet
+    from hive.desired.fleet import Fleet
 
 
 @dataclass

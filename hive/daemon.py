@@ -28,29 +28,28 @@ from typing import Any
 
 from aiohttp import web
 
-from hive import views
-from hive.api import create_app
+from hive.api import create_app, views
 from hive.api.guard import ConnectionGuard
 from hive.api.keys import CONTEXT
 from hive.config import Config, ConfigError
-from hive.containment import Cgroups
-from hive.containment import choose as choose_containment
 from hive.context import Context
+from hive.desired.fleet import Fleet
+from hive.desired.reconcile import DeclaredFiles, Reconciler
 from hive.devices import cpu
 from hive.devices.gpu import GpuMonitor
 from hive.devices.placement import Placer
-from hive.events import EventHub
-from hive.fleet import Fleet
-from hive.journal import Journal
-from hive.logs import Logs
-from hive.metrics import Metrics
+from hive.host.containment import Cgroups
+from hive.host.containment import choose as choose_containment
+from hive.host.notify import Notifier
 from hive.models import State
-from hive.notify import Notifier
-from hive.reconcile import DeclaredFiles, Reconciler
-from hive.registry import Change, Registry
-from hive.router_sync import RouterSync
-from hive.supervisor import Supervisor
-from hive.usage import Usage
+from hive.state.events import EventHub
+from hive.state.journal import Journal
+from hive.state.metrics import Metrics
+from hive.state.registry import Change, Registry
+from hive.upstream.router_sync import RouterSync
+from hive.workers.logs import Logs
+from hive.workers.supervisor import Supervisor
+from hive.workers.usage import Usage
 
 log = logging.getLogger("hive")
 

@@ -7,6 +7,7 @@ them, and the OpenAPI document is generated from them.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -387,66 +388,6 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-# -- query strings -------------------------------------------------------------------------------
-
-
-class ListQuery(BaseModel):
-    """``GET /v1/workers?state=&model=&device=&label=key=value``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    state: State | None = None
-    model: str | None = None
-    device: str | None = None
-    label: list[str] = Field(
-        default=[], json_schema_extra={"items": {"type": "string", "pattern": "^[^=]+="}}
-    )
-
-    @field_validator("label")
-    @classmethod
-    def _pairs(cls, labels: list[str]) -> list[str]:
-        for label in labels:
-            if "=" not in label:
-                raise ValueError(f"{label!r} must be key=value")
-        return labels
-
-    def labels(self) -> dict[str, str]:
-        return dict(item.split("=", 1) for item in self.label)
-
-
-class SpawnQuery(BaseModel):
-    """``POST /v1/workers?wait=ready&timeout=S``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    wait: Literal["ready"] | None = None
-    timeout: Annotated[float, Field(gt=0, le=86400)] = 600.0
-
-
-class StopQuery(BaseModel):
-    """``POST /v1/workers/{id}/stop?timeout=S&wait=true``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    timeout: Annotated[float, Field(ge=0, le=86400)] | None = None
-    wait: bool = False
-
-
-class EventsQuery(BaseModel):
-    """Query of ``GET /v1/events``; the ``Last-Event-ID`` header takes precedence."""
-
-    last_event_id: Annotated[int, Field(ge=0)] | None = None
-
-
-class LogsQuery(BaseModel):
-    """``GET /v1/workers/{id}/logs?tail=N&follow=true``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tail: Annotated[int, Field(ge=0, le=1_000_000)] = 100
-    follow: bool = False
-
-
 def _replace_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for name, info in SpawnRequest.model_fields.items():
@@ -470,19 +411,6 @@ class _Changes(BaseModel):
 ReplaceRequest: type[_Changes] = create_model(  # type: ignore[call-overload]
     "ReplaceRequest", __base__=_Changes, **_replace_fields()
 )
-
-
-class ReplaceQuery(BaseModel):
-    """``POST /v1/workers/{id}/replace?in_place=false&timeout=S``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    #: Stop the old worker first and start the successor on what it freed (a gap in serving):
-    #: for a successor that needs the old worker's GPUs or its pinned port.
-    in_place: bool = False
-    #: How long the successor has to become ready (and registered) before the replacement is
-    #: abandoned and the old worker kept.
-    timeout: Annotated[float, Field(gt=0, le=86400)] = 1800.0
 
 
 class DeclaredWorker(SpawnRequest):
@@ -532,3 +460,24 @@ class ApplyResult(BaseModel):
 
     items: list[PlanItem]
     dry_run: bool
+
+
+# -- what hive keeps beside a record ------------------------------------------------------------
+
+
+#: What starts each line hive itself writes into a worker's log (``--- hive: <time> <text>``).
+MARKER = "--- hive: "
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A record with what hive keeps about it but never shows: the request and its token."""
+
+    record: Worker
+    spec: SpawnRequest
+    token: str
+
+
+def holds_resources(record: Worker) -> bool:
+    """A worker keeps its port and devices while it runs or while a restart is due."""
+    return record.state in LIVE_STATES or record.next_restart_at is not None

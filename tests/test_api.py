@@ -15,7 +15,7 @@ from hivetest import TAG, Hive
 from harness.net import port_in_use
 from harness.procs import tagged_processes
 from harness.waits import async_wait_for
-from hive.logs import MARKER
+from hive.models import MARKER
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -152,7 +152,7 @@ def test_tcp_with_and_without_token(hive: Hive) -> None:
 
 
 def test_every_flag_has_help_and_serve_offers_no_client_options() -> None:
-    from hive.cli import build_parser
+    from hive.cli.main import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

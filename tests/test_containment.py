@@ -20,7 +20,7 @@ import pytest
 from hivetest import Hive, record, running_hive, spawn_ready
 
 from harness.waits import async_wait_for, wait_for
-from hive.containment import Cgroups, instance_of
+from hive.host.containment import Cgroups, instance_of
 
 WORKERS = Path(__file__).parent / "workers"
 

@@ -15,9 +15,9 @@ import pytest
 from hivetest import Hive, running_hive
 
 from harness.waits import async_wait_for
-from hive.events import EventHub
 from hive.models import SpawnRequest
-from hive.registry import Registry
+from hive.state.events import EventHub
+from hive.state.registry import Registry
 
 pytestmark = pytest.mark.timeout(120)
 

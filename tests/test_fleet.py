@@ -20,7 +20,7 @@ from test_router import Router, in_router, router_config
 
 from harness.etcd import EtcdServer, etcd_path
 from harness.waits import async_wait_for
-from hive.etcd import Etcd
+from hive.desired.etcd import Etcd
 
 pytestmark = [
     pytest.mark.timeout(240),

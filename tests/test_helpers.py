@@ -15,17 +15,17 @@ from hive.addresses import connect_host, http_url
 from hive.api.middleware import validation_message
 from hive.api.openapi import build_openapi
 from hive.api.routes import operations
-from hive.cli import build_parser, main
+from hive.cli.main import build_parser, main
 from hive.config import Config, ConfigError, parse_config
 from hive.devices.cpu import parse_cpulist
 from hive.devices.gpu import GpuSnapshot
 from hive.devices.placement import Placer
-from hive.logs import MARKER, Logs
-from hive.models import WORKER_ID_PATTERN, WORKER_KEY_PATTERN, Heartbeat, SpawnRequest
-from hive.registry import Registry
+from hive.models import MARKER, WORKER_ID_PATTERN, WORKER_KEY_PATTERN, Heartbeat, SpawnRequest
+from hive.state.registry import Registry
 from hive.timeouts import sleep_to_tick
-from hive.usage import Usage
 from hive.validation import field_errors
+from hive.workers.logs import Logs
+from hive.workers.usage import Usage
 
 # -- the worker-id pattern -----------------------------------------------------------------------
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-import hive.journal
+import hive.state.journal
 from harness.disk import CannotMount, fill, tmpfs
 from harness.waits import async_wait_for
-from hive.journal import Journal, JournalError
 from hive.models import SpawnRequest, Worker
-from hive.registry import Registry
+from hive.state.journal import Journal, JournalError
+from hive.state.registry import Registry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -149,7 +149,7 @@ async def test_short_writes_are_resumed_until_the_whole_journal_is_written(
         calls.append(len(data))
         return real_write(fd, bytes(data[:7]))  # as a signal or a quota may cut a write short
 
-    monkeypatch.setattr(hive.journal.os, "write", short_write)
+    monkeypatch.setattr(hive.state.journal.os, "write", short_write)
     path = tmp_path / "journal.json"
     registry = Registry()
     for worker_id in ("a", "b", "c"):
@@ -222,7 +222,7 @@ async def test_a_failed_step_leaves_the_old_journal_and_no_temporary_file(
         await journal.flush()  # journal.json: a, b; journal.json.1: a
         before = {name: (tmp_path / name).read_bytes() for name in files(tmp_path)}
 
-        monkeypatch.setattr(hive.journal.os, call, failing(call, lambda n: n == nth))
+        monkeypatch.setattr(hive.state.journal.os, call, failing(call, lambda n: n == nth))
         add(registry, "c")
         with pytest.raises(JournalError) as refused:
             await journal.flush()
@@ -242,7 +242,7 @@ async def test_a_failing_journal_tries_again_by_itself_and_logs_once_each_way(
     path = tmp_path / "journal.json"
     registry = Registry()
     add(registry, "a")
-    monkeypatch.setattr(hive.journal.os, "fsync", failing("fsync", lambda n: n <= 4))
+    monkeypatch.setattr(hive.state.journal.os, "fsync", failing("fsync", lambda n: n <= 4))
     journal = Journal(path, registry)
     journal.retry_interval = 0.01
     journal.start()
@@ -281,7 +281,7 @@ async def test_a_failed_write_refuses_only_the_changes_it_was_to_hold(
         return real_write(fd, data)
 
     async with writing(path, registry) as journal:
-        monkeypatch.setattr(hive.journal.os, "write", write)
+        monkeypatch.setattr(hive.state.journal.os, "write", write)
         add(registry, "a")
         in_failing_write = asyncio.create_task(journal.flush())
         await asyncio.to_thread(entered.wait, 10)
@@ -304,7 +304,7 @@ async def test_close_reports_a_failed_last_write_without_raising(
     journal = Journal(path, registry)
     journal.start()
     await journal.flush()
-    monkeypatch.setattr(hive.journal.os, "fsync", failing("fsync", lambda n: True))
+    monkeypatch.setattr(hive.state.journal.os, "fsync", failing("fsync", lambda n: True))
     add(registry, "b")
     await journal.close()  # the rest of hive's shutdown must still happen
     assert not journal.healthy and journal.last_error == f"cannot write {path}: fsync: {EIO}"
@@ -348,7 +348,7 @@ async def test_a_crash_at_any_step_of_a_write_leaves_complete_journals(
         return call
 
     for name in ("write", "fsync", "link", "replace"):
-        monkeypatch.setattr(hive.journal.os, name, crashing(name))
+        monkeypatch.setattr(hive.state.journal.os, name, crashing(name))
     add(registry, "c")
     with pytest.raises(Crash):
         await Journal(path, registry).close()
@@ -371,13 +371,13 @@ async def test_a_crash_at_any_step_of_a_write_leaves_complete_journals(
 async def test_without_hard_links_the_previous_generation_is_kept_by_renaming(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hive.journal.os, "link", failing("link", lambda n: True, errno.EPERM))
+    monkeypatch.setattr(hive.state.journal.os, "link", failing("link", lambda n: True, errno.EPERM))
     path = tmp_path / "journal.json"
     first, second, third = await generations(path, ["a"], ["a", "b"], ["a", "b", "c"])
     assert path.read_bytes() == third and (tmp_path / "journal.json.1").read_bytes() == second
 
     # journal.json went to .1 and the rename of the new one fails: it is put back.
-    monkeypatch.setattr(hive.journal.os, "replace", failing("replace", lambda n: n == 2))
+    monkeypatch.setattr(hive.state.journal.os, "replace", failing("replace", lambda n: n == 2))
     registry = Registry()
     add(registry, "z")
     journal = Journal(path, registry)

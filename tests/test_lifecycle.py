@@ -20,20 +20,20 @@ from hivetest import TAG
 
 from harness.net import free_port
 from harness.waits import async_wait_for
-from hive.adoption import GONE_ERROR, plan, reattach
 from hive.config import BackendConfig, Config
-from hive.containment import choose
 from hive.devices import cpu
 from hive.devices.placement import Placer
-from hive.journal import Saved
-from hive.lifecycle import Deps, WorkerRun
-from hive.logs import Logs
+from hive.host.containment import choose
+from hive.host.process import Spawner, start_time
 from hive.models import SpawnRequest, State, Worker
-from hive.ports import PortPool
-from hive.probes import Prober
-from hive.process import Spawner, start_time
-from hive.registry import Registry, now
-from hive.reservations import Reservations
+from hive.state.journal import Saved
+from hive.state.registry import Registry, now
+from hive.workers.adoption import GONE_ERROR, plan, reattach
+from hive.workers.logs import Logs
+from hive.workers.ports import PortPool
+from hive.workers.probes import Prober
+from hive.workers.reservations import Reservations
+from hive.workers.run import Deps, WorkerRun
 
 PY = sys.executable
 #: A worker that serves a health page on its port (the directory listing of /).

@@ -26,7 +26,7 @@ from test_router import Router, router_config
 
 from harness.procs import tagged_processes
 from harness.waits import async_wait_for
-from hive.logs import MARKER
+from hive.models import MARKER
 
 LLAMA_SERVER = os.environ.get("HIVE_LLAMA_SERVER", "")
 

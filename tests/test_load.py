@@ -11,10 +11,10 @@ import pytest
 from test_policies import record
 
 from hive.config import BackendConfig, Config, ConfigError, LoadConfig, parse_config
-from hive.launch import build_launch, memory_fraction
-from hive.load import Load, LoadError, parse
-from hive.models import SpawnRequest, State, Worker
-from hive.registry import Entry, Registry
+from hive.models import Entry, SpawnRequest, State, Worker
+from hive.state.registry import Registry
+from hive.workers.engine_load import Load, LoadError, parse
+from hive.workers.launch import build_launch, memory_fraction
 
 LLAMA = LoadConfig(path="/slots", format="llama-server")
 SGLANG = LoadConfig(path="/v1/loads?include=core", format="sglang")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hive.notify import Notifier
+from hive.host.notify import Notifier
 
 WATCHDOG_USEC = 200_000  # pings every 0.1 s
 

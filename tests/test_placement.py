@@ -12,8 +12,8 @@ from hive.devices.cpu import CpuNode
 from hive.devices.gpu import GpuInfo, GpuProcessInfo, GpuSnapshot
 from hive.devices.placement import Placer
 from hive.errors import NoCapacity
-from hive.models import SpawnRequest, State, Worker
-from hive.registry import Entry, now
+from hive.models import Entry, SpawnRequest, State, Worker
+from hive.state.registry import now
 
 NODES = [CpuNode("CPU-0", 0, (0, 1, 2, 3)), CpuNode("CPU-1", 1, (4, 5, 6, 7))]
 OPTIONAL = BackendConfig(command=["x"], gpu="optional")

@@ -11,12 +11,12 @@ import pytest
 
 from hive.config import BackendConfig, Config
 from hive.errors import NoCapacity
-from hive.launch import SCRUBBED_ENV, build_launch
-from hive.models import SpawnRequest, State, Worker
-from hive.ports import PortPool, ephemeral_overlap
-from hive.process import port_is_free
-from hive.registry import Entry, Figures, IllegalTransition, Registry, now
-from hive.restart import Backoff, Outcome, next_delay
+from hive.host.process import port_is_free
+from hive.models import Entry, SpawnRequest, State, Worker
+from hive.state.registry import Figures, IllegalTransition, Registry, now
+from hive.workers.launch import SCRUBBED_ENV, build_launch
+from hive.workers.ports import PortPool, ephemeral_overlap
+from hive.workers.restart import Backoff, Outcome, next_delay
 
 
 def record(**fields: Any) -> Worker:

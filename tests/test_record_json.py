@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hive.api.record_json import RecordJson
 from hive.models import SpawnRequest, State, Worker, WorkerList
-from hive.registry import Registry
+from hive.state.registry import Registry
 
 
 def add(reg: Registry, worker_id: str) -> Worker:

@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pydantic import ValidationError
 
 from hive.models import SpawnRequest, State, Worker
-from hive.registry import (
+from hive.state.registry import (
     Change,
     DuplicateWorker,
     Entry,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hive.sse import SSEEvent, SSEParser
+from hive.client.sse import SSEEvent, SSEParser
 
 # What hive writes (hive/events.py and the reset in hive/api/routes.py), with a keep-alive.
 WIRE = (

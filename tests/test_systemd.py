@@ -23,7 +23,7 @@ from hive.config import (
     load_config,
     parse_config,
 )
-from hive.declared import parse_workers
+from hive.desired.declared import parse_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"

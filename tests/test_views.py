@@ -10,13 +10,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+from hive.api.views import device_summary, devices_view, node_view, workers_by_gpu
 from hive.config import Config
 from hive.context import Context
 from hive.devices.cpu import CpuNode
 from hive.devices.gpu import GpuInfo, GpuSnapshot
 from hive.models import SpawnRequest, State, Worker
-from hive.registry import Registry
-from hive.views import device_summary, devices_view, node_view, workers_by_gpu
+from hive.state.registry import Registry
 
 UUID0 = "GPU-00000000-0000-0000-0000-000000000000"
 UUID1 = "GPU-00000000-0000-0000-0000-000000000001"

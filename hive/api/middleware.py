@@ -24,7 +24,7 @@ from hive.api.keys import CONTEXT
 from hive.api.session import SESSION_COOKIE, session_value
 from hive.errors import Conflict, Forbidden, HiveError, Invalid, NotFound, Unauthorized
 from hive.models import ErrorBody, ErrorCode, ErrorDetail
-from hive.registry import DuplicateWorker, IllegalTransition, UnknownWorker
+from hive.state.registry import DuplicateWorker, IllegalTransition, UnknownWorker
 from hive.validation import field_errors
 
 log = logging.getLogger("hive.api")

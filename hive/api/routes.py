@@ -17,33 +17,35 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from hive import views
+from hive.api import views
 from hive.api.keys import CONTEXT, RECORD_JSON
 from hive.api.openapi import Operation, build_openapi
+from hive.api.queries import (
+    EventsQuery,
+    ListQuery,
+    LogsQuery,
+    ReplaceQuery,
+    SpawnQuery,
+    StopQuery,
+)
 from hive.context import Context
-from hive.declared import APPLY_SOURCE, DeclarationError, parse_workers
+from hive.desired.declared import APPLY_SOURCE, DeclarationError, parse_workers
 from hive.errors import BadRequest, Conflict, Invalid
-from hive.events import SSE_HEADERS, drop, limit_send_buffer
-from hive.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hive.models import (
     ApplyRequest,
     ApplyResult,
     Devices,
-    EventsQuery,
     Health,
     Heartbeat,
-    ListQuery,
-    LogsQuery,
     Node,
-    ReplaceQuery,
     ReplaceRequest,
-    SpawnQuery,
     SpawnRequest,
     State,
-    StopQuery,
     Worker,
     WorkerList,
 )
+from hive.state.events import SSE_HEADERS, drop, limit_send_buffer
+from hive.state.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -20,8 +20,7 @@ from hive.config import BackendConfig
 from hive.devices.cpu import CpuNode
 from hive.devices.gpu import GpuInfo, GpuSnapshot
 from hive.errors import NoCapacity
-from hive.models import LIVE_STATES, SpawnRequest, Worker
-from hive.registry import Entry
+from hive.models import Entry, SpawnRequest, holds_resources
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +30,6 @@ class Placement:
     device: str
     cpus: list[int]
     gpus: list[str]
-
-
-def holds_resources(record: Worker) -> bool:
-    """A worker keeps its port and devices while it runs or while a restart is due."""
-    return record.state in LIVE_STATES or record.next_restart_at is not None
 
 
 def _cores(cores: list[int] | tuple[int, ...]) -> str:

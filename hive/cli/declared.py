@@ -1,0 +1,162 @@
+"""``hive apply``, ``hive diff`` and ``hive replace``: changing what runs, from files or flags.
+
+``apply`` and ``diff`` read TOML files of ``[[workers]]`` tables (or every ``*.toml`` of a
+directory) and check them here first, so that a bad file is a usage error naming the file, the
+worker and the field, and costs no request. hive checks them again and plans the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from hive.cli.args import FAILED, OK, UsageError, _cpus, _pair, _positive, print_json
+from hive.client import HiveClient
+from hive.desired.declared import DeclarationError, read_paths
+from hive.models import ApplyResult, PlanItem, ReplaceRequest
+from hive.validation import field_errors
+
+Command = Callable[..., argparse.ArgumentParser]
+
+
+def add_commands(command: Command, json_help: str) -> None:
+    """The parsers of ``apply``, ``diff`` and ``replace``."""
+    for name, help in (
+        ("apply", "make the workers match files of declared workers"),
+        ("diff", "show what hive apply would do, changing nothing"),
+    ):
+        p = command(name, help)
+        p.add_argument(
+            "-f",
+            "--file",
+            dest="files",
+            action="append",
+            required=True,
+            type=Path,
+            metavar="FILE|DIR",
+            help="a TOML file of [[workers]], or a directory of them (repeat)",
+        )
+        p.add_argument("--prune", action="store_true", help="stop and remove undeclared workers")
+        p.add_argument("--json", action="store_true", help=json_help)
+
+    p = command("replace", "replace a worker by one with these changes, without a gap")
+    p.add_argument("id", help="the worker's id (it keeps it)")
+    p.add_argument("--model", help="a new model")
+    p.add_argument("--backend", help="a new backend")
+    p.add_argument("--device", help="auto, cpu, gpu, CPU-n, GPU-n or a GPU UUID")
+    p.add_argument("--gpus", type=int, metavar="N", help="how many GPUs")
+    p.add_argument("--cpus", type=_cpus, help="a count of cores, or core ids like 0-3,8")
+    p.add_argument("--gpu-memory", type=int, metavar="MIB", help="share a GPU: the MiB it may use")
+    p.add_argument(
+        "--env", type=_pair, action="append", default=[], metavar="K=V",
+        help="its environment variables, all of them (repeat)",
+    )  # fmt: skip
+    p.add_argument(
+        "--label", type=_pair, action="append", default=[], metavar="K=V",
+        help="its labels, all of them (repeat)",
+    )  # fmt: skip
+    p.add_argument("--restart", choices=["no", "on-failure", "always"], help="a new policy")
+    p.add_argument(
+        "--in-place",
+        action="store_true",
+        help="stop the old worker first (a gap): for a successor that needs its GPUs or port",
+    )
+    p.add_argument(
+        "--timeout", type=_positive, help="seconds the successor has to be ready (default 1800)"
+    )
+    p.add_argument("--json", action="store_true", help=json_help)
+
+
+def _read(files: list[Path]) -> list[dict[str, Any]]:
+    try:
+        declared = read_paths(files, lambda file: f"apply:{file}")
+    except DeclarationError as exc:
+        raise UsageError(str(exc)) from None
+    return [
+        item.spec.model_dump(mode="json", by_alias=True, exclude_unset=True) for item in declared
+    ]
+
+
+def _show(items: list[PlanItem], dry_run: bool) -> None:
+    words = {"create": "create", "replace": "replace", "unchanged": "unchanged", "prune": "prune"}
+    if dry_run:
+        words["prune"] = "would prune"
+    for item in items:
+        line = f"{words[item.action]:<11} {item.id}"
+        if item.result not in (None, "done"):
+            line += f"  FAILED: {item.result}"
+        print(line)
+        for field, (old, new) in item.changes.items():
+            print(f"              {field}: {_value(old)} -> {_value(new)}")
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.action] = counts.get(item.action, 0) + 1
+    summary = ", ".join(f"{counts[a]} {words[a]}" for a in words if a in counts)
+    print(f"{'plan' if dry_run else 'applied'}: {summary or 'nothing declared'}")
+
+
+def _value(value: Any) -> str:
+    return "(none)" if value in (None, [], {}) else repr(value)
+
+
+async def _apply(client: HiveClient, args: argparse.Namespace, dry_run: bool) -> int:
+    workers = _read(args.files)
+    source = ",".join(str(f) for f in args.files)
+    result: ApplyResult = await client.apply(
+        workers, prune=args.prune, dry_run=dry_run, source=source
+    )
+    if args.json:
+        print_json(result)
+    else:
+        _show(result.items, dry_run)
+    failed = [item for item in result.items if item.result not in (None, "done")]
+    return FAILED if failed else OK
+
+
+async def cmd_apply(client: HiveClient, args: argparse.Namespace) -> int:
+    return await _apply(client, args, dry_run=False)
+
+
+async def cmd_diff(client: HiveClient, args: argparse.Namespace) -> int:
+    return await _apply(client, args, dry_run=True)
+
+
+async def cmd_replace(client: HiveClient, args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {}
+    for key, value in (
+        ("model", args.model),
+        ("backend", args.backend),
+        ("device", args.device),
+        ("gpus", args.gpus),
+        ("cpus", args.cpus),
+        ("gpu_memory_mib", args.gpu_memory),
+        ("restart", args.restart),
+    ):
+        if value is not None:
+            changes[key] = value
+    if args.extra:
+        changes["args"] = args.extra
+    if args.env:
+        changes["env"] = dict(args.env)
+    if args.label:
+        changes["labels"] = dict(args.label)
+    try:
+        ReplaceRequest.model_validate(changes)
+    except ValidationError as exc:
+        errors = field_errors(exc, top="hive replace", model=ReplaceRequest)
+        raise UsageError("; ".join(f"{key}: {message}" for key, message in errors)) from None
+    if not changes and not args.in_place:
+        raise UsageError("name what changes (--model, --env, arguments after --...)")
+    record = await client.replace(args.id, changes, in_place=args.in_place, timeout=args.timeout)
+    if args.json:
+        print_json(record)
+    else:
+        print(
+            f"{record.id} replaced: generation {record.generation} {record.state.value} "
+            f"at {record.url} (pid {record.pid})"
+        )
+    return OK

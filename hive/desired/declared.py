@@ -1,0 +1,186 @@
+"""Declared workers: what should run here, read from files, and the plan that gets there.
+
+Workers are declared in hive's configuration (``[[workers]]``), in the files of ``workers_dir``
+(each a TOML file of ``[[workers]]`` tables), or sent by ``hive apply -f``. A declaration is a
+spawn request with a required ``id``. :func:`plan` compares a declared set with the registry:
+missing workers are created, changed ones replaced, unchanged ones left alone, and (with
+``prune``) the rest removed. :class:`hive.desired.reconcile.Reconciler` carries a plan out.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from hive.config import Config, config_dir
+from hive.models import DeclaredWorker, Entry, PlanItem, SpawnRequest
+from hive.validation import field_errors
+
+#: The ``declared`` of a worker from hive's own files (config and ``workers_dir``).
+CONFIG_SOURCE = "config:"
+APPLY_SOURCE = "apply:"
+
+
+class DeclarationError(ValueError):
+    """A declared set that cannot be used; the message names the file, the worker and the
+    field. Nothing of the set is applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """One declared worker and where it is declared (``config:<file>``, ``apply:<source>``)."""
+
+    spec: DeclaredWorker
+    source: str
+
+
+def parse_workers(items: Any, where: str, source: str) -> list[Declared]:
+    """Validate a list of worker tables; the first bad one refuses the whole list.
+
+    Errors read ``<where>: worker 'web': cpus: must be ...`` (the index when a table has no
+    usable id), so that the operator finds the line to fix.
+    """
+    if not isinstance(items, list):
+        raise DeclarationError(f"{where}: workers: must be a list of tables ([[workers]])")
+    declared: list[Declared] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        name = _name(item, index)
+        if not isinstance(item, dict):
+            raise DeclarationError(f"{where}: {name}: must be a table of spawn request fields")
+        try:
+            spec = DeclaredWorker.model_validate(item)
+        except ValidationError as exc:
+            field, message = field_errors(exc, top="(worker)", model=DeclaredWorker)[0]
+            raise DeclarationError(f"{where}: {name}: {field}: {message}") from None
+        if spec.id in seen:
+            raise DeclarationError(f"{where}: {name}: id: declared twice")
+        seen.add(spec.id)
+        declared.append(Declared(spec, source))
+    return declared
+
+
+def _name(item: Any, index: int) -> str:
+    if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]:
+        return f"worker {item['id']!r}"
+    return f"workers[{index}]"
+
+
+def workers_dir(config: Config, config_path: Path | None) -> Path:
+    """Where declaration files live: ``workers_dir``, else ``workers.d`` beside the config."""
+    if config.workers_dir is not None:
+        base = config_path.parent if config_path is not None else config_dir()
+        return base / config.workers_dir
+    return (config_path.parent if config_path is not None else config_dir()) / "workers.d"
+
+
+def read_file(path: Path, source: str) -> list[Declared]:
+    """The ``[[workers]]`` of one TOML file."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise DeclarationError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DeclarationError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {"workers"})
+    if unknown:
+        raise DeclarationError(
+            f"{path}: {unknown[0]}: unknown key (a workers file holds [[workers]] tables only)"
+        )
+    return parse_workers(data.get("workers", []), str(path), source)
+
+
+def read_paths(paths: Iterable[Path], source: Callable[[Path], str]) -> list[Declared]:
+    """Every worker of these files, and of the ``*.toml`` files of these directories (in name
+    order); an id declared in two places is an error naming both."""
+    declared: list[Declared] = []
+    where: dict[str, Path] = {}
+    for path in paths:
+        files = sorted(path.glob("*.toml")) if path.is_dir() else [path]
+        for file in files:
+            for item in read_file(file, source(file)):
+                if item.spec.id in where:
+                    raise DeclarationError(
+                        f"{file}: worker {item.spec.id!r}: id: already declared in "
+                        f"{where[item.spec.id]}"
+                    )
+                where[item.spec.id] = file
+                declared.append(item)
+    return declared
+
+
+def read_declared(config: Config, config_path: Path | None) -> list[Declared]:
+    """What hive's own files declare: ``[[workers]]`` of the config, then ``workers_dir``."""
+    name = str(config_path) if config_path is not None else "(defaults)"
+    declared = parse_workers(config.workers, name, CONFIG_SOURCE + name)
+    where = {item.spec.id: name for item in declared}
+    directory = workers_dir(config, config_path)
+    if directory.is_dir():
+        for item in read_paths([directory], lambda file: CONFIG_SOURCE + str(file)):
+            if item.spec.id in where:
+                raise DeclarationError(
+                    f"{item.source.removeprefix(CONFIG_SOURCE)}: worker {item.spec.id!r}: "
+                    f"id: already declared in {where[item.spec.id]}"
+                )
+            declared.append(item)
+    elif directory.exists():
+        raise DeclarationError(f"{directory}: workers_dir is not a directory")
+    return declared
+
+
+def check_backends(declared: Iterable[Declared], config: Config) -> None:
+    """Refuse a set that names a backend hive does not have (nothing of it is applied)."""
+    for item in declared:
+        backend = item.spec.backend or config.default_backend
+        if backend not in config.backends:
+            known = ", ".join(sorted(config.backends))
+            where = item.source.split(":", 1)[1]
+            raise DeclarationError(
+                f"{where}: worker {item.spec.id!r}: backend: no backend {backend!r} "
+                f"(configured: {known})"
+            )
+
+
+def differences(running: SpawnRequest, declared: SpawnRequest) -> dict[str, list[Any]]:
+    """The request fields that differ, ``{field: [running, declared]}`` (by their wire names)."""
+    old = running.model_dump(mode="json", by_alias=True)
+    new = declared.model_dump(mode="json", by_alias=True)
+    return {
+        key: [old.get(key), new[key]] for key in new if key != "id" and old.get(key) != new[key]
+    }
+
+
+def plan(
+    declared: Iterable[Declared],
+    entries: Mapping[str, Entry],
+    normalize: Callable[[SpawnRequest], SpawnRequest],
+    prune: Callable[[Entry], bool] | None = None,
+) -> list[PlanItem]:
+    """What applying ``declared`` to the workers in ``entries`` would do, in order: each
+    declared worker created, replaced or left alone, then each worker ``prune`` picks among the
+    undeclared (successors under way never)."""
+    items: list[PlanItem] = []
+    ids = set()
+    for item in declared:
+        spec = normalize(item.spec)
+        ids.add(spec.id)
+        entry = entries.get(spec.id or "")
+        if entry is None:
+            items.append(PlanItem(id=spec.id or "", action="create"))
+            continue
+        changes = differences(normalize(entry.spec), spec)
+        items.append(
+            PlanItem(
+                id=spec.id or "", action="replace" if changes else "unchanged", changes=changes
+            )
+        )
+    if prune is not None:
+        for worker_id, entry in entries.items():
+            if worker_id not in ids and "~" not in worker_id and prune(entry):
+                items.append(PlanItem(id=worker_id, action="prune"))
+    return items

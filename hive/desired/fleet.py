@@ -1,0 +1,298 @@
+"""This hive as a node of a fleet in etcd: a lease, its status for all to watch, and the
+workers the fleet wants on it.
+
+Keys, under ``prefix`` (``/hive`` by default), as docs/fleet-etcd.md gives them:
+
+- ``{prefix}/nodes/{node}``: the node (name, version, API URL, devices, worker counts), under
+  this hive's lease;
+- ``{prefix}/workers/{node}/{id}``: each worker record (less the figures that change with every
+  heartbeat or usage refresh), under the lease;
+- ``{prefix}/desired/{node}/{id}``: what an orchestrator wants here, one declared worker (a spawn
+  request with an ``id``) a key. Not under a lease: it outlives this hive.
+
+The lease is renewed every third of its TTL; a hive that dies leaves the fleet view when it
+expires, one that stops cleanly revokes it at once. Writes are coalesced: a record is written
+when it changes (at most every 0.1 s), and everything is compared again every 10 s. The desired
+set is read whole, then watched from the revision read; hive applies it as ``hive apply
+--prune`` would for that set alone (workers declared elsewhere are never pruned by it). While
+etcd cannot be reached nothing changes on the host: workers run on, the API answers, and
+``/v1/node`` and ``hive_fleet_connected`` say so; when it comes back the lease is granted again
+if it expired, everything is republished, and the watch resumes where it stopped (or reads the
+whole set again if etcd compacted that revision).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from hive.config import FleetConfig
+from hive.desired.declared import DeclarationError, parse_workers
+from hive.desired.etcd import Compacted, Etcd, EtcdError, delete_op, put_op
+from hive.desired.reconcile import Reconciler
+from hive.models import FleetStatus, Worker
+from hive.state.registry import Change, Registry, now
+
+log = logging.getLogger("hive.fleet")
+
+#: Record fields left out of etcd: they change with each heartbeat or usage refresh, and the
+#: node's API has them live.
+VOLATILE = frozenset(
+    {"last_heartbeat_at", "in_flight", "rss_bytes", "cpu_percent", "gpu_memory_used_mib"}
+)
+#: Source of the workers that etcd's desired set declares.
+ETCD_SOURCE = "etcd:"
+
+
+def ssl_context(config: FleetConfig) -> ssl.SSLContext | None:
+    """TLS towards etcd, from the CA and client files given (None: the system's defaults)."""
+    if config.ca_file is None and config.cert_file is None:
+        return None
+    context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+    if config.cert_file is not None:
+        context.load_cert_chain(
+            str(config.cert_file), str(config.key_file) if config.key_file else None
+        )
+    return context
+
+
+def node_name(config: FleetConfig) -> str:
+    return config.node or socket.gethostname()
+
+
+class Fleet:
+    """The lease, the publisher and the desired-state watch of one node.
+
+    About 300 lines: three loops that share one connection state (the lease they write under,
+    whether etcd answers, the revision seen), kept in one object so that a reconnect is one
+    decision, made once.
+    """
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        registry: Registry,
+        reconciler: Reconciler,
+        node_value: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.config = config
+        self.node = node_name(config)
+        self.registry = registry
+        self.reconciler = reconciler
+        self.node_value = node_value
+        self.etcd = Etcd(config.endpoints, ssl_context(config))
+        prefix = config.prefix
+        self.node_key = f"{prefix}/nodes/{self.node}"
+        self.workers_prefix = f"{prefix}/workers/{self.node}/"
+        self.desired_prefix = f"{prefix}/desired/{self.node}/"
+        self.lease: int | None = None
+        self.connected = False
+        self.error: str | None = None
+        self.since: datetime = now()
+        self.revision: int | None = None
+        self._published: dict[str, bytes] = {}  # key -> the value etcd holds from us
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._desired: dict[str, bytes] = {}
+        self._desired_changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+
+    # -- life -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._unsubscribe = self.registry.subscribe(self._on_change)
+        self._dirty.update(self.registry.ids())
+        self._tasks = [
+            asyncio.create_task(self._lease_loop(), name="hive-fleet-lease"),
+            asyncio.create_task(self._publish_loop(), name="hive-fleet-publish"),
+            asyncio.create_task(self._watch_loop(), name="hive-fleet-watch"),
+            asyncio.create_task(self._reconcile_loop(), name="hive-fleet-reconcile"),
+        ]
+        log.info("fleet: node %s in etcd at %s", self.node, ", ".join(self.config.endpoints))
+
+    async def close(self) -> None:
+        """Stop the loops and revoke the lease: this node leaves the fleet view at once."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.lease is not None:
+            with contextlib.suppress(EtcdError):
+                await self.etcd.revoke(self.lease)
+                log.info("fleet: lease revoked, node %s left the fleet", self.node)
+        await self.etcd.close()
+
+    def status(self) -> FleetStatus:
+        return FleetStatus(
+            node=self.node,
+            etcd="connected" if self.connected else "unreachable",
+            error=self.error,
+            since=self.since,
+            lease_ttl=self.config.lease_ttl,
+            desired=len(self._desired),
+        )
+
+    def _state(self, connected: bool, error: str | None = None) -> None:
+        if connected != self.connected:
+            self.since = now()
+            if connected:
+                log.info("fleet: etcd answers again")
+            else:
+                log.warning("fleet: etcd unreachable, workers keep running: %s", error)
+        self.connected, self.error = connected, error
+
+    # -- the lease -----------------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        ttl = self.config.lease_ttl
+        while True:
+            try:
+                if self.lease is None:
+                    self.lease = await self.etcd.grant(ttl)
+                    self._published.clear()  # a new lease: everything is written again
+                    self._dirty.update(self.registry.ids())
+                    self._wake.set()
+                elif await self.etcd.keepalive(self.lease) == 0:
+                    log.warning("fleet: lease %x expired; granting a new one", self.lease)
+                    self.lease = None
+                    continue
+                self._state(True)
+            except EtcdError as exc:
+                self._state(False, str(exc))
+            await asyncio.sleep(ttl / 3)
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        # Called under the registry's lock, maybe off the loop: only hand the change on.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._mark, change.id)
+
+    def _mark(self, worker_id: str) -> None:
+        self._dirty.add(worker_id)
+        self._wake.set()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 10.0)
+            self._wake.clear()
+            if self.lease is None:
+                continue
+            if not self._dirty:  # the periodic pass: compare everything
+                self._dirty.update(self.registry.ids())
+                self._dirty.update(k.removeprefix(self.workers_prefix) for k in self._published
+                                   if k.startswith(self.workers_prefix))  # fmt: skip
+            dirty, self._dirty = self._dirty, set()
+            try:
+                await self._publish(dirty)
+            except EtcdError as exc:
+                self._dirty |= dirty
+                self._state(False, str(exc))
+                await asyncio.sleep(1.0)
+                self._wake.set()
+                continue
+            except Exception:
+                log.exception("fleet: publishing failed; trying again at the next pass")
+            await asyncio.sleep(0.1)  # what changes meanwhile goes in the next write
+
+    async def _publish(self, dirty: set[str]) -> None:
+        ops: list[dict[str, Any]] = []
+        written: dict[str, bytes | None] = {}
+        node = json.dumps(self.node_value(), sort_keys=True, default=str).encode()
+        if self._published.get(self.node_key) != node:
+            ops.append(put_op(self.node_key, node.decode(), self.lease))
+            written[self.node_key] = node
+        for worker_id in sorted(dirty):
+            key = self.workers_prefix + worker_id
+            record = self._record(worker_id)
+            if record is None:
+                if key in self._published:
+                    ops.append(delete_op(key))
+                    written[key] = None
+            elif self._published.get(key) != record:
+                ops.append(put_op(key, record.decode(), self.lease))
+                written[key] = record
+        if not ops:
+            return
+        await self.etcd.txn(ops)
+        for key, value in written.items():
+            if value is None:
+                self._published.pop(key, None)
+            else:
+                self._published[key] = value
+
+    def _record(self, worker_id: str) -> bytes | None:
+        if worker_id not in self.registry:
+            return None
+        record: Worker = self.registry.get(worker_id)
+        return record.model_dump_json(exclude=set(VOLATILE)).encode()
+
+    # -- desired state -------------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                if self.revision is None:
+                    revision, kvs = await self.etcd.range(self.desired_prefix)
+                    self._desired = {k.removeprefix(self.desired_prefix): v for k, v in kvs.items()}
+                    self.revision = revision
+                    self._desired_changed.set()
+                async for events in self.etcd.watch(self.desired_prefix, self.revision + 1):
+                    for event in events:
+                        worker_id = event.key.removeprefix(self.desired_prefix)
+                        if event.kind == "delete":
+                            self._desired.pop(worker_id, None)
+                        else:
+                            self._desired[worker_id] = event.value
+                        self.revision = max(self.revision, event.revision)
+                    self._desired_changed.set()
+            except Compacted as exc:
+                log.warning("fleet: %s; reading the desired set again", exc)
+                self.revision = None
+            except EtcdError as exc:
+                self._state(False, str(exc))
+                await asyncio.sleep(1.0)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._desired_changed.wait()
+            await asyncio.sleep(0.1)  # a burst of writes is one pass
+            self._desired_changed.clear()
+            try:
+                await self._reconcile()
+            except Exception:  # a pass that failed must not end the loop: the next one retries
+                log.exception("fleet: reconciling the desired workers failed")
+
+    def _parse_desired(self) -> list[Any]:
+        items = []
+        for worker_id, raw in sorted(self._desired.items()):
+            where = self.desired_prefix + worker_id
+            try:
+                spec = json.loads(raw)
+            except ValueError:
+                raise DeclarationError(f"{where}: not valid JSON") from None
+            if isinstance(spec, dict):
+                spec.setdefault("id", worker_id)
+                if spec["id"] != worker_id:
+                    raise DeclarationError(f"{where}: id: {spec['id']!r} is not the key's")
+            items.append(spec)
+        return parse_workers(items, self.desired_prefix.rstrip("/"), f"{ETCD_SOURCE}{self.node}")
+
+    async def _reconcile(self) -> None:
+        try:
+            declared = self._parse_desired()
+            await self.reconciler.apply_set(declared, ETCD_SOURCE, "fleet: desired workers")
+        except DeclarationError as exc:
+            log.error("fleet: desired workers refused, nothing of them applied: %s", exc)

@@ -1,0 +1,299 @@
+"""Changing what runs without a gap: replacing a worker, and applying a declared set.
+
+A replacement starts a *successor* beside the worker (its id ``<id>~<generation>`` until it
+takes over), waits until it is ready and every router has registered it, then takes the old
+worker out of the routers, drains and stops it, and gives the successor the worker's id. If
+the successor fails, or the routers do not take it in time, it is removed and the old worker
+goes on untouched. ``in_place`` stops the old worker first (a gap) for a successor that needs
+what the old one holds. Applying a declared set is a :func:`hive.desired.declared.plan` carried out:
+creates, replacements, and removals of what ``prune`` picks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from hive.config import Config
+from hive.desired.declared import (
+    CONFIG_SOURCE,
+    DeclarationError,
+    Declared,
+    check_backends,
+    plan,
+    read_declared,
+)
+from hive.errors import Conflict, HiveError, Invalid, NoCapacity
+from hive.models import DOWN_STATES, LIVE_STATES, Entry, PlanItem, SpawnRequest, State, Worker
+from hive.state.registry import Registry, RegistryError
+from hive.workers.supervisor import Supervisor
+
+log = logging.getLogger("hive.reconcile")
+
+
+class Reconciler:
+    """Replacements (one at a time per worker) and applies, over the supervisor."""
+
+    def __init__(self, supervisor: Supervisor, registry: Registry) -> None:
+        self.supervisor = supervisor
+        self.registry = registry
+        self._replacing: set[str] = set()
+        self._applying = asyncio.Lock()  # one apply at a time: config, API and etcd take turns
+
+    # -- replace ---------------------------------------------------------------------------------
+
+    async def replace(
+        self, worker_id: str, spec: SpawnRequest, in_place: bool = False, timeout: float = 1800.0
+    ) -> Worker:
+        """Put a worker running ``spec`` in the place of ``worker_id``; returns its record."""
+        registry, supervisor = self.registry, self.supervisor
+        old = registry.get(worker_id)
+        if old.replacing is not None:
+            raise Invalid(f"id: {worker_id!r} is a successor; replace {old.replacing!r} instead")
+        if worker_id in self._replacing:
+            raise Conflict(f"worker {worker_id!r} is being replaced already", worker=old)
+        spec = supervisor.normalized(spec).model_copy(update={"id": worker_id})
+        supervisor.check_backend(spec)
+        self._replacing.add(worker_id)
+        try:
+            if old.state in DOWN_STATES and supervisor.is_settled(worker_id):
+                return await supervisor.respec(worker_id, spec)  # nothing runs to overlap
+            if in_place:
+                registry.replacement_progress(worker_id, "in place: stopping the old process")
+                await supervisor.stop(worker_id, wait=True)
+                return await supervisor.respec(worker_id, spec)
+            return await self._beside(old, spec, timeout)
+        finally:
+            self._replacing.discard(worker_id)
+            registry.replacement_progress(worker_id, None)
+
+    async def _beside(self, old: Worker, spec: SpawnRequest, timeout: float) -> Worker:
+        registry, supervisor = self.registry, self.supervisor
+        worker_id = old.id
+        deadline = time.monotonic() + timeout
+        try:
+            successor = await supervisor.spawn(
+                spec, declared=old.declared, successor=(worker_id, old.generation + 1)
+            )
+        except NoCapacity as exc:
+            raise NoCapacity(
+                f"{exc.message}: the successor does not fit beside {worker_id!r}; replace it in "
+                "place (in_place=true, hive replace --in-place) to stop the old one first",
+                worker=old,
+            ) from None
+        except Conflict as exc:
+            if "port" not in exc.message:
+                raise
+            raise Conflict(
+                f"{exc.message}: the successor cannot have {worker_id!r}'s port while it runs; "
+                "leave port out, or replace in place (in_place=true, hive replace --in-place)",
+                worker=old,
+            ) from None
+        new_id = successor.id
+        registry.replacement_progress(worker_id, f"{new_id} starting")
+        log.info("replacing worker %s: successor %s started", worker_id, new_id)
+        record = await registry.wait_until(
+            new_id, lambda w: w.state != State.STARTING, _left(deadline)
+        )
+        if record.state == State.STARTING:
+            return await self._abandon(worker_id, new_id, f"was not ready within {timeout:g}s")
+        if record.state not in LIVE_STATES:
+            return await self._abandon(worker_id, new_id, f"{record.state}: {record.error}")
+        routers = [r.url for r in supervisor.config.routers] if spec.register_ else []
+        if routers:
+            registry.replacement_progress(worker_id, f"{new_id} ready, registering")
+            # A router's status is a field, not a state: no change is published for it, so
+            # it is looked at every 20 ms.
+            record = registry.get(new_id)
+            while record.state in LIVE_STATES and time.monotonic() < deadline:
+                if all(record.routers.get(url) == "registered" for url in routers):
+                    break
+                await asyncio.sleep(0.02)
+                record = registry.get(new_id)
+            missing = [url for url in routers if record.routers.get(url) != "registered"]
+            if record.state not in LIVE_STATES:
+                return await self._abandon(worker_id, new_id, f"{record.state}: {record.error}")
+            if missing:
+                why = ", ".join(f"{url}: {record.routers.get(url, 'not sent')}" for url in missing)
+                return await self._abandon(worker_id, new_id, f"was not registered ({why})")
+        if worker_id not in registry or registry.get(worker_id).desired == "stopped":
+            return await self._abandon(worker_id, new_id, "is not wanted: the worker was stopped")
+        registry.replacement_progress(worker_id, f"{new_id} serving; draining the old process")
+        await supervisor.delete(worker_id, keep_log=True)  # out of the routers, drained, stopped
+        record = await supervisor.promote(new_id, worker_id)
+        log.info("worker %s replaced: generation %d serves", worker_id, record.generation)
+        return record
+
+    async def _abandon(self, worker_id: str, successor: str, why: str) -> Worker:
+        log.warning("replacement of %s abandoned: the successor %s %s", worker_id, successor, why)
+        if successor in self.registry:
+            await self.supervisor.delete(successor)
+        record = self.registry.get(worker_id) if worker_id in self.registry else None
+        raise Conflict(
+            f"replacement of {worker_id!r} abandoned: its successor {why}; "
+            f"{worker_id!r} goes on unchanged",
+            worker=record,
+        )
+
+    async def settle_interrupted(self) -> None:
+        """After a hive restart: finish or undo the replacements the last hive left half-way,
+        so that one worker serves and nothing is left over. A successor whose worker is still
+        live is removed (replace again to retry); one whose worker is gone takes its id."""
+        for record in self.registry.list():
+            if record.replacing is None:
+                continue
+            worker_id, successor = record.replacing, record.id
+            try:
+                old = self.registry.get(worker_id) if worker_id in self.registry else None
+                wanted = old is not None and (
+                    old.state in LIVE_STATES or old.next_restart_at is not None
+                )
+                if wanted or record.state not in LIVE_STATES:
+                    log.warning(
+                        "replacement of %s was cut short by a hive restart: removing %s",
+                        worker_id,
+                        successor,
+                    )
+                    await self.supervisor.delete(successor)
+                    continue
+                if old is not None:
+                    await self.supervisor.delete(worker_id, keep_log=True)
+                await self.supervisor.promote(successor, worker_id)
+                log.warning(
+                    "replacement of %s was cut short by a hive restart: %s took over",
+                    worker_id,
+                    successor,
+                )
+            except (HiveError, RegistryError) as exc:
+                log.error("cannot settle the replacement of %s: %s", worker_id, exc)
+
+    # -- apply -----------------------------------------------------------------------------------
+
+    def plan(
+        self, declared: Iterable[Declared], prune: Callable[[Entry], bool] | None = None
+    ) -> list[PlanItem]:
+        with self.registry.locked() as entries:
+            return plan(declared, dict(entries), self.supervisor.normalized, prune)
+
+    async def apply(
+        self,
+        declared: list[Declared],
+        prune: Callable[[Entry], bool] | None = None,
+        dry_run: bool = False,
+    ) -> list[PlanItem]:
+        """Make what runs match ``declared``; each item's ``result`` says how it went."""
+        check_backends(declared, self.supervisor.config)
+        if dry_run:
+            return self.plan(declared, prune)
+        async with self._applying:
+            items = self.plan(declared, prune)
+            by_id = {item.spec.id: item for item in declared}
+            results = await asyncio.gather(*(self._carry_out(i, by_id.get(i.id)) for i in items))
+        return [
+            item.model_copy(update={"result": result})
+            for item, result in zip(items, results, strict=True)
+        ]
+
+    async def apply_set(self, declared: list[Declared], source: str, what: str) -> list[PlanItem]:
+        """Apply a set that owns every worker declared from ``source`` (a prefix of their
+        ``declared``: hive's files, or etcd): what it no longer names is pruned, nothing else
+        is. Each change and a summary go to the log, as ``what``."""
+        items = await self.apply(
+            declared, prune=lambda entry: (entry.record.declared or "").startswith(source)
+        )
+        for item in items:
+            if item.action != "unchanged" or item.result != "done":
+                log.info("%s %s: %s: %s", what, item.id, item.action, item.result)
+        log.info("%s: %d declared, %s", what, len(declared), _summary(items))
+        return items
+
+    async def _carry_out(self, item: PlanItem, declared: Declared | None) -> str:
+        supervisor = self.supervisor
+        try:
+            if item.action == "create" and declared is not None:
+                await supervisor.spawn(declared.spec, declared=declared.source)
+            elif item.action == "replace" and declared is not None:
+                self.registry.set_declared(item.id, declared.source)
+                await self.replace(item.id, declared.spec)
+            elif item.action == "unchanged" and declared is not None:
+                if self.registry.get(item.id).declared != declared.source:
+                    self.registry.set_declared(item.id, declared.source)
+                    await supervisor.persist()
+            elif item.action == "prune":
+                await supervisor.delete(item.id)
+        except (HiveError, RegistryError) as exc:
+            message = exc.message if isinstance(exc, HiveError) else str(exc)
+            log.warning("apply: worker %s (%s): %s", item.id, item.action, message)
+            return message
+        return "done"
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _summary(items: list[PlanItem]) -> str:
+    counts: dict[str, int] = {}
+    for item in items:
+        key = item.action if item.result == "done" else f"{item.action} failed"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {key}" for key, n in sorted(counts.items())) or "nothing to do"
+
+
+class DeclaredFiles:
+    """hive's own files of declared workers (``[[workers]]``, ``workers_dir``), applied in the
+    background at start and after each reload: one pass at a time, and a reload during a pass
+    runs another after it. A set that does not load is refused whole, and ``refused`` hears
+    why (the daemon puts it in systemd's status line)."""
+
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        config: Callable[[], Config],
+        config_path: Path | None,
+        refused: Callable[[str], None],
+    ) -> None:
+        self.reconciler = reconciler
+        self.config = config
+        self.config_path = config_path
+        self.refused = refused
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    def request(self, first: bool = False) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.create_task(self._loop(first), name="hive-declared")
+
+    async def close(self) -> None:
+        """Stop a pass under way (what it left half-way, the next hive settles)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self, first: bool) -> None:
+        if first:
+            await self.reconciler.settle_interrupted()
+        while True:
+            self._again = False
+            await self._once()
+            if not self._again:
+                return
+
+    async def _once(self) -> None:
+        config = self.config()
+        try:
+            declared = read_declared(config, self.config_path)
+            if not declared and not any(
+                (r.declared or "").startswith(CONFIG_SOURCE)
+                for r in self.reconciler.registry.list()
+            ):
+                return  # nothing declared, now or before: nothing to do
+            await self.reconciler.apply_set(declared, CONFIG_SOURCE, "declared workers")
+        except DeclarationError as exc:
+            log.error("declared workers refused, nothing of them applied: %s", exc)
+            self.refused(f"declared workers refused: {str(exc).splitlines()[0]}")

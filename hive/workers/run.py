@@ -1,0 +1,487 @@
+"""One worker's lifecycle: the object that owns its process, from each start to its end.
+
+A :class:`WorkerRun` is to a worker what supervisord's ``Subprocess`` is to a program: it starts
+the process, watches it, and records the outcome of every attempt through the registry's named
+operations. Each attempt waits for the first of:
+
+- the process exiting (noticed through its pidfd the moment it happens),
+- the worker becoming ready (its readiness probe answers 2xx, or it heartbeats ``ready``),
+- the startup timeout, a hang (no heartbeat for ``heartbeat_timeout``), a failed liveness probe,
+- a stop request (out of the routers first, then drained, then SIGTERM and SIGKILL).
+
+Then :func:`hive.workers.restart.next_delay` says whether and when the next attempt starts. This and
+the supervisor are the only code that touches worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from hive.config import BackendConfig, Config
+from hive.errors import HiveError
+from hive.host.containment import Containment, ContainmentError, Group
+from hive.host.process import Process, Spawner, describe_exit, terminate
+from hive.models import State, process_key
+from hive.state.journal import Journal
+from hive.state.metrics import Metrics
+from hive.state.registry import Registry, now
+from hive.timeouts import within
+from hive.upstream.router_sync import RouterSync
+from hive.workers.engine_load import Load
+from hive.workers.launch import build_launch
+from hive.workers.logs import Logs
+from hive.workers.probes import Prober, WorkerProbes
+from hive.workers.reservations import Reservations
+from hive.workers.restart import Backoff, Outcome, next_delay
+
+log = logging.getLogger("hive.lifecycle")
+
+
+def _age(at: datetime | None) -> float | None:
+    """Seconds since ``at``; None for never."""
+    return None if at is None else (now() - at).total_seconds()
+
+
+#: exec errors that no retry can cure: the command is missing or cannot be executed.
+_UNRUNNABLE = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR, errno.ELOOP}
+)
+
+
+@dataclass
+class Deps:
+    """What every worker's lifecycle shares; built once by the supervisor.
+
+    ``config`` is swapped on reload and ``closing`` set at shut-down, so runs read them here.
+    """
+
+    config: Config
+    registry: Registry
+    spawner: Spawner
+    logs: Logs
+    prober: Prober
+    reservations: Reservations
+    api_url: str
+    containment: Containment
+    journal: Journal | None = None
+    upstream: RouterSync | None = None
+    metrics: Metrics | None = None
+    closing: bool = False
+
+    def backend(self, name: str) -> BackendConfig | None:
+        return self.config.backends.get(name)
+
+
+class WorkerRun:
+    """The lifecycle of one worker: its process, probes, hang timer, drain and stop.
+
+    Over 300 lines on purpose: it is one state machine, and keeping every transition of an
+    attempt (started, ready, exited, failed, stopped) in one class is what makes a crash
+    followable in one place. Its policies already live outside it (restart, probes, launch).
+    """
+
+    def __init__(self, worker_id: str, deps: Deps) -> None:
+        #: The worker's id in the registry; a successor's changes once, when it takes over.
+        self.id = worker_id
+        #: What its processes are known by (:func:`hive.models.process_key`), set per attempt.
+        self.key = worker_id
+        self.deps = deps
+        self.process: Process | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._stop_timeout: float | None = None
+        self._ready = asyncio.Event()
+        self._hung = asyncio.Event()
+        self._hang_timer: asyncio.TimerHandle | None = None
+        self._hang_deadline = 0.0  # loop time by which the next heartbeat must come
+        self._backoff = Backoff()
+        self._sweeps: set[asyncio.Task[bool]] = set()
+        self._unrunnable = False
+        registry = deps.registry
+        self._probes = WorkerProbes(
+            deps.prober,
+            lambda: registry.get(self.id).port,
+            lambda: _age(registry.get(self.id).last_heartbeat_at),
+        )
+
+    # -- what the supervisor asks of a run ------------------------------------------------------
+
+    def begin_attempt(self, restarts_delta: int) -> None:
+        """``stopped``/``failed`` -> ``starting``, reserving port and devices anew."""
+        deps = self.deps
+        entry = deps.registry.entry(self.id)
+        spec = entry.spec
+        backend_name = spec.backend or deps.config.default_backend
+        backend = deps.backend(backend_name)
+        if backend is None:
+            raise LookupError(f"backend: no backend {backend_name!r}")
+
+        def reserve(entries: Any) -> dict[str, Any]:
+            reserved = deps.reservations.reserve(
+                spec,
+                backend_name,
+                backend,
+                entries,
+                self.id,
+                entry.record.port,
+                entry.record.bootstrap_port,
+            )
+            return {**reserved, "containment": deps.containment.kind}
+
+        deps.registry.begin_attempt(self.id, reserve, entry.record.restarts + restarts_delta)
+
+    async def start(self) -> None:
+        """Start the process of a record in ``starting``, and the task that watches it."""
+        await self._launch()
+        self._watch()
+
+    def adopt(self, process: Process, ready: bool, heartbeating: bool) -> None:
+        """Watch a process a previous hive started, as it runs now."""
+        self.key = process_key(self.deps.registry.get(self.id))
+        self.process = process
+        if ready:
+            self._ready.set()
+        if heartbeating:
+            self.arm_hang_timer()
+        self._watch()
+
+    def resume_failed(self) -> None:
+        """A record restored as ``failed``: apply its restart policy now."""
+        self._watch(Outcome.FAILED)
+
+    def request_stop(self, timeout: float | None) -> None:
+        self._stop_timeout = timeout
+        self._stop.set()
+
+    def detach(self) -> None:
+        """Stop watching, leave the process running (``on_exit = "detach"``)."""
+        if self.task is not None:
+            self.task.cancel()
+        if self.process is not None:
+            self.process.detach()
+
+    @property
+    def active(self) -> bool:
+        """True while the lifecycle task runs (a process, or a restart to come)."""
+        return self.task is not None and not self.task.done()
+
+    def heard(self) -> None:
+        """A heartbeat arrived: the worker lives and serves (the registry made it ready)."""
+        self._ready.set()
+        self.arm_hang_timer()
+
+    # -- the lifecycle --------------------------------------------------------------------------
+
+    def _watch(self, first: Outcome | None = None) -> None:
+        self.task = asyncio.create_task(self._lifecycle(first), name=f"worker-{self.id}")
+
+    async def _lifecycle(self, first: Outcome | None) -> None:
+        deps, outcome = self.deps, first
+        while True:
+            if outcome is None:
+                if self.process is not None:
+                    outcome = await self._supervise()
+                else:
+                    outcome = Outcome.UNRUNNABLE if self._unrunnable else Outcome.FAILED
+            decision = next_delay(
+                outcome, deps.registry.get(self.id), deps.config, self._backoff, time.monotonic()
+            )
+            self._backoff = decision.backoff
+            outcome = None
+            if decision.gave_up is not None:
+                deps.registry.gave_up(self.id, decision.gave_up)
+            if decision.delay is None or deps.closing:
+                return
+            deps.registry.restart_due(self.id, now() + timedelta(seconds=decision.delay))
+            await within(self._stop.wait(), decision.delay)
+            if self._stop.is_set() or deps.closing:
+                deps.registry.restart_due(self.id, None)
+                return
+            self._reset_attempt()
+            try:
+                self.begin_attempt(restarts_delta=1)
+            except (HiveError, LookupError) as exc:  # no port or device free now, no backend
+                message = exc.message if isinstance(exc, HiveError) else str(exc)
+                deps.registry.restart_refused(self.id, f"cannot restart: {message}")
+                log.warning("worker %s cannot restart: %s", self.id, message)
+                outcome = Outcome.FAILED
+                continue
+            await self._launch()
+
+    def _reset_attempt(self) -> None:
+        self.process = None
+        self._ready.clear()
+        self._hung.clear()
+        self.disarm_hang_timer()
+        self._probes.reset()
+
+    async def _launch(self) -> None:
+        """Start the process of a record in ``starting``; a failure to exec makes it failed."""
+        deps = self.deps
+        entry = deps.registry.entry(self.id)
+        self.key = process_key(entry.record)
+        backend = deps.backend(entry.record.backend)
+        if backend is None:
+            self._fail(f"backend {entry.record.backend!r} is no longer configured", None)
+            return
+        launch = build_launch(
+            entry,
+            backend,
+            deps.config,
+            deps.api_url,
+            deps.logs.path(self.id),
+            instance=deps.containment.instance,
+            gpu_total_mib=deps.reservations.placer.memory_total_mib(entry.record.gpus),
+        )
+        attempt = entry.record.restarts + 1
+        deps.logs.mark(self.id, f"attempt {attempt}: {' '.join(launch.argv)}")
+        try:
+            deps.containment.prepare(self.key)
+        except OSError as exc:
+            error = f"cannot create the worker's {deps.containment.kind}: {exc.strerror or exc}"
+            deps.logs.mark(self.id, error)
+            self._fail(error, None)
+            return
+        try:
+            if (launch.user or launch.group) and os.geteuid() != 0:
+                raise PermissionError(
+                    errno.EPERM,
+                    f"backend {entry.record.backend!r} sets user or group, "
+                    "and only a hive running as root can switch to them",
+                )
+            self.process = await deps.spawner.start(
+                launch, lambda pid: deps.containment.enter(self.key, pid)
+            )
+        except KeyError as exc:
+            error = f"cannot start {launch.argv[0]!r}: this host has no {exc.args[0]}"
+            deps.logs.mark(self.id, error)
+            self._fail(error, None)
+            return
+        except ContainmentError as exc:  # it ran, uncontained: killed rather than lost track of
+            deps.logs.mark(self.id, str(exc))
+            self._fail(str(exc), None)
+            return
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            error = f"cannot start {launch.argv[0]!r}: {reason}"
+            deps.logs.mark(self.id, error)
+            self._fail(error, None)
+            self._unrunnable = exc.errno in _UNRUNNABLE
+            return
+        deps.registry.attempt_started(self.id, self.process.pid)
+        if deps.journal is not None:
+            deps.journal.mark()  # the pid must reach the disk before anything else can happen
+        log.info("worker %s started, pid %d", self.id, self.process.pid)
+
+    async def _supervise(self) -> Outcome:
+        """Watch one running process until it ends; record how it ended."""
+        assert self.process is not None
+        deps, process = self.deps, self.process
+        entry = deps.registry.entry(self.id)
+        backend = deps.backend(entry.record.backend)
+        if backend is None:
+            return await self._fail_and_kill(
+                f"backend {entry.record.backend!r} is no longer configured"
+            )
+        exited = asyncio.shield(process.exited)
+        stop = asyncio.ensure_future(self._stop.wait())
+        waits: list[asyncio.Future[Any]] = [exited, stop]
+        try:
+            if not self._ready.is_set():
+                ready = asyncio.ensure_future(self._ready.wait())
+                probe = asyncio.ensure_future(self._probe_until_ready(backend))
+                done, _ = await asyncio.wait(
+                    [*waits, ready],
+                    timeout=backend.startup_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                probe.cancel()
+                ready.cancel()
+                if not done:
+                    error = f"not ready after {backend.startup_timeout:g}s (startup_timeout)"
+                    if self._probes.last is not None:
+                        error += (
+                            f"; its {backend.health_path} last answered {self._probes.last.detail}"
+                        )
+                    return await self._fail_and_kill(error)
+            if not exited.done() and not stop.done():
+                self._backoff = Backoff(self._backoff.delay, ready_since=time.monotonic())
+                hung = asyncio.ensure_future(self._hung.wait())
+                live = asyncio.ensure_future(self._probes.until_unhealthy(backend))
+                load = asyncio.ensure_future(
+                    self._probes.follow_load(backend, self._heartbeating, self._report_load)
+                )
+                await asyncio.wait([*waits, hung, live], return_when=asyncio.FIRST_COMPLETED)
+                hung.cancel()
+                live.cancel()
+                load.cancel()
+                if not exited.done() and not stop.done():
+                    if hung.done():
+                        timeout = deps.config.heartbeat_timeout
+                        return await self._fail_and_kill(f"hung: no heartbeat for {timeout:g}s")
+                    if live.done() and not live.cancelled() and live.result():
+                        return await self._fail_and_kill(live.result())
+            if stop.done():
+                return await self._stop_process()
+            return self._exited()
+        finally:
+            stop.cancel()
+            exited.cancel()
+            self.disarm_hang_timer()
+
+    # -- probes ---------------------------------------------------------------------------------
+
+    def _heartbeating(self) -> bool:
+        """The worker heartbeats in this attempt: its own word on busy beats the engine's."""
+        return self._hang_timer is not None
+
+    def _report_load(self, load: Load) -> None:
+        self.deps.registry.engine_load(self.id, load.in_flight)
+
+    async def _probe_until_ready(self, backend: BackendConfig) -> None:
+        """Poll the health path until it answers 2xx; then the worker is ready."""
+        if await self._probes.until_ready(backend):
+            self.deps.registry.became_ready(self.id)
+            self._ready.set()
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def _exited(self) -> Outcome:
+        """The process ended on its own: failed, or stopped when it exited cleanly."""
+        assert self.process is not None
+        deps, process = self.deps, self.process
+        code = process.returncode
+        last = deps.logs.last_line(self.id)
+        if code is not None and code < 0:  # killed: its last line is not why
+            error = describe_exit(code) + (f" (its last output: {last})" if last else "")
+        else:
+            error = describe_exit(code) + (f": {last}" if last else "")
+        deps.logs.mark(self.id, describe_exit(code))
+        if code == 0:
+            deps.registry.attempt_ended(self.id, State.STOPPED, exit_code=0, error=error)
+            log.info("worker %s exited by itself with code 0", self.id)
+            self._sweep()
+            return Outcome.EXITED
+        self._fail(error, code)
+        if deps.metrics is not None and process.exited_at is not None:
+            deps.metrics.crash_detection.observe(time.monotonic() - process.exited_at)
+        self._sweep()
+        return Outcome.FAILED
+
+    def _sweep(self) -> None:
+        """After the leader exits, end whatever it left behind in its session."""
+        if self.process is not None:
+            task = asyncio.create_task(self._end_tree(1.0, 1.0))
+            self._sweeps.add(task)
+            task.add_done_callback(self._sweeps.discard)
+
+    async def _end_tree(self, timeout: float, kill_timeout: float = 5.0) -> bool:
+        """End every process of the worker (SIGTERM, then SIGKILL after ``timeout``) and
+        release its containment once empty; True when nothing of it is left."""
+        assert self.process is not None
+        containment = self.deps.containment
+        gone = await terminate(self.process, timeout, kill_timeout, Group(containment, self.key))
+        if gone:
+            containment.release(self.key)
+        else:
+            log.error(
+                "worker %s: processes %s outlived SIGKILL", self.id, containment.members(self.key)
+            )
+        return gone
+
+    def _fail(self, error: str, code: int | None) -> None:
+        self.deps.registry.attempt_ended(self.id, State.FAILED, exit_code=code, error=error)
+        log.warning("worker %s failed: %s", self.id, error)
+
+    async def _fail_and_kill(self, error: str) -> Outcome:
+        """Record the failure first (routers hear at once), then end the tree."""
+        assert self.process is not None
+        deps = self.deps
+        self._fail(error, None)
+        deps.logs.mark(self.id, error)
+        await self._end_tree(min(deps.config.stop_timeout, 5.0))
+        deps.registry.exit_code_known(self.id, self.process.returncode)
+        return Outcome.FAILED
+
+    async def _drain(self) -> None:
+        """Out of the routers first, then wait for in-flight requests to end: as heartbeats
+        report them, or as the engine's load endpoint does (read every 0.1 s while draining)."""
+        assert self.process is not None
+        deps = self.deps
+        if deps.upstream is not None:
+            await deps.upstream.withdraw(self.id)
+        engine = self._load_reported_by_engine()
+        if engine is not None:
+            await self._read_load(engine)
+        record = deps.registry.get(self.id)
+        if not record.in_flight or deps.config.drain_timeout <= 0:
+            return
+        deps.registry.set_draining(self.id, True)
+        log.info("worker %s draining %d request(s)", self.id, record.in_flight)
+        deadline = time.monotonic() + deps.config.drain_timeout
+        try:
+            while time.monotonic() < deadline and self.process.running:
+                if not deps.registry.get(self.id).in_flight:
+                    break
+                await asyncio.sleep(0.1 if engine is not None else 0.05)
+                if engine is not None:
+                    await self._read_load(engine)
+        finally:
+            deps.registry.set_draining(self.id, False)
+
+    def _load_reported_by_engine(self) -> BackendConfig | None:
+        """The backend, when its engine's load endpoint (not heartbeats) says how busy it is."""
+        backend = self.deps.backend(self.deps.registry.get(self.id).backend)
+        if backend is None or backend.load is None or not self._ready.is_set():
+            return None
+        return None if self._heartbeating() else backend
+
+    async def _read_load(self, backend: BackendConfig) -> None:
+        if (load := await self._probes.read_load(backend)) is not None:
+            self._report_load(load)
+
+    async def _stop_process(self) -> Outcome:
+        assert self.process is not None
+        deps = self.deps
+        await self._drain()
+        timeout = self._stop_timeout if self._stop_timeout is not None else deps.config.stop_timeout
+        gone = await self._end_tree(timeout)
+        code = self.process.returncode
+        deps.logs.mark(self.id, f"stopped: {describe_exit(code)}")
+        error = None if gone else "some processes of the worker could not be killed"
+        deps.registry.attempt_ended(self.id, State.STOPPED, exit_code=code, error=error)
+        log.info("worker %s stopped (%s)", self.id, describe_exit(code))
+        return Outcome.STOPPED
+
+    # -- liveness by heartbeat ------------------------------------------------------------------
+
+    def arm_hang_timer(self) -> None:
+        """A heartbeat came: the worker hangs if none follows within ``heartbeat_timeout``.
+
+        A beat only moves the deadline; the one timer, when it fires early, sleeps on to the
+        deadline. So a worker beating many times a second costs no timer churn, and the hang
+        is still found within the timeout of its last beat.
+        """
+        loop = asyncio.get_running_loop()
+        self._hang_deadline = loop.time() + self.deps.config.heartbeat_timeout
+        if self._hang_timer is None:
+            self._hang_timer = loop.call_at(self._hang_deadline, self._hang_due)
+
+    def _hang_due(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._hang_deadline:  # a beat came since: wait for its deadline
+            self._hang_timer = loop.call_at(self._hang_deadline, self._hang_due)
+            return
+        self._hung.set()
+
+    def disarm_hang_timer(self) -> None:
+        if self._hang_timer is not None:
+            self._hang_timer.cancel()
+            self._hang_timer = None

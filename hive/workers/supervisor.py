@@ -1,0 +1,454 @@
+"""The supervisor: the request API over the set of worker lifecycles.
+
+It turns requests (spawn, stop, restart, delete, heartbeat) into registry changes and
+:class:`~hive.workers.run.WorkerRun` calls, takes back what the previous hive left (adoption),
+and keeps house (log caps, retention). Each worker's process is owned by its ``WorkerRun``;
+the policies live beside it as plain functions: :mod:`hive.workers.launch` (argv and
+environment), :mod:`hive.workers.restart` (the back-off), :mod:`hive.workers.probes` and
+:mod:`hive.workers.adoption`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from hive.config import BackendConfig, Config
+from hive.devices.placement import Placer
+from hive.errors import Conflict, Invalid
+from hive.host.containment import Containment, end_strays
+from hive.host.process import Spawner, reap_orphans
+from hive.models import (
+    DOWN_STATES,
+    Entry,
+    Heartbeat,
+    SpawnRequest,
+    State,
+    Worker,
+    process_key,
+    successor_id,
+)
+from hive.state.journal import Journal, JournalError, Saved
+from hive.state.metrics import Metrics
+from hive.state.registry import Registry
+from hive.upstream.router_sync import RouterSync
+from hive.workers.adoption import plan
+from hive.workers.logs import Logs
+from hive.workers.ports import PortPool, ephemeral_overlap
+from hive.workers.probes import Prober
+from hive.workers.reservations import Reservations
+from hive.workers.room import Room
+from hive.workers.run import Deps, WorkerRun
+
+log = logging.getLogger("hive.supervisor")
+
+
+class Supervisor:
+    """Spawns, stops, restarts and deletes workers; one :class:`WorkerRun` per worker.
+
+    About 400 lines: the request API and adoption, each a few lines over the policies it calls;
+    a spawn's crash-safe order (intent on disk, then the process, then the answer; the pid in
+    the journal's next write) reads best in one place, and so do
+    the two moves of a replacement that touch runs (a successor promoted to its worker's id, a
+    worker restarted in place under a new request). The replacement itself lives in
+    :mod:`hive.desired.reconcile`.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        placer: Placer,
+        logs: Logs,
+        api_url: str,
+        metrics: Metrics | None = None,
+        journal: Journal | None = None,
+        upstream: RouterSync | None = None,
+        *,
+        containment: Containment,
+    ) -> None:
+        self.registry = registry
+        self.logs = logs
+        self.journal = journal
+        ports = PortPool(*config.port_range)
+        if (overlap := ephemeral_overlap(*config.port_range)) is not None:
+            log.warning("%s", overlap)
+        self.containment = containment
+        self._deps = Deps(
+            config=config,
+            registry=registry,
+            spawner=Spawner(),
+            logs=logs,
+            prober=Prober(),
+            reservations=Reservations(placer, ports, config.worker_host),
+            api_url=api_url,
+            containment=self.containment,
+            journal=journal,
+            upstream=upstream,
+            metrics=metrics,
+        )
+        self._runs: dict[str, WorkerRun] = {}
+        self._room = Room(logs.directory, config.state_path)
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    @property
+    def config(self) -> Config:
+        return self._deps.config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reloaded configuration: new attempts and stops use it."""
+        self._deps.config = config
+
+    # -- life of the supervisor itself ---------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._deps.prober.start()
+        self._housekeeping = asyncio.create_task(self._housekeep(), name="hive-housekeeping")
+
+    async def close(self, detach: bool | None = None) -> None:
+        """Stop every worker (``on_exit = "stop"``) or leave them running (``"detach"``)."""
+        self._deps.closing = True
+        if detach is None:
+            detach = self.config.on_exit == "detach"
+        if self._housekeeping:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        runs = [run for run in self._runs.values() if run.active]
+        for run in runs:
+            if detach:
+                run.detach()
+            else:
+                run.request_stop(None)
+        await asyncio.gather(*(run.task for run in runs if run.task), return_exceptions=True)
+        if not detach:
+            self.containment.close()
+        await self._deps.prober.close()
+        self._deps.spawner.close()
+
+    # -- adoption ------------------------------------------------------------------------------
+
+    def adopt(self, saved: list[Saved], rebuild: bool = False) -> dict[str, int]:
+        """Take back what the previous hive left: running workers keep running.
+
+        :func:`hive.workers.adoption.plan` reconciles the journal with what the containment finds
+        running; here each record is restored, its lifecycle resumed (a live process, or a
+        restart due), and every stray process ended. ``rebuild``: the journal was unreadable,
+        so running workers are rebuilt from their processes.
+        """
+        inventory = self.containment.inventory()
+        decided = plan(saved, self.registry, inventory=inventory, rebuild=rebuild)
+        for adoption in decided.adoptions:
+            record, item = adoption.record, adoption.saved
+            self.registry.restore(item.spec, item.token, record)
+            run = WorkerRun(record.id, self._deps)
+            self._runs[record.id] = run
+            if adoption.process is not None:
+                for pid in adoption.members:  # hive may have died before it moved them
+                    with contextlib.suppress(OSError):
+                        self.containment.enter(process_key(record), pid)
+                if self.journal is not None:
+                    self.journal.remember_start_time(
+                        record.id, adoption.process.pid, adoption.started
+                    )
+                run.adopt(
+                    adoption.process,
+                    ready=record.state in (State.READY, State.BUSY),
+                    heartbeating=record.last_heartbeat_at is not None,
+                )
+                log.info(
+                    "adopted worker %s, pid %d, %s", record.id, adoption.process.pid, record.state
+                )
+            elif adoption.resume:
+                run.resume_failed()
+        for stray in decided.strays:
+            log.warning(
+                "ending %d stray process(es) of worker %s (%s): %s",
+                len(stray.pids),
+                stray.worker_id,
+                stray.why,
+                " ".join(map(str, sorted(stray.pids))),
+            )
+            end_strays(self.containment, stray.worker_id, stray.pids)
+        return decided.counts()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def normalized(self, spec: SpawnRequest) -> SpawnRequest:
+        """The request as hive keeps it: backend and restart policy filled in from the
+        configuration's defaults (so that two requests meaning the same compare equal)."""
+        return spec.model_copy(
+            update={
+                "backend": spec.backend or self.config.default_backend,
+                "restart": spec.restart or self.config.default_restart,
+            }
+        )
+
+    async def spawn(
+        self,
+        spec: SpawnRequest,
+        *,
+        declared: str | None = None,
+        successor: tuple[str, int] | None = None,
+    ) -> Worker:
+        """Place, reserve and start a new worker; returns its record once it has a pid.
+
+        ``declared`` says where it is declared; ``successor`` = (id it replaces, generation)
+        starts it as that worker's successor, under the id ``<id>~<generation>``.
+        """
+        self._refuse_if_closing()
+        spec = self.normalized(spec)
+        backend_name = spec.backend or self.config.default_backend
+        backend = self._backend(backend_name)
+        worker_id = spec.id or self._new_id(spec.model)
+        restart = spec.restart or self.config.default_restart
+        spec = spec.model_copy(update={"id": worker_id})
+        record_id, generation, replacing = worker_id, 1, None
+        if successor is not None:
+            replacing, generation = successor
+            record_id = successor_id(replacing, generation)
+        reservations = self._deps.reservations
+
+        def build(entries: Mapping[str, Entry]) -> dict[str, Any]:
+            if record_id in entries or (successor is None and _successor_of(worker_id, entries)):
+                raise Conflict(f"id: worker {worker_id!r} already exists")
+            return {
+                "id": record_id,
+                "generation": generation,
+                "replacing": replacing,
+                "declared": declared,
+                "model": spec.model,
+                "backend": backend_name,
+                "labels": spec.labels,
+                "restart": restart,
+                "desired": "running",
+                "containment": self.containment.kind,
+                "role": spec.role,
+                "priority": spec.priority,
+                "cost": spec.cost,
+                **reservations.reserve(spec, backend_name, backend, entries, record_id, None),
+            }
+
+        self._room.check()
+        self.registry.add(spec, secrets.token_urlsafe(24), build)
+        # The intent (id, spec, port, devices, token, attempt) reaches the disk before the
+        # process starts; the pid follows in the journal's next write, which the answer does
+        # not wait for. A hive killed in between finds the process by its attempt's tag
+        # (adoption adopts a live record without a pid by its leader), so the journal and what
+        # the containment finds running still say exactly what to adopt and what to end: one
+        # fsync a spawn, shared by the spawns in flight.
+        try:
+            await self._persist()
+        except JournalError:
+            self.registry.forget_unstarted(record_id)
+            raise
+        run = WorkerRun(record_id, self._deps)
+        await self._start(run)
+        return self.registry.get(record_id)
+
+    async def _start(self, run: WorkerRun) -> None:
+        self._runs[run.id] = run
+        await run.start()
+
+    def check_backend(self, spec: SpawnRequest) -> None:
+        """Refuse a request that names a backend hive does not have (a 422 naming it)."""
+        self._backend(spec.backend or self.config.default_backend)
+
+    async def persist(self) -> None:
+        """Wait until the journal holds every change so far."""
+        await self._persist()
+
+    async def _persist(self) -> None:
+        """Answer only once the journal holds the change: a hive crash right after a reply
+        must not forget a worker it just started, or restart one it was told to stop."""
+        if self.journal is not None:
+            self.journal.mark()  # fields changed without a state change count too (desired)
+            await self.journal.flush()
+
+    async def stop(
+        self, worker_id: str, timeout: float | None = None, wait: bool = False
+    ) -> Worker:
+        """Stop gracefully; the record stays, ``stopped``. Idempotent."""
+        record = self.registry.set_desired(worker_id, "stopped")
+        run = self._runs.get(worker_id)
+        if run is not None and run.active and run.task is not None:
+            run.request_stop(timeout)
+            if wait:
+                await asyncio.shield(run.task)
+                record = self.registry.get(worker_id)
+        else:
+            record = self._settle_unwatched(worker_id) or record
+        await self._persist()
+        return record
+
+    def _settle_unwatched(self, worker_id: str) -> Worker | None:
+        """A record in a live state with no lifecycle watching a process cannot be: end
+        whatever of the worker runs and record it stopped, so it can always be removed."""
+        run = self._runs.get(worker_id)
+        if run is not None and run.active:
+            return None
+        key = process_key(self.registry.get(worker_id))
+        end_strays(self.containment, key, self.containment.members(key))
+        return self.registry.attempt_ended(
+            worker_id, State.STOPPED, exit_code=None, error="no process was being watched"
+        )
+
+    async def restart(self, worker_id: str) -> Worker:
+        """Stop the worker if it runs, then start it again (the same id, port when free)."""
+        self._refuse_if_closing()
+        await self.stop(worker_id, wait=True)
+        old = self._runs.get(worker_id)
+        if old is not None and old.active:
+            raise Conflict(f"worker {worker_id!r} is changing state; try again")
+        run = WorkerRun(worker_id, self._deps)
+        self._begin_attempt(run)
+        await self._start(run)
+        await self._persist()
+        return self.registry.get(worker_id)
+
+    def _begin_attempt(self, run: WorkerRun) -> None:
+        try:
+            run.begin_attempt(restarts_delta=1)
+        except LookupError as exc:
+            known = ", ".join(sorted(self.config.backends))
+            raise Invalid(f"{exc} (configured: {known})") from None
+
+    async def delete(self, worker_id: str, keep_log: bool = False) -> Worker:
+        """Stop the worker if it runs, then forget it and (unless ``keep_log``) its log."""
+        await self.stop(worker_id, wait=True)
+        self._settle_unwatched(worker_id)
+        record = self.registry.remove(worker_id)
+        self.containment.release(process_key(record))
+        self._runs.pop(worker_id, None)
+        if not keep_log:  # kept when a successor writes on in it
+            self.logs.remove(worker_id)
+        await self._persist()
+        return record
+
+    async def promote(self, successor: str, worker_id: str) -> Worker:
+        """The successor takes the id of the worker it replaced (which is forgotten by now);
+        its process goes on as it is."""
+        record = self.registry.promote(successor, worker_id)
+        run = self._runs.pop(successor, None)
+        if run is not None:
+            run.id = worker_id
+            self._runs[worker_id] = run
+        await self._persist()
+        return record
+
+    async def respec(self, worker_id: str, spec: SpawnRequest) -> Worker:
+        """Start a worker whose process is gone again, with a new request, as its next
+        generation (a replacement in place). The old process must have ended."""
+        self._refuse_if_closing()
+        old = self._runs.get(worker_id)
+        if old is not None and old.active:
+            raise Conflict(f"worker {worker_id!r} is changing state; try again")
+        spec = self.normalized(spec).model_copy(update={"id": worker_id})
+        self._backend(spec.backend or self.config.default_backend)
+        record = self.registry.get(worker_id)
+        self.registry.respec(worker_id, spec, record.generation + 1)
+        run = WorkerRun(worker_id, self._deps)
+        try:
+            run.begin_attempt(restarts_delta=-record.restarts)
+        except LookupError as exc:
+            raise Invalid(str(exc)) from None
+        await self._start(run)
+        await self._persist()
+        return self.registry.get(worker_id)
+
+    def heartbeat(self, worker_id: str, beat: Heartbeat) -> Worker:
+        """Take a worker's report of itself: ready or busy, and how many requests in flight."""
+        worker_id = self.registry.resolve(worker_id) or worker_id  # a successor's own key
+        record = self.registry.get(worker_id)
+        if record.state in DOWN_STATES:
+            raise Conflict(f"worker {worker_id!r} is {record.state}", worker=record)
+        run = self._runs.get(worker_id)
+        if run is None or run.process is None or not run.process.running:
+            # Never ready on the word of a process hive is not watching.
+            raise Conflict(f"worker {worker_id!r} has no process hive watches", worker=record)
+        record = self.registry.heartbeat(worker_id, State(beat.state), beat.in_flight)
+        run.heard()
+        return record
+
+    @property
+    def closing(self) -> bool:
+        """True once hive has begun shutting down."""
+        return self._deps.closing
+
+    def _refuse_if_closing(self) -> None:
+        if self._deps.closing:
+            raise Conflict("hive is shutting down")
+
+    def log_ended(self, worker_id: str) -> bool:
+        """Nothing more will be written to the worker's log: hive is closing, the worker is
+        forgotten, or its process is gone with no restart coming."""
+        if self._deps.closing or worker_id not in self.registry:
+            return True
+        record = self.registry.get(worker_id)
+        return record.state in DOWN_STATES and self.is_settled(worker_id)
+
+    def is_settled(self, worker_id: str) -> bool:
+        """True when the worker's process is gone and no restart is coming."""
+        run = self._runs.get(worker_id)
+        return run is None or not run.active
+
+    def reap_orphans(self) -> None:
+        """Reap exited children that are not a worker's leader (their lifecycle reaps those):
+        descendants of workers that re-parented to hive, the child subreaper."""
+        reap_orphans(
+            run.process.pid
+            for run in self._runs.values()
+            if run.process is not None and run.process.child and run.process.running
+        )
+
+    # -- naming and backends -------------------------------------------------------------------
+
+    def _backend(self, name: str) -> BackendConfig:
+        try:
+            return self.config.backends[name]
+        except KeyError:
+            known = ", ".join(sorted(self.config.backends))
+            raise Invalid(f"backend: no backend {name!r} (configured: {known})") from None
+
+    def _new_id(self, model: str) -> str:
+        stem = "".join(c if c.isalnum() else "-" for c in model.rsplit("/", 1)[-1].lower())
+        stem = stem.strip("-")[:40] or "worker"
+        while True:
+            worker_id = f"{stem}-{secrets.token_hex(3)}"
+            if worker_id not in self.registry:
+                return worker_id
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def _housekeep(self) -> None:
+        """Once a second: forget records past ``retention``, and cap the log files that are
+        due a look (:meth:`Logs.cap` says when: every 10 s for a quiet log, sooner for a
+        fast-growing one)."""
+        due: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                for worker_id in self.registry.expire():
+                    self._runs.pop(worker_id, None)
+                    self.logs.remove(worker_id)
+                now = time.monotonic()
+                for worker_id, run in self._runs.items():
+                    running = run.process is not None and run.process.running
+                    if running and due.get(worker_id, 0.0) <= now:
+                        due[worker_id] = now + self.logs.cap(worker_id, now)
+                for worker_id in due.keys() - self._runs.keys():
+                    del due[worker_id]
+            except OSError:
+                log.exception("housekeeping failed")
+
+
+def _successor_of(worker_id: str, entries: Mapping[str, Entry]) -> bool:
+    """True while a successor of ``worker_id`` exists (its id would be taken when it promotes)."""
+    prefix = f"{worker_id}~"
+    return any(key.startswith(prefix) for key in entries)
