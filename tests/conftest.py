@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from hivetest import TAG, Hive, running_hive
-from test_router import Router
+from routers import Router
 
 from harness.procs import tagged_processes, zombie_children
 from harness.waits import wait_for
@@ -36,7 +36,7 @@ def hive() -> Iterator[Hive]:
 
 @pytest.fixture(scope="module")
 def router() -> Iterator[Router]:
-    """One real sglang-router for a whole module (test_router.Router)."""
+    """One real sglang-router for a whole module (tests/routers.py)."""
     r = Router().start()
     try:
         yield r

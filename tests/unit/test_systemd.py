@@ -25,7 +25,7 @@ from hive.config import (
 )
 from hive.desired.declared import parse_workers
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "hive.service"
 SYSUSERS = SYSTEMD / "hive.sysusers"

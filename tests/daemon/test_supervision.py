@@ -20,7 +20,7 @@ from harness.waits import async_wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-WORKERS = Path(__file__).parent / "workers"
+WORKERS = Path(__file__).parent.parent / "workers"
 CHATTY = "import time\nwhile True:\n    print('x' * 99, flush=True)\n    time.sleep(0.0005)\n"
 
 CONFIG = f"""

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from hivetest import Hive, running_hive
-from test_router import Router, router_config, spawn
+from routers import Router, router_config, spawn
 
 from harness.waits import async_wait_for
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 from hivetest import Hive, running_hive
-from test_router import Router, in_router, router_config
+from routers import Router, in_router, router_config
 
 from harness.waits import async_wait_for
 

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 from hivetest import TAG, Hive, running_hive
-from test_router import Router, in_router, router_config
+from routers import Router, in_router, router_config
 
 from harness.etcd import EtcdServer, etcd_path
 from harness.waits import async_wait_for

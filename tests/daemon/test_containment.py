@@ -22,7 +22,7 @@ from hivetest import Hive, record, running_hive, spawn_ready
 from harness.waits import async_wait_for, wait_for
 from hive.host.containment import Cgroups, instance_of
 
-WORKERS = Path(__file__).parent / "workers"
+WORKERS = Path(__file__).parent.parent / "workers"
 
 
 def _cgroups_here() -> bool:

@@ -5,111 +5,24 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import psutil
 import pytest
-from hivetest import TAG, Hive, running_hive
+from hivetest import Hive, running_hive
+from routers import Router, in_router, router_config, spawn
 
-from harness.net import free_port
-from harness.waits import async_wait_for, wait_for
+from harness.waits import async_wait_for
 
 pytestmark = pytest.mark.timeout(180)
-
-
-class Router:
-    """One sglang-router process; ``restart()`` brings it back empty on the same port."""
-
-    def __init__(self, port: int | None = None, *extra: str) -> None:
-        self.extra = list(extra)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Router:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sglang_router.launch_router",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                # Its metrics server defaults to 0.0.0.0:29000, which two routers cannot share.
-                "--prometheus-host",
-                "127.0.0.1",
-                "--prometheus-port",
-                str(free_port()),
-                "--policy",
-                "round_robin",
-                "--log-level",
-                "warn",
-                "--disable-circuit-breaker",
-                *self.extra,
-            ],
-            env={**os.environ, **TAG.env, "HF_HUB_OFFLINE": "1"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(self._up, timeout=60, interval=0.1, what="sglang-router to answer")
-        return self
-
-    def _up(self) -> bool:
-        import urllib.request
-
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"sglang-router exited with {self.proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/liveness", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    async def urls(self) -> set[str]:
-        async with aiohttp.ClientSession() as s, s.get(f"{self.url}/workers") as r:
-            body = await r.json()
-        return {w["url"] for w in body["workers"]}
-
-
-def router_config(*routers: Router, reconcile: float = 0.5) -> str:
-    text = f"router_reconcile = {reconcile}\ndrain_timeout = 10\n"
-    for router in routers:
-        text += f'[[routers]]\nkind = "sglang"\nurl = "{router.url}"\n'
-    return text
 
 
 @pytest.fixture(scope="module")
 def hive(router: Router) -> Iterator[Hive]:
     with running_hive(router_config(router)) as daemon:
         yield daemon
-
-
-async def spawn(s: aiohttp.ClientSession, **body: Any) -> dict[str, Any]:
-    body.setdefault("model", "demo-model")
-    async with s.post("/v1/workers", params={"wait": "ready"}, json=body) as r:
-        data = await r.json()
-        assert r.status == 200, data
-        return data
-
-
-async def in_router(router: Router, url: str, present: bool = True) -> bool:
-    return (url in await router.urls()) is present
 
 
 async def test_ready_workers_are_registered_and_get_requests(hive: Hive, router: Router) -> None:

@@ -31,7 +31,7 @@ from hive.devices.gpu import (
     decode_cpu_mask,
 )
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parent.parent
 UUID0 = "GPU-11111111-2222-3333-4444-555555555555"
 UUID1 = "GPU-66666666-7777-8888-9999-000000000000"
 

@@ -31,7 +31,7 @@ pytestmark = [
     ),
 ]
 
-MONITORING = Path(__file__).resolve().parent.parent / "systemd" / "monitoring"
+MONITORING = Path(__file__).resolve().parents[2] / "systemd" / "monitoring"
 RULES = MONITORING / "hive.rules.yml"
 DASHBOARD = MONITORING / "hive.dashboard.json"
 

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import tiny_gguf
 from hivetest import TAG, Hive, record, running_hive, spawn_ready
-from test_router import Router, router_config
+from routers import Router, router_config
 
 from harness.procs import tagged_processes
 from harness.waits import async_wait_for
