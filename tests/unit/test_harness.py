@@ -5,15 +5,13 @@ from __future__ import annotations
 import math
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from harness.env import isolated_env
 from harness.net import free_port, port_free, port_in_use
-from harness.procs import Tag, sweep, tagged_processes
+from harness.procs import Tag
 from harness.stats import percentile, summarize
 from harness.waits import wait_for
 
@@ -70,23 +68,6 @@ def test_isolated_env_drops_settings_and_points_everything_home(
     assert env["X_TAG"] == "v"
     assert env["EXTRA"] == "1" and env["PYTHONUNBUFFERED"] == "0"  # extra wins
     assert isolated_env(home, tag)["BENCH_ONLY"] == "leak"  # only dropped when asked
-
-
-def test_tagged_processes_finds_what_carries_the_tag() -> None:
-    tag = Tag.new("X_TAG", "unit")
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, **tag.env}
-    )
-    try:
-        found = wait_for(lambda: tagged_processes(tag), timeout=10, what="the tagged child")
-        assert [p.pid for p in found] == [child.pid]
-        assert tagged_processes(Tag.new("X_TAG", "other")) == []
-        assert sweep(tag) == [f"{child.pid} {sys.executable} -c import time; time.sleep(60)"]
-        assert child.wait(10) != 0
-        assert tagged_processes(tag) == []
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_ports_in_use_and_free() -> None:

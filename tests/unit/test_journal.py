@@ -2,31 +2,40 @@
 the change that waited for it, and a journal that cannot be read falls back to the generation
 before it.
 
-No daemon here: a :class:`Journal` over a real :class:`Registry`, on a real filesystem (a small
-tmpfs, filled up, for the full-disk case). Faults the filesystem cannot be made to produce on
-demand (a short write, EIO, a crash between two system calls) are made by patching the ``os``
-call itself, never hive's code.
+No daemon here: a :class:`Journal` over a real :class:`Registry`, on a real filesystem. The
+full-disk case (a small tmpfs, filled up) is in tests/daemon/test_journal_full_disk.py, as
+mounting the tmpfs takes a process. Faults the filesystem cannot be made to produce on demand
+(a short write, EIO, a crash between two system calls) are made by patching the ``os`` call
+itself, never hive's code.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from journals import (
+    add,
+    failing,
+    files,
+    generations,
+    ids,
+    journal_errors,
+    journal_lines,
+    workers_in,
+    writing,
+)
 
 import hive.state.journal
-from harness.disk import CannotMount, fill, tmpfs
 from harness.waits import async_wait_for
-from hive.models import SpawnRequest, Worker
 from hive.state.journal import Journal, JournalError
 from hive.state.registry import Registry
 
@@ -34,107 +43,6 @@ pytestmark = pytest.mark.timeout(60)
 
 ENOSPC = os.strerror(errno.ENOSPC)  # "No space left on device"
 EIO = os.strerror(errno.EIO)
-
-
-# -- helpers -----------------------------------------------------------------------------------
-
-
-def add(registry: Registry, worker_id: str) -> Worker:
-    port = 18000 + len(registry)
-    return registry.add(
-        SpawnRequest(model="m", id=worker_id),
-        f"token-{worker_id}",
-        lambda entries: {
-            "id": worker_id,
-            "model": "m",
-            "backend": "demo",
-            "device": "CPU-0",
-            "port": port,
-            "url": f"http://127.0.0.1:{port}",
-        },
-    )
-
-
-def ids(path: Path) -> list[str]:
-    """The workers a fresh hive would load from ``path``'s journal."""
-    return [saved.record.id for saved in Journal(path, Registry()).load()]
-
-
-def workers_in(path: Path) -> list[str]:
-    """The worker ids in the journal file at ``path``, read as plain JSON."""
-    return [item["record"]["id"] for item in json.loads(path.read_bytes())["workers"]]
-
-
-def files(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory))
-
-
-def journal_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "hive.journal" and r.levelno >= logging.ERROR
-    ]
-
-
-def journal_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "hive.journal" and text in r.getMessage()
-    ]
-
-
-@contextlib.asynccontextmanager
-async def writing(
-    path: Path, registry: Registry, retry_interval: float = 3600.0
-) -> AsyncIterator[Journal]:
-    """A started journal (its first write done), closed at the end."""
-    journal = Journal(path, registry)
-    journal.retry_interval = retry_interval
-    journal.start()
-    await journal.flush()
-    try:
-        yield journal
-    finally:
-        await journal.close()
-
-
-async def generations(path: Path, *workers: list[str]) -> list[bytes]:
-    """Write one journal per list of worker ids, in order; the bytes of each."""
-    registry, written = Registry(), []
-    for wanted in workers:
-        for worker_id in wanted:
-            if worker_id not in registry:
-                add(registry, worker_id)
-        await Journal(path, registry).close()  # close() writes the journal once, synchronously
-        written.append(path.read_bytes())
-    return written
-
-
-def failing(name: str, fail: Callable[[int], bool], error: int = errno.EIO) -> Callable[..., Any]:
-    """``os.<name>`` that raises ``error`` on the calls ``fail`` picks (numbered from 1)."""
-    real = getattr(os, name)
-    calls = 0
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if fail(calls):
-            raise OSError(error, os.strerror(error))
-        return real(*args, **kwargs)
-
-    return call
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs: a real filesystem that can really be full. Needs root."""
-    try:
-        with tmpfs(tmp_path / "small", "64k") as mount_point:
-            yield mount_point
-    except CannotMount as exc:
-        pytest.skip(str(exc))
 
 
 # -- every write complete ----------------------------------------------------------------------
@@ -159,45 +67,6 @@ async def test_short_writes_are_resumed_until_the_whole_journal_is_written(
     assert ids(path) == ["a", "b", "c"]
     assert len(calls) > 10, "the journal was not written in many short pieces"
     assert files(tmp_path) == ["journal.json", "journal.json.1"]
-
-
-async def test_a_full_disk_refuses_the_change_keeps_the_old_journal_and_recovers(
-    small_fs: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="hive.journal")
-    path = small_fs / "journal.json"
-    registry = Registry()
-    add(registry, "a")
-    async with writing(path, registry) as journal:
-        good = path.read_bytes()
-        filler = fill(small_fs)
-
-        add(registry, "b")  # the registry tells the journal: a write is due, and fails
-        with pytest.raises(JournalError) as refused:
-            await journal.flush()
-        assert str(refused.value) == f"cannot write {path}: {ENOSPC}"
-        assert refused.value.path == path
-        assert not journal.healthy and journal.last_error == str(refused.value)
-        add(registry, "c")
-        with pytest.raises(JournalError):
-            await journal.flush()
-
-        assert path.read_bytes() == good
-        assert files(small_fs) == ["filler", "journal.json"], "a temporary file was left"
-        assert ids(path) == ["a"]
-
-        filler.unlink()  # room again: the next write succeeds and clears the failure
-        journal.mark()
-        await journal.flush()
-        assert journal.healthy and journal.last_error is None
-        assert ids(path) == ["a", "b", "c"]
-        assert json.loads(journal.previous.read_bytes()) == json.loads(good)
-
-    errors = journal_errors(caplog)
-    assert len(errors) == 1, f"one line when the journal fails, not one per write: {errors}"
-    assert str(path) in errors[0] and ENOSPC in errors[0]
-    assert len(journal_lines(caplog, "written again")) == 1
-    assert files(small_fs) == ["journal.json", "journal.json.1"]
 
 
 @pytest.mark.parametrize(
