@@ -23,13 +23,6 @@ from harness.nvml import (
     env_for,
     write_config,
 )
-from hive.devices.gpu import (
-    GpuInfo,
-    GpuProcessInfo,
-    GpuSnapshot,
-    compute_pids,
-    decode_cpu_mask,
-)
 
 TESTS = Path(__file__).parent.parent
 UUID0 = "GPU-11111111-2222-3333-4444-555555555555"
@@ -435,25 +428,3 @@ def test_close_shuts_nvml_down(fake_lib: Path, tmp_path: Path) -> None:
 
 
 # -- pure helpers, in process ------------------------------------------------------------------
-
-
-def test_decode_cpu_mask() -> None:
-    assert decode_cpu_mask([0b1011]) == (0, 1, 3)
-    assert decode_cpu_mask([0, 1 << 63 | 1]) == (64, 127)
-    assert decode_cpu_mask([]) == ()
-
-
-def test_snapshot_lookups_and_compute_pids() -> None:
-    gpus = (
-        GpuInfo(index=0, uuid=UUID0, processes=(GpuProcessInfo(1, 10), GpuProcessInfo(2, None))),
-        GpuInfo(index=1, uuid=UUID1, processes=(GpuProcessInfo(1, 5),), healthy=False),
-    )
-    snapshot = GpuSnapshot(gpus=gpus)
-    assert snapshot.by_id("GPU-1") is gpus[1]
-    assert snapshot.by_id(UUID0) is gpus[0]
-    assert snapshot.by_id("GPU-7") is None
-    assert snapshot.healthy == (gpus[0],)
-    assert compute_pids(snapshot) == {1: 15}
-    models = snapshot.to_models({UUID1: ["a", "b"]})
-    assert [m.workers for m in models] == [[], ["a", "b"]]
-    assert models[1].healthy is False

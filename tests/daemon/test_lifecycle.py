@@ -1,10 +1,9 @@
 """A worker's lifecycle without a daemon: a :class:`WorkerRun` over the real spawner, real
-processes and real probes, with the registry as the only witness. Also the probes and the
-adoption plan on their own."""
+processes and real probes, with the registry as the only witness. Also the adoption plan on its
+own (the probes alone are in tests/unit/test_probes.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import random
@@ -15,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from hivetest import TAG
 
-from harness.net import free_port
 from harness.waits import async_wait_for
-from hive.config import BackendConfig, Config
+from hive.config import Config
 from hive.devices import cpu
 from hive.devices.placement import Placer
 from hive.host.containment import choose
@@ -188,41 +185,6 @@ async def test_silent_heartbeats_are_a_hang(deps: Deps) -> None:
     assert failed.error == "hung: no heartbeat for 0.5s"
     assert run.task is not None
     await run.task
-
-
-# -- probes ------------------------------------------------------------------------------------
-
-
-async def test_probe_results_say_what_came_back() -> None:
-    async def health(request: web.Request) -> web.Response:
-        return web.Response(status=int(request.query.get("status", "200")))
-
-    app = web.Application()
-    app.router.add_get("/health", health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    prober = Prober()
-    await prober.start()
-    try:
-        base = f"http://127.0.0.1:{port}/health"
-        assert (await prober.check(base)).ok
-        bad = await prober.check(base + "?status=503")
-        assert (bad.ok, bad.detail) == (False, "HTTP 503")
-        refused = await prober.check(f"http://127.0.0.1:{free_port()}/health")
-        assert not refused.ok and "onnect" in refused.detail
-        backend = BackendConfig(
-            command=["x"], health_path="/health", liveness_period=0.05, liveness_failures=3
-        )
-        # Busy forgives a probe that timed out, not one that answered 500.
-        why = await asyncio.wait_for(
-            prober.until_unhealthy(base + "?status=500", backend, lambda _: False, lambda: True), 10
-        )
-        assert why == "unhealthy: /health failed 3 times in a row (last: HTTP 500)"
-    finally:
-        await prober.close()
-        await runner.cleanup()
 
 
 # -- adoption ----------------------------------------------------------------------------------
