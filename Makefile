@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test lint venv clean bench fuzz soak llama-server gpu-check system-tools
+.PHONY: run test lint venv clean bench fuzz soak llama-server gpu-check system-tools \
+	test-unit test-daemon test-external
 
 venv: $(STAMP)
 
@@ -23,9 +24,9 @@ $(STAMP): pyproject.toml $(RUN_STAMP)
 run: $(RUN_STAMP)
 	$(BIN)/hive serve $(ARGS)
 
-# llama.cpp's llama-server for tests/test_llama.py: built once per pinned version into the user's
-# cache (engines/llama_server.py; minutes the first time), reused after that. Its path reaches the
-# tests in HIVE_LLAMA_SERVER.
+# llama.cpp's llama-server for tests/external/test_llama.py: built once per pinned version into
+# the user's cache (engines/llama_server.py; minutes the first time), reused after that. Its path
+# reaches the tests in HIVE_LLAMA_SERVER.
 LLAMA_SERVER_BUILD := $(BIN)/python engines/llama_server.py
 
 llama-server: $(STAMP)
@@ -36,8 +37,23 @@ llama-server: $(STAMP)
 system-tools: $(STAMP)
 	$(BIN)/python harness/system_tools.py
 
+# The whole suite; or one tier of it (tests/unit, tests/daemon, tests/external: README.md).
+# PYTEST_ARGS reach pytest in each, e.g. PYTEST_ARGS="-x -k journal".
 test: $(STAMP) llama-server system-tools
 	binary=$$($(LLAMA_SERVER_BUILD) path) && HIVE_LLAMA_SERVER=$$binary $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# No daemon, no subprocess: seconds.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+# A real `hive serve`, real worker processes and local programs.
+test-daemon: $(STAMP)
+	$(BIN)/python -m pytest -m daemon $(PYTEST_ARGS)
+
+# Real external programs: llama-server, sglang-router, etcd, Chromium, promtool.
+test-external: $(STAMP) llama-server system-tools
+	binary=$$($(LLAMA_SERVER_BUILD) path) && HIVE_LLAMA_SERVER=$$binary \
+		$(BIN)/python -m pytest -m external $(PYTEST_ARGS)
 
 # hive's GPU path on this host's GPU 0 (gpu/check.py): devices against nvidia-smi, a worker
 # holding VRAM, sharing by declared memory, memory back after stop and SIGKILL. Needs nothing
@@ -47,11 +63,11 @@ gpu-check: $(STAMP)
 
 # A longer API fuzz run than CI's (schemathesis against the live daemon).
 fuzz: $(STAMP)
-	HIVE_FUZZ_EXAMPLES=$${HIVE_FUZZ_EXAMPLES:-500} $(BIN)/python -m pytest tests/test_openapi.py --timeout 3600
+	HIVE_FUZZ_EXAMPLES=$${HIVE_FUZZ_EXAMPLES:-500} $(BIN)/python -m pytest tests/daemon/test_openapi.py --timeout 3600
 
 # Longer chaos than the suite's: 100 rounds of SIGKILL to hive with spawns in flight.
 soak: $(STAMP)
-	HIVE_CHAOS_ROUNDS=$${HIVE_CHAOS_ROUNDS:-100} $(BIN)/python -m pytest tests/test_chaos.py -s --timeout 3600
+	HIVE_CHAOS_ROUNDS=$${HIVE_CHAOS_ROUNDS:-100} $(BIN)/python -m pytest tests/daemon/test_chaos.py -s --timeout 3600
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -15,7 +15,7 @@ on GPU 0:
 It prints a table of these figures and exits 0 only when every check passed. Without a GPU (or
 with ``--stand-in``) it runs the same checks against the stand-in ``libnvidia-ml.so.1`` that
 the tests compile, playing the driver itself, and says so: the suite runs it that way
-(tests/test_gpu_check.py), so the script is ready for the first host with a GPU.
+(tests/daemon/test_gpu_check.py), so the script is ready for the first host with a GPU.
 
     python gpu/check.py [--stand-in] [--json FILE] [--mib 1024]
 """

@@ -5,7 +5,7 @@ it works.
 The worker is the demo worker without heartbeats, whose ``/get_load`` answers in SGLang's shape
 and whose ``/health`` (``--health-waits-for-idle``) answers only once no generation runs, as an
 engine whose health check takes the model's lock. The real llama-server's ``/slots`` is read in
-tests/test_llama.py.
+tests/external/test_llama.py.
 """
 
 from __future__ import annotations

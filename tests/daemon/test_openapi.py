@@ -92,7 +92,7 @@ def _no_server_error(ctx: Any, response: Any, case: Any) -> bool | None:
 
 # Left out: /v1/events (it streams), and /v1/apply, which a fuzzed `prune: true` would turn into
 # "remove every worker" under the other cases; its bad bodies have their own tests
-# (tests/test_declared.py).
+# (tests/daemon/test_declared.py).
 @schema.exclude(path="/v1/events").exclude(path="/v1/apply").parametrize()
 @hypothesis.settings(
     # `make fuzz` runs many more (HIVE_FUZZ_EXAMPLES); CI keeps it short.
