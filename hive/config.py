@@ -12,13 +12,17 @@ import string
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hive.addresses import http_url
+from hive.errors import ConfigError, UnknownBackend
 from hive.validation import field_errors
+
+if TYPE_CHECKING:
+    from hive.models import SpawnRequest
 
 APP = "hive"
 
@@ -31,10 +35,6 @@ PLACEHOLDERS = frozenset(
 )  # fmt: skip
 
 RestartPolicy = Literal["no", "on-failure", "always"]
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message names the file and the key."""
 
 
 def config_dir() -> Path:
@@ -385,6 +385,18 @@ class Config(BaseModel):
                 f"default_backend: {self.default_backend!r} is not a configured backend"
             )
         return self
+
+    # Backends: every lookup goes through these two.
+    def backend_name(self, spec: SpawnRequest) -> str:
+        """The backend a request runs on: the one it names, else ``default_backend``."""
+        return spec.backend or self.default_backend
+
+    def backend(self, name: str) -> BackendConfig:
+        """The backend called ``name``; :class:`UnknownBackend` naming those configured."""
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise UnknownBackend(name, sorted(self.backends)) from None
 
     # Resolved paths: the file's value, else the platformdirs default.
     @property

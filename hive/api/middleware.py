@@ -20,10 +20,18 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
+from hive.api.errors import HTTP_CODES, wire
 from hive.api.keys import CONTEXT
 from hive.api.session import SESSION_COOKIE, session_value
-from hive.errors import Conflict, Forbidden, HiveError, Invalid, NotFound, Unauthorized
-from hive.models import ErrorBody, ErrorCode, ErrorDetail
+from hive.errors import (
+    Conflict,
+    HiveError,
+    InvalidRequest,
+    NotAuthenticated,
+    NotFound,
+    NotPermitted,
+)
+from hive.models import ErrorBody, ErrorCode, ErrorDetail, Worker
 from hive.state.registry import DuplicateWorker, IllegalTransition, UnknownWorker
 from hive.validation import field_errors
 
@@ -33,23 +41,28 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _HEARTBEAT = re.compile(r"^/v1/workers/([^/]+)/heartbeat$")
-_STATUS_CODES: dict[int, ErrorCode] = {
-    400: "invalid", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "invalid",
-    409: "conflict", 413: "too_large", 422: "invalid", 503: "no_capacity",
-}  # fmt: skip
 
 
-def error_response(error: HiveError, fields: list[dict[str, str]] | None = None) -> web.Response:
-    body = ErrorBody(
-        error=ErrorDetail(
-            code=error.code, message=error.message, worker=error.worker, fields=fields
-        )
-    )
+def error_response(
+    status: int,
+    code: ErrorCode,
+    message: str,
+    worker: Worker | None = None,
+    fields: list[dict[str, str]] | None = None,
+) -> web.Response:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, worker=worker, fields=fields))
     # Leave out ``worker`` and ``fields`` when absent, but keep a record's null fields: a worker
     # in an error has every field of §4, as everywhere else.
     unset = {name for name in ("worker", "fields") if getattr(body.error, name) is None}
     text = body.model_dump_json(exclude={"error": unset})
-    return web.json_response(text=text, status=error.status)
+    return web.json_response(text=text, status=status)
+
+
+def answer(error: HiveError, fields: list[dict[str, str]] | None = None) -> web.Response:
+    """The error as the API answers it: the status and code its cause has (see
+    :mod:`hive.api.errors`), its message, and its worker when it has one."""
+    status, code = wire(type(error))
+    return error_response(status, code, error.message, error.worker, fields)
 
 
 def validation_message(exc: ValidationError) -> tuple[str, list[dict[str, str]]]:
@@ -66,26 +79,29 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except HiveError as exc:
-        return error_response(exc)
+        response = answer(exc)
+        if response.status == 500:  # hive's own failure, not the request's: the log says why
+            log.error("%s %s: %s", request.method, request.path, exc.message)
+        return response
     except ValidationError as exc:
         message, fields = validation_message(exc)
-        return error_response(Invalid(message), fields)
+        return answer(InvalidRequest(message), fields)
     except UnknownWorker as exc:
-        return error_response(NotFound(str(exc)))
+        return answer(NotFound(str(exc)))
     except (DuplicateWorker, IllegalTransition) as exc:
-        return error_response(Conflict(str(exc)))
+        return answer(Conflict(str(exc)))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         message = exc.reason if exc.status != 413 else "request body is over 1 MiB"
-        code = _STATUS_CODES.get(exc.status, "invalid")
-        response = error_response(HiveError(message, code=code, status=exc.status))
+        code = HTTP_CODES.get(exc.status, "invalid")
+        response = error_response(exc.status, code, message)
         if exc.status == 405 and "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(HiveError("internal error; see hive's log"))
+        return answer(HiveError("internal error; see hive's log"))
 
 
 def _unix_peer(request: web.Request) -> int | None:
@@ -171,12 +187,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         match = _HEARTBEAT.match(request.path)
         if match is not None and match.group(1) == owner and request.method == "POST":
             return await handler(request)
-        raise Forbidden(f"a process of worker {owner!r} may only send that worker's own heartbeat")
+        raise NotPermitted(
+            f"a process of worker {owner!r} may only send that worker's own heartbeat"
+        )
     token = _bearer(request)
     if token is None:
         if request.method in ("GET", "HEAD") and _session(request, context.token):
             return await handler(request)  # the status page's cookie: reading only
-        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+        raise NotAuthenticated("missing bearer token (Authorization: Bearer <token>)")
     if hmac.compare_digest(token.encode(), context.token.encode()):
         return await handler(request)
     registry = context.registry
@@ -187,5 +205,5 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     for record in registry.list():
         other = registry.token(record.id)
         if other is not None and hmac.compare_digest(token.encode(), other.encode()):
-            raise Forbidden("a worker token is good only for that worker's own heartbeat")
-    raise Unauthorized("invalid token")
+            raise NotPermitted("a worker token is good only for that worker's own heartbeat")
+    raise NotAuthenticated("invalid token")

@@ -29,8 +29,8 @@ from hive.api.queries import (
     StopQuery,
 )
 from hive.context import Context
-from hive.desired.declared import APPLY_SOURCE, DeclarationError, parse_workers
-from hive.errors import BadRequest, Conflict, Invalid
+from hive.desired.declared import APPLY_SOURCE, parse_workers
+from hive.errors import Conflict, InvalidRequest, MalformedBody
 from hive.models import (
     ApplyRequest,
     ApplyResult,
@@ -107,11 +107,11 @@ async def _json(request: web.Request, empty: dict[str, Any] | None = None) -> di
     try:
         data = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError):
-        raise BadRequest("body: not valid JSON") from None
+        raise MalformedBody("body: not valid JSON") from None
     except RecursionError:
-        raise BadRequest("body: nested too deeply") from None
+        raise MalformedBody("body: nested too deeply") from None
     if not isinstance(data, dict):
-        raise Invalid("body: must be a JSON object")
+        raise InvalidRequest("body: must be a JSON object")
     return data
 
 
@@ -306,16 +306,10 @@ async def replace_worker(request: web.Request) -> web.Response:
 async def apply(request: web.Request) -> web.Response:
     data = await _json(request)
     flags = ApplyRequest.model_validate({**data, "workers": []})
-    try:
-        declared = parse_workers(data.get("workers"), "workers", APPLY_SOURCE + flags.source)
-    except DeclarationError as exc:
-        raise Invalid(str(exc)) from None
+    declared = parse_workers(data.get("workers"), "workers", APPLY_SOURCE + flags.source)
     reconciler = _context(request).reconciler
     prune = (lambda _: True) if flags.prune else None
-    try:
-        items = await reconciler.apply(declared, prune=prune, dry_run=flags.dry_run)
-    except DeclarationError as exc:
-        raise Invalid(str(exc)) from None
+    items = await reconciler.apply(declared, prune=prune, dry_run=flags.dry_run)
     return _reply(ApplyResult(items=items, dry_run=flags.dry_run))
 
 

@@ -18,17 +18,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from hive.config import Config, config_dir
+from hive.errors import DeclarationError, UnknownBackend
 from hive.models import DeclaredWorker, Entry, PlanItem, SpawnRequest
 from hive.validation import field_errors
 
 #: The ``declared`` of a worker from hive's own files (config and ``workers_dir``).
 CONFIG_SOURCE = "config:"
 APPLY_SOURCE = "apply:"
-
-
-class DeclarationError(ValueError):
-    """A declared set that cannot be used; the message names the file, the worker and the
-    field. Nothing of the set is applied."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,14 +132,11 @@ def read_declared(config: Config, config_path: Path | None) -> list[Declared]:
 def check_backends(declared: Iterable[Declared], config: Config) -> None:
     """Refuse a set that names a backend hive does not have (nothing of it is applied)."""
     for item in declared:
-        backend = item.spec.backend or config.default_backend
-        if backend not in config.backends:
-            known = ", ".join(sorted(config.backends))
+        try:
+            config.backend(config.backend_name(item.spec))
+        except UnknownBackend as exc:
             where = item.source.split(":", 1)[1]
-            raise DeclarationError(
-                f"{where}: worker {item.spec.id!r}: backend: no backend {backend!r} "
-                f"(configured: {known})"
-            )
+            raise DeclarationError(f"{where}: worker {item.spec.id!r}: {exc.message}") from None
 
 
 def differences(running: SpawnRequest, declared: SpawnRequest) -> dict[str, list[Any]]:

@@ -18,20 +18,10 @@ from typing import Any
 
 import aiohttp
 
+from hive.errors import Compacted, EtcdError
+
 #: etcd refuses transactions of more than 128 operations by default.
 TXN_OPS = 100
-
-
-class EtcdError(Exception):
-    """etcd could not be reached, or refused the request; the message says which and why."""
-
-
-class Compacted(EtcdError):
-    """A watch asked for a revision etcd no longer keeps; read everything again."""
-
-    def __init__(self, revision: int) -> None:
-        super().__init__(f"revision compacted (oldest kept: {revision})")
-        self.revision = revision
 
 
 def _b64(text: str | bytes) -> str:

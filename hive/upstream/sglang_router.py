@@ -15,15 +15,8 @@ from typing import Any, Literal
 import aiohttp
 
 from hive.config import BackendConfig, RouterConfig
+from hive.errors import RouterError
 from hive.models import Worker
-
-
-class RouterError(Exception):
-    """The router could not be reached or refused; ``status`` is its HTTP status, if any."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)

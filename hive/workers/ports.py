@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from hive.errors import Conflict, NoCapacity
+from hive.errors import NoFreePort, PortTaken
 from hive.host.process import port_is_free
 from hive.models import Entry, holds_resources
 
@@ -43,9 +43,9 @@ class PortPool:
         held.update(dict.fromkeys(also_taken, worker_id))
         if wanted is not None:
             if wanted in held:
-                raise Conflict(f"{what}: {wanted} is in use by worker {held[wanted]!r}")
+                raise PortTaken(wanted, held[wanted], what)
             if not port_is_free(wanted):
-                raise Conflict(f"{what}: {wanted} is in use by another process on this host")
+                raise PortTaken(wanted, None, what)
             return wanted
         if previous is not None and previous not in held and port_is_free(previous):
             return previous
@@ -55,7 +55,7 @@ class PortPool:
             if port not in held and port_is_free(port):
                 self._next = port + 1 if port < self.high else self.low
                 return port
-        raise NoCapacity(f"no free port in port_range {self.low}-{self.high}")
+        raise NoFreePort(self.low, self.high)
 
 
 #: Where Linux says which local ports it gives to outgoing connections.

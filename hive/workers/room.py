@@ -1,7 +1,7 @@
 """Room in state_dir: whether a spawn can write its worker's log and the journal.
 
-Checked before anything of a spawn is done, so a full disk is a clear 503 that leaves nothing
-behind; the condition is logged once when it starts and once when it ends.
+Checked before anything of a spawn is done, so a full disk is a clear refusal that leaves
+nothing behind; the condition is logged once when it starts and once when it ends.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from hive.errors import NoCapacity
+from hive.errors import NoDiskRoom
 
 log = logging.getLogger("hive.room")
 
@@ -27,7 +27,7 @@ class Room:
         self._full = False
 
     def check(self) -> None:
-        """Raise NoCapacity, naming state_dir and what is full, when there is no room."""
+        """Raise NoDiskRoom, naming state_dir and what is full, when there is no room."""
         try:
             stat = os.statvfs(self.directory)
         except OSError:
@@ -38,12 +38,8 @@ class Room:
                 log.info("state_dir %s has room again (%d KiB free)", self.state_dir, free // 1024)
                 self._full = False
             return
-        what = f"{free // 1024} KiB free" if free < MIN_FREE_BYTES else "no free inodes"
-        message = (
-            f"state_dir {self.state_dir} is full ({what}): no room for a worker's log or the "
-            "journal; free space there, or move state_dir"
-        )
+        error = NoDiskRoom(self.state_dir, free, "space" if free < MIN_FREE_BYTES else "inodes")
         if not self._full:  # one line per condition, not one per refused request
-            log.error("%s", message)
+            log.error("%s", error.message)
             self._full = True
-        raise NoCapacity(message)
+        raise error
