@@ -160,6 +160,17 @@ class Metrics:
         self.event_clients = Gauge(
             "hive_event_clients", "Clients following /v1/events.", registry=self.prometheus
         )
+        self.loop_stalls = Counter(
+            "hive_loop_stalls",
+            "Times hive's event loop ran late by a quarter second or more (hive stopped, "
+            "frozen or blocked); workers' deadlines are extended by each.",
+            registry=self.prometheus,
+        )
+        self.loop_stall_seconds = Counter(
+            "hive_loop_stall_seconds",
+            "Seconds hive's event loop did not run when it should have, summed over the stalls.",
+            registry=self.prometheus,
+        )
 
         self._unsubscribe = registry.subscribe(self._on_change)
 

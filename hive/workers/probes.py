@@ -99,11 +99,14 @@ class Prober:
         proven_within: Callable[[float], bool],
         busy: Callable[[], bool],
     ) -> str:
+        away: Callable[[float], float] = lambda since: 0.0,
         """Watch a ready worker; returns why it is unhealthy (cancel to stop watching).
 
         ``proven_within(seconds)``: something else showed the worker alive that recently.
         ``busy()``: the engine last said it runs requests, so a probe's timeout is forgiven.
         """
+        ``away(since)``: seconds hive itself did not run since then (``time.monotonic()``); a
+        probe that failed while hive was away is not counted: hive, not the worker, was deaf.
         failures = 0
         period = backend.liveness_period
         while True:
@@ -112,9 +115,12 @@ class Prober:
                 failures = 0
                 continue
             result = await self.check(url)
+            sent = time.monotonic()
             if result.ok:
                 failures = 0
             elif not (result.timed_out and busy()):
+            elif away(sent) > 0:
+                pass
                 failures += 1
             if failures >= backend.liveness_failures:
                 return (
@@ -133,10 +139,12 @@ class WorkerProbes:
         port: Callable[[], int],
         heartbeat_age: Callable[[], float | None],
     ) -> None:
+        away: Callable[[float], float] = lambda since: 0.0,
         self._prober = prober
         self._port = port
         self._heartbeat_age = heartbeat_age
         self.last: ProbeResult | None = None
+        self._away = away
         #: The engine's last load report, and when (``time.monotonic()``) a read last succeeded.
         self.load: Load | None = None
         self.load_read_at: float | None = None
@@ -170,7 +178,9 @@ class WorkerProbes:
         if url is None:
             await asyncio.Event().wait()  # nothing to probe: wait to be cancelled
         assert url is not None
-        return await self._prober.until_unhealthy(url, backend, self._proven_within, self._busy)
+        return await self._prober.until_unhealthy(
+            url, backend, self._proven_within, self._busy, self._away
+        )
 
     def _proven_within(self, seconds: float) -> bool:
         age = self._heartbeat_age()

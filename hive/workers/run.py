@@ -20,7 +20,7 @@ import errno
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -41,6 +41,7 @@ from hive.workers.probes import Prober, WorkerProbes
 from hive.workers.reservations import Reservations
 from hive.workers.restart import Backoff, Outcome, next_delay
 
+from hive.workers.stall import HangTimer, LoopWatch
 log = logging.getLogger("hive.lifecycle")
 
 
@@ -74,6 +75,8 @@ class Deps:
     upstream: RouterSync | None = None
     metrics: Metrics | None = None
     closing: bool = False
+    #: How long hive itself did not run: every deadline of a worker leaves that out.
+    watch: LoopWatch = field(default_factory=LoopWatch)
 
     def backend(self, name: str) -> BackendConfig | None:
         return self.config.backends.get(name)
@@ -99,8 +102,7 @@ class WorkerRun:
         self._stop_timeout: float | None = None
         self._ready = asyncio.Event()
         self._hung = asyncio.Event()
-        self._hang_timer: asyncio.TimerHandle | None = None
-        self._hang_deadline = 0.0  # loop time by which the next heartbeat must come
+        self._hang_timer = HangTimer(deps.watch, self._hung)
         self._backoff = Backoff()
         self._sweeps: set[asyncio.Task[bool]] = set()
         self._unrunnable = False
@@ -110,6 +112,7 @@ class WorkerRun:
             lambda: registry.get(self.id).port,
             lambda: _age(registry.get(self.id).last_heartbeat_at),
         )
+            deps.watch.away_since,
 
     # -- what the supervisor asks of a run ------------------------------------------------------
 
@@ -297,11 +300,7 @@ class WorkerRun:
             if not self._ready.is_set():
                 ready = asyncio.ensure_future(self._ready.wait())
                 probe = asyncio.ensure_future(self._probe_until_ready(backend))
-                done, _ = await asyncio.wait(
-                    [*waits, ready],
-                    timeout=backend.startup_timeout,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                done = await deps.watch.first([*waits, ready], backend.startup_timeout)
                 probe.cancel()
                 ready.cancel()
                 if not done:
@@ -340,7 +339,7 @@ class WorkerRun:
 
     def _heartbeating(self) -> bool:
         """The worker heartbeats in this attempt: its own word on busy beats the engine's."""
-        return self._hang_timer is not None
+        return self._hang_timer.armed
 
     def _report_load(self, load: Load) -> None:
         self.deps.registry.engine_load(self.id, load.in_flight)
@@ -463,25 +462,9 @@ class WorkerRun:
     # -- liveness by heartbeat ------------------------------------------------------------------
 
     def arm_hang_timer(self) -> None:
-        """A heartbeat came: the worker hangs if none follows within ``heartbeat_timeout``.
-
-        A beat only moves the deadline; the one timer, when it fires early, sleeps on to the
-        deadline. So a worker beating many times a second costs no timer churn, and the hang
-        is still found within the timeout of its last beat.
-        """
-        loop = asyncio.get_running_loop()
-        self._hang_deadline = loop.time() + self.deps.config.heartbeat_timeout
-        if self._hang_timer is None:
-            self._hang_timer = loop.call_at(self._hang_deadline, self._hang_due)
-
-    def _hang_due(self) -> None:
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._hang_deadline:  # a beat came since: wait for its deadline
-            self._hang_timer = loop.call_at(self._hang_deadline, self._hang_due)
-            return
-        self._hung.set()
+        """A heartbeat came: the worker hangs if none follows within ``heartbeat_timeout`` (of
+        hive's own running time: :class:`hive.workers.stall.HangTimer`)."""
+        self._hang_timer.arm(self.deps.config.heartbeat_timeout)
 
     def disarm_hang_timer(self) -> None:
-        if self._hang_timer is not None:
-            self._hang_timer.cancel()
-            self._hang_timer = None
+        self._hang_timer.disarm()

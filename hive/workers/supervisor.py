@@ -44,6 +44,7 @@ from hive.workers.probes import Prober
 from hive.workers.reservations import Reservations
 from hive.workers.room import Room
 from hive.workers.run import Deps, WorkerRun
+from hive.workers.stall import LoopWatch
 
 log = logging.getLogger("hive.supervisor")
 
@@ -91,6 +92,7 @@ class Supervisor:
             journal=journal,
             upstream=upstream,
             metrics=metrics,
+            watch=LoopWatch(metrics),
         )
         self._runs: dict[str, WorkerRun] = {}
         self._room = Room(logs.directory, config.state_path)
@@ -107,7 +109,13 @@ class Supervisor:
 
     # -- life of the supervisor itself ---------------------------------------------------------
 
+    @property
+    def watch(self) -> LoopWatch:
+        """How long hive's loop did not run (workers' deadlines leave it out)."""
+        return self._deps.watch
+
     async def start(self) -> None:
+        self._deps.watch.start()
         await self._deps.prober.start()
         self._housekeeping = asyncio.create_task(self._housekeep(), name="hive-housekeeping")
 
@@ -131,6 +139,7 @@ class Supervisor:
             self.containment.close()
         await self._deps.prober.close()
         self._deps.spawner.close()
+        self._deps.watch.close()
 
     # -- adoption ------------------------------------------------------------------------------
 
