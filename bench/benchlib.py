@@ -306,7 +306,12 @@ class EventStream:
     async def state(self, worker_id: str, to: str | set[str], timeout: float = 60) -> Received:
         states = {to} if isinstance(to, str) else to
         return await self.wait(
-            lambda e: e.data.get("id") == worker_id and e.data.get("to") in states, timeout
+            lambda e: (
+                e.data.get("id") == worker_id
+                and e.data.get("to") in states
+                and "changed" not in e.data
+            ),  # a change of state, not of fields
+            timeout,
         )
 
     async def close(self) -> None:

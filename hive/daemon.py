@@ -16,10 +16,7 @@ import io
 import json
 import logging
 import os
-import secrets
 import signal
-import socket
-import ssl
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -42,6 +39,7 @@ from hive.host.containment import Cgroups
 from hive.host.containment import choose as choose_containment
 from hive.host.notify import Notifier
 from hive.models import State
+from hive.startup import StartupError, claim_socket, load_token, server_tls
 from hive.state.events import EventHub
 from hive.state.journal import Journal
 from hive.state.metrics import Metrics
@@ -70,10 +68,6 @@ def status_line(registry: Registry) -> str:
     return "workers: " + ", ".join(f"{counts[state]} {state.value}" for state in State)
 
 
-class StartupError(Exception):
-    """hive cannot start; the message says why in one line."""
-
-
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -99,49 +93,6 @@ def setup_logging(log_format: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def load_token(config: Config) -> str:
-    """The API token: config ``token``, else ``$HIVE_TOKEN``, else the token file (made 0600)."""
-    if config.token:
-        return config.token
-    if env := os.environ.get("HIVE_TOKEN"):
-        return env
-    path = config.token_path
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise StartupError(f"cannot read the token file {path}: {exc.strerror}") from None
-    token = secrets.token_urlsafe(32)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another hive made it first
-        return path.read_text().strip()
-    except OSError as exc:
-        raise StartupError(f"cannot create the token file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as file:
-        file.write(token + "\n")
-    log.info("created API token file %s", path)
-    return token
-
-
-def _claim_socket(path: Path) -> None:
-    """Remove a stale socket; refuse if another hive is answering on it."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists() and not path.is_symlink():
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)
-    else:
-        raise StartupError(f"another hive is already listening on {path}")
-    finally:
-        probe.close()
-
-
 class Daemon:
     """One running ``hive serve``."""
 
@@ -160,16 +111,37 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._lock_fd: int | None = None
         self._upstream: RouterSync | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._background: list[asyncio.Task[None]] = []
         self.context: Context | None = None
 
     def request_stop(self) -> None:
         self._stopping.set()
 
     async def run(self) -> None:
+        """``hive serve``, in named phases: build the context, adopt what the last hive left
+        running, listen, serve until asked to stop, shut down."""
+        context, journal = await self._build()
+        self._adopt(context, journal)
+        try:
+            await self._listen(create_app(context))
+        except StartupError:
+            await context.supervisor.close(detach=True)  # not ours to stop: leave them
+            raise
+        self._start(context, journal)
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._shut_down(context, journal)
+        log.info("hive stopped")
+
+    async def _build(self) -> tuple[Context, Journal]:
+        """Every part of hive, wired together; nothing listens and no worker is touched yet."""
         config = self.config
         token = load_token(config)
         self._lock_state_dir()
         registry = Registry(config.retention)
+        registry.bind(asyncio.get_running_loop())  # every change is heard on this loop
         nodes = cpu.discover()
         gpus = GpuMonitor(config.device_refresh)
         await asyncio.to_thread(gpus.start)
@@ -184,7 +156,6 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot use state_dir {config.state_path}: {exc}") from None
         journal = Journal(config.state_path / "journal.json", registry)
-        saved = journal.load()
         metrics = Metrics(registry)
         upstream = RouterSync(config, registry, metrics)
         self._upstream = upstream
@@ -214,7 +185,6 @@ class Daemon:
         events = EventHub(registry, config.events_buffer, config.events_queue)
         events.start()
         metrics.event_clients.set_function(lambda: events.clients)
-        reconciler = Reconciler(supervisor, registry)
         self.context = Context(
             config,
             registry,
@@ -226,13 +196,18 @@ class Daemon:
             token,
             events,
             metrics,
-            reconciler,
+            Reconciler(supervisor, registry),
             self.config_path,
             usage=usage,
         )
         await supervisor.start()
-        # Adopt before serving, so no request ever sees a registry without the old workers.
-        counts = supervisor.adopt(saved, rebuild=journal.lost)
+        return self.context, journal
+
+    def _adopt(self, context: Context, journal: Journal) -> None:
+        """The journal's workers back in the registry, each watched again, before the API
+        listens: no request ever sees a registry without the old workers."""
+        saved = journal.load()
+        counts = context.supervisor.adopt(saved, rebuild=journal.lost)
         if saved:
             log.info(
                 "journal: adopted %d running worker(s), %d gone while hive was down, "
@@ -248,68 +223,70 @@ class Daemon:
             )
         if counts["stray"]:
             log.warning("ended %d stray worker process(es) at start-up", counts["stray"])
-        try:
-            await self._listen(create_app(self.context))
-        except StartupError:
-            await supervisor.close(detach=True)  # not ours to stop: leave them to a good hive
-            raise
+
+    def _start(self, context: Context, journal: Journal) -> None:
+        """Listening: the background work begins, and systemd hears that hive is ready."""
+        config, registry = self.config, context.registry
         journal.start()
-        usage.start()
-        upstream.start()
-        metrics.watch_gpus(lambda: gpus.snapshot().gpus)
+        assert context.usage is not None and self._upstream is not None
+        context.usage.start()
+        self._upstream.start()
+        context.metrics.watch_gpus(lambda: context.gpus.snapshot().gpus)
         log.info("hive listening on %s and %s", config.listen, config.socket_path)
         self._declared = DeclaredFiles(
-            reconciler, lambda: self.config, self.config_path, self.notifier.status
+            context.reconciler, lambda: self.config, self.config_path, self.notifier.status
         )
         self._declared.request(first=True)
-        fleet = self._join_fleet(self.context)
-        notifier = self.notifier
-        notifier.ready(status_line(registry))
+        self._join_fleet(context)
+        self.notifier.ready(status_line(registry))
         changed = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        # Subscribers run under the registry's lock, maybe off the loop: only hand news on.
-        unsubscribe = registry.subscribe(lambda _: loop.call_soon_threadsafe(changed.set))
-        unsubscribe_log = registry.subscribe(
-            lambda change: loop.call_soon_threadsafe(_log_change, change)
-        )
-        background = [
-            asyncio.create_task(notifier.watchdog_loop(), name="hive-watchdog"),
+
+        def on_change(change: Change) -> None:
+            changed.set()
+            _log_change(change)
+
+        self._unsubscribe = registry.subscribe(on_change)  # on the loop, in order
+        self._background = [
+            asyncio.create_task(self.notifier.watchdog_loop(), name="hive-watchdog"),
             asyncio.create_task(self._publish_status(registry, changed), name="hive-status"),
         ]
-        try:
-            await self._stopping.wait()
-        finally:
-            unsubscribe()
-            notifier.stopping(f"stopping ({status_line(registry)})")
-            # Stopping workers may take stop_timeout and more: keep systemd from giving up.
-            background.append(
-                asyncio.create_task(
-                    notifier.extend_timeout_loop(config.stop_timeout + config.drain_timeout),
-                    name="hive-extend-timeout",
-                )
+
+    async def _shut_down(self, context: Context, journal: Journal) -> None:
+        """Out of the fleet, workers stopped or detached (``on_exit``), then every part closed
+        in the reverse order of its start."""
+        config, notifier = self.config, self.notifier
+        notifier.stopping(f"stopping ({status_line(context.registry)})")
+        # Stopping workers may take stop_timeout and more: keep systemd from giving up.
+        self._background.append(
+            asyncio.create_task(
+                notifier.extend_timeout_loop(config.stop_timeout + config.drain_timeout),
+                name="hive-extend-timeout",
             )
-            log.info("shutting down (on_exit = %s)", self.config.on_exit)
-            if fleet is not None:  # out of the fleet view at once, before workers stop
-                await fleet.close()
-            await usage.close()
-            await supervisor.close()  # stops (and first withdraws) every worker
-            if self._declared is not None:
-                await self._declared.close()
-            unsubscribe_log()
-            await upstream.close()
-            await journal.close()
-            await asyncio.to_thread(gpus.close)
-            events.close()
-            metrics.close()
-            if self._runner is not None:
-                await self._runner.cleanup()
-            with contextlib.suppress(FileNotFoundError):
-                config.socket_path.unlink()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            notifier.close()
-        log.info("hive stopped")
+        )
+        log.info("shutting down (on_exit = %s)", config.on_exit)
+        if context.fleet is not None:  # out of the fleet view at once, before workers stop
+            await context.fleet.close()
+        if context.usage is not None:
+            await context.usage.close()
+        await context.supervisor.close()  # stops (and first withdraws) every worker
+        if self._declared is not None:
+            await self._declared.close()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self._upstream is not None:
+            await self._upstream.close()
+        await journal.close()
+        await asyncio.to_thread(context.gpus.close)
+        context.events.close()
+        context.metrics.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            config.socket_path.unlink()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        notifier.close()
 
     async def _publish_status(self, registry: Registry, changed: asyncio.Event) -> None:
         """``STATUS=`` with the worker counts as they change, at most twice a second."""
@@ -359,10 +336,10 @@ class Daemon:
 
     # -- the fleet -------------------------------------------------------------------------
 
-    def _join_fleet(self, context: Context) -> Fleet | None:
+    def _join_fleet(self, context: Context) -> None:
         """With ``[fleet]``: publish this node in etcd and take its desired workers from it."""
         if self.config.fleet is None:
-            return None
+            return
 
         def node_value() -> dict[str, Any]:
             value = views.node_view(context).model_dump(mode="json", exclude={"fleet"})
@@ -373,7 +350,6 @@ class Daemon:
         context.fleet = fleet
         context.metrics.watch_fleet(lambda: fleet.connected)
         fleet.start()
-        return fleet
 
     def _lock_state_dir(self) -> None:
         """One hive per state_dir: two would adopt the same workers."""
@@ -416,7 +392,7 @@ class Daemon:
             raise StartupError(f"cannot listen on {config.listen}: {exc.strerror}") from None
         path = config.socket_path
         try:
-            _claim_socket(path)
+            claim_socket(path)
             old_umask = os.umask(0o177)  # the socket is born 0600, never briefly wider
             try:
                 await web.UnixSite(self._runner, str(path)).start()
@@ -429,22 +405,6 @@ class Daemon:
         except StartupError:
             await self._runner.cleanup()
             raise
-
-
-def server_tls(config: Config) -> ssl.SSLContext | None:
-    """The TCP listener's TLS, from ``tls_cert_file``/``tls_key_file`` (and, for mutual TLS,
-    ``tls_client_ca_file``); None for plain HTTP. A file that cannot be used stops start-up."""
-    if config.tls_cert_file is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(str(config.tls_cert_file), str(config.tls_key_file))
-        if config.tls_client_ca_file is not None:
-            context.load_verify_locations(str(config.tls_client_ca_file))
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
-        raise StartupError(f"cannot use the TLS files: {exc}") from None
-    return context
 
 
 def _log_change(change: Change) -> None:

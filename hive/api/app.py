@@ -4,20 +4,31 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from hive.api import page as _page  # noqa: F401  (its routes join ROUTES)
-from hive.api.keys import CONTEXT, RECORD_JSON
+from hive.api import page, routes
+from hive.api.keys import CONTEXT, RECORD_JSON, ROUTE_TABLE
 from hive.api.middleware import (
     auth_middleware,
     error_middleware,
     guard_middleware,
     metrics_middleware,
 )
+from hive.api.openapi import Operation
 from hive.api.record_json import RecordJson
-from hive.api.routes import ROUTES
+from hive.api.table import Route
 from hive.context import Context
 
 #: Request bodies larger than this are refused with 413 ``too_large``.
 MAX_BODY = 1024 * 1024
+
+
+def route_table() -> tuple[Route, ...]:
+    """Every route hive serves, in the order ``/openapi.json`` lists them."""
+    return (*routes.ROUTES, *page.ROUTES)
+
+
+def operations() -> list[Operation]:
+    """The operation of every route, for the OpenAPI document."""
+    return [r.operation for r in route_table()]
 
 
 def create_app(context: Context) -> web.Application:
@@ -27,8 +38,10 @@ def create_app(context: Context) -> web.Application:
     )
     app[CONTEXT] = context
     app[RECORD_JSON] = RecordJson()
+    table = route_table()
+    app[ROUTE_TABLE] = table
     # aiohttp tries the routes under one prefix in the order they were added: the heartbeat,
     # by far the most frequent request, goes first.
-    hot_first = sorted(ROUTES, key=lambda r: not r.operation.path.endswith("/heartbeat"))
+    hot_first = sorted(table, key=lambda r: not r.operation.path.endswith("/heartbeat"))
     app.add_routes([r.definition() for r in hot_first])
     return app

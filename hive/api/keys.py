@@ -3,7 +3,9 @@
 from aiohttp import web
 
 from hive.api.record_json import RecordJson
+from hive.api.table import Route
 from hive.context import Context
 
 CONTEXT = web.AppKey("context", Context)
 RECORD_JSON = web.AppKey("record_json", RecordJson)
+ROUTE_TABLE = web.AppKey("route_table", tuple[Route, ...])

@@ -17,8 +17,8 @@ from aiohttp import web
 
 from hive.api.keys import CONTEXT
 from hive.api.openapi import Operation
-from hive.api.routes import route
 from hive.api.session import SESSION_COOKIE, session_value
+from hive.api.table import route
 
 
 def _page() -> bytes:
@@ -94,3 +94,7 @@ async def logout(request: web.Request) -> web.Response:
 
 def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
+
+
+#: The page's routes, after the API's in ``/openapi.json``.
+ROUTES = (page, login, logout)

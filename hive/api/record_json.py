@@ -2,8 +2,9 @@
 
 A record is immutable: every change replaces it with a new object
 (:mod:`hive.state.registry`). So the JSON of the object last serialized for a worker is the
-JSON of that worker for as long as its record is that same object. ``GET /v1/workers`` joins those bytes, and ``GET /v1/workers/{id}``
-answers them, with the same bytes pydantic's ``model_dump_json`` writes for the whole list.
+JSON of that worker for as long as its record is that same object. ``GET /v1/workers`` joins
+those bytes, and ``GET /v1/workers/{id}`` answers them, with the same bytes pydantic's
+``model_dump_json`` writes for the whole list.
 """
 
 from __future__ import annotations

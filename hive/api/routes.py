@@ -1,24 +1,21 @@
 """The API's routes: each handler parses its input, calls the registry or supervisor, serializes.
 
-Every route is declared once, with :func:`route`, together with the OpenAPI operation that
-describes it: :data:`ROUTES` is what the app serves (:mod:`hive.api.app`) and what
-``/openapi.json`` documents (:mod:`hive.api.openapi`), so neither can have a route the other
-lacks.
+Every route is declared once, with :func:`~hive.api.table.route`, together with the OpenAPI
+operation that describes it; :data:`ROUTES` lists this module's routes for the app's table
+(:func:`hive.api.app.route_table`), which is also what ``/openapi.json`` documents.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from hive.api import views
-from hive.api.keys import CONTEXT, RECORD_JSON
+from hive.api.keys import CONTEXT, RECORD_JSON, ROUTE_TABLE
 from hive.api.openapi import Operation, build_openapi
 from hive.api.queries import (
     EventsQuery,
@@ -28,6 +25,7 @@ from hive.api.queries import (
     SpawnQuery,
     StopQuery,
 )
+from hive.api.table import route
 from hive.context import Context
 from hive.desired.declared import APPLY_SOURCE, parse_workers
 from hive.errors import Conflict, InvalidRequest, MalformedBody
@@ -48,39 +46,6 @@ from hive.state.events import SSE_HEADERS, drop, limit_send_buffer
 from hive.state.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 M = TypeVar("M", bound=BaseModel)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-H = TypeVar("H", bound=Handler)
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One route of the API: the operation that describes it and the handler that serves it."""
-
-    operation: Operation
-    handler: Handler
-
-    def definition(self) -> web.RouteDef:
-        """For ``app.add_routes``; a GET also answers HEAD, as aiohttp's ``add_get`` does."""
-        return web.route(self.operation.method.upper(), self.operation.path, self.handler)
-
-
-#: Every route, in the order ``/openapi.json`` lists them.
-ROUTES: list[Route] = []
-
-
-def route(operation: Operation) -> Callable[[H], H]:
-    """Serve the decorated handler at ``operation``'s method and path, documented by it."""
-
-    def register(handler: H) -> H:
-        ROUTES.append(Route(operation, handler))
-        return handler
-
-    return register
-
-
-def operations() -> list[Operation]:
-    """The operations of every route, for :func:`hive.api.openapi.build_openapi`."""
-    return [r.operation for r in ROUTES]
 
 
 def _context(request: web.Request) -> Context:
@@ -413,4 +378,26 @@ async def metrics(request: web.Request) -> web.Response:
     )
 )
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(build_openapi(operations(), list(_context(request).config.backends)))
+    operations = [r.operation for r in request.app[ROUTE_TABLE]]
+    return web.json_response(build_openapi(operations, list(_context(request).config.backends)))
+
+
+#: This module's routes, in the order ``/openapi.json`` lists them.
+ROUTES = (
+    health,
+    node,
+    devices,
+    list_workers,
+    spawn,
+    get_worker,
+    stop_worker,
+    restart_worker,
+    delete_worker,
+    replace_worker,
+    apply,
+    heartbeat,
+    logs,
+    events,
+    metrics,
+    openapi,
+)

@@ -175,12 +175,8 @@ class Fleet:
     # -- publishing ------------------------------------------------------------------------------
 
     def _on_change(self, change: Change) -> None:
-        # Called under the registry's lock, maybe off the loop: only hand the change on.
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._mark, change.id)
-
-    def _mark(self, worker_id: str) -> None:
-        self._dirty.add(worker_id)
+        # On the loop (the registry delivers there): coalesced into the next publish.
+        self._dirty.add(change.id)
         self._wake.set()
 
     async def _publish_loop(self) -> None:

@@ -105,14 +105,13 @@ class Reconciler:
         routers = [r.url for r in supervisor.config.routers] if spec.register_ else []
         if routers:
             registry.replacement_progress(worker_id, f"{new_id} ready, registering")
-            # A router's status is a field, not a state: no change is published for it, so
-            # it is looked at every 20 ms.
-            record = registry.get(new_id)
-            while record.state in LIVE_STATES and time.monotonic() < deadline:
-                if all(record.routers.get(url) == "registered" for url in routers):
-                    break
-                await asyncio.sleep(0.02)
-                record = registry.get(new_id)
+            # Every router's status is told as a change of the record: wait for it.
+            record = await registry.wait_until(
+                new_id,
+                lambda w: w.state not in LIVE_STATES
+                or all(w.routers.get(url) == "registered" for url in routers),
+                _left(deadline),
+            )
             missing = [url for url in routers if record.routers.get(url) != "registered"]
             if record.state not in LIVE_STATES:
                 return await self._abandon(worker_id, new_id, f"{record.state}: {record.error}")

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from hive.state.records import HOT_FIELDS
 from hive.state.registry import Change, Registry
 from hive.timeouts import within
 
@@ -37,6 +38,18 @@ class Event:
         return f"event: worker\nid: {self.seq}\ndata: {self.data}\n\n".encode()
 
 
+def _changed_fields(change: Change) -> list[str]:
+    """The fields a change of fields changed (``from`` equal to ``to``), by name."""
+    before, after = change.before, change.worker
+    if before is None:
+        return []
+    return [
+        name
+        for name in type(after).model_fields
+        if name not in HOT_FIELDS and getattr(before, name) != getattr(after, name)
+    ]
+
+
 def _event(change: Change) -> Event:
     data = {
         "seq": change.seq,
@@ -46,6 +59,7 @@ def _event(change: Change) -> Event:
         "to": change.to.value if change.to else None,
         "worker": json.loads(change.worker.model_dump_json()),
         **({"renamed_to": change.renamed_to} if change.renamed_to else {}),
+        **({"changed": _changed_fields(change)} if change.fields_only else {}),
     }
     return Event(change.seq, json.dumps(data, separators=(",", ":")))
 
@@ -221,12 +235,8 @@ class EventHub:
         return len(self._clients)
 
     def _on_change(self, change: Change) -> None:
-        # Called with the registry's lock held: serialize, remember, hand on; nothing more.
+        # On the loop, in order (the registry delivers there): serialize, remember, hand on.
         event = _event(change)
         self.ring.append(event)
-        if self._loop is not None and self._clients:
-            self._loop.call_soon_threadsafe(self._deliver, event)
-
-    def _deliver(self, event: Event) -> None:
         for client in self._clients:
             client.put(event)

@@ -38,7 +38,6 @@ import errno
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hive.errors import NoCapacity
+from hive.errors import JournalError
 from hive.host.process import start_time
 from hive.models import SpawnRequest, Worker
 from hive.state.registry import Change, Registry
@@ -100,19 +99,6 @@ class _Encoder:
         return b'{"version":%d,"workers":[%s]}' % (VERSION, workers)
 
 
-class JournalError(NoCapacity):
-    """The journal could not be written: the change it was to hold is not on disk.
-
-    Raised by :meth:`Journal.flush`; it refuses the request that waited for it (503
-    ``no_capacity``: the host has no room for the change, with this message).
-    """
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"cannot write {path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
 class _Unreadable(Exception):
     """A journal file that exists but cannot be used."""
 
@@ -151,13 +137,13 @@ class Journal:
         self.lost = False
         self._dirty = asyncio.Event()
         self._progress = asyncio.Event()
-        self._marked = 0
-        self._attempted = 0  # the mark count that the last finished write covered
-        self._durable = 0  # the mark count that the last successful write covered
+        # Progress is counted in the registry's change sequence numbers: a write covers every
+        # change up to the ``seq`` read just before its snapshot.
+        self._attempted = 0  # the seq that the last finished write covered
+        self._durable = 0  # the seq that the last successful write covered
         self._reason: str | None = None
         self._failures = 0
         self._closing = False
-        self._loop_thread: int | None = None
         self._writer: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._start_times: dict[tuple[str, int], float | None] = {}
@@ -283,21 +269,17 @@ class Journal:
     def start(self) -> None:
         """Follow the registry from now on and write after every change."""
         self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         self._closing = False
         self._unsubscribe = self.registry.subscribe(self._on_change)
         self._writer = asyncio.create_task(self._write_loop(), name="hive-journal")
         self.mark()
 
     def _on_change(self, change: Change) -> None:
-        if threading.get_ident() == self._loop_thread:
-            self.mark()
-        elif self._loop is not None:
-            self._loop.call_soon_threadsafe(self.mark)
+        # Every change but the hot fields' is told, on the loop: each one is worth a write.
+        self._dirty.set()
 
     def mark(self) -> None:
-        """Something changed that the journal must hold (a state, a pid...): write soon."""
-        self._marked += 1
+        """Write soon, whatever changed (the registry's changes need no call: they are heard)."""
         self._dirty.set()
 
     async def flush(self) -> None:
@@ -308,7 +290,9 @@ class Journal:
         """
         if self._writer is None:
             return
-        target = self._marked
+        target = self.registry.seq  # every change so far, heard by now or not
+        if self._durable < target:
+            self._dirty.set()
         while self._durable < target:
             if self._attempted >= target:  # the write covering ``target`` ended, and failed
                 raise JournalError(self.path, self._reason or "unknown error")
@@ -330,7 +314,7 @@ class Journal:
             self._dirty.set()
             await self._writer  # a write under way ends first: never two at once
             self._writer = None
-        target = self._marked
+        target = self.registry.seq
         try:
             self._write(self._encoder.encode(self._snapshot()))
         except JournalError as exc:
@@ -349,7 +333,7 @@ class Journal:
                 if self._closing:
                     break
                 self._dirty.clear()
-                target = self._marked
+                target = self.registry.seq
                 try:
                     await asyncio.to_thread(self._serialize_and_write, self._snapshot())
                 except JournalError as exc:

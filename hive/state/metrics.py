@@ -188,6 +188,8 @@ class Metrics:
         self._records.gpus = gpus
 
     def _on_change(self, change: Change) -> None:
+        if change.fields_only:
+            return
         w = change.worker
         if change.to == State.READY and change.from_ == State.STARTING:
             if w.started_at is not None and w.ready_at is not None:

@@ -188,14 +188,21 @@ class RouterSync:
     # -- immediate reactions -------------------------------------------------------------------
 
     def _on_change(self, change: Change) -> None:
-        # Called with the registry's lock held, maybe off the loop: only schedule.
+        # On the loop (the registry delivers there): start the job, never wait for it here.
         if self._loop is None or change.renamed_to is not None:
             return  # a successor taking its worker's id: the same process, still registered
         worker = change.worker
+        if change.fields_only:
+            # Of the changes of fields, only an operator's stop matters here (the router
+            # statuses this class records are changes too, and must not start a job).
+            before = change.before
+            if worker.desired == "stopped" and before is not None and before.desired != "stopped":
+                self._spawn_task(self._withdraw(worker))
+            return
         if change.to in (State.READY, State.BUSY) and change.from_ == State.STARTING:
-            self._loop.call_soon_threadsafe(self._spawn_task, self._register(worker))
+            self._spawn_task(self._register(worker))
         elif change.to in (State.FAILED, State.STOPPED, None) or worker.desired == "stopped":
-            self._loop.call_soon_threadsafe(self._spawn_task, self._withdraw(worker))
+            self._spawn_task(self._withdraw(worker))
 
     def _spawn_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)

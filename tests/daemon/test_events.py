@@ -43,13 +43,35 @@ async def sse(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]
             message[name] = json.loads(value) if name == "data" else value
 
 
-async def next_events(stream: AsyncIterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+async def next_events(
+    stream: AsyncIterator[dict[str, Any]], n: int, fields: bool = False
+) -> list[dict[str, Any]]:
+    """The next ``n`` events; changes of fields only (``changed`` in the data) are skipped
+    unless ``fields``, so that a test of states reads states."""
     got: list[dict[str, Any]] = []
     while len(got) < n:
         message = await asyncio.wait_for(anext(stream), 30)
-        if "comment" not in message:
-            got.append(message)
+        if "comment" in message:
+            continue
+        if not fields and "changed" in message.get("data", {}):
+            continue
+        got.append(message)
     return got
+
+
+async def events_until(
+    stream: AsyncIterator[dict[str, Any]], done: Any, timeout: float = 30
+) -> list[dict[str, Any]]:
+    """Every event (changes of fields too) up to and including the first for which ``done``."""
+    got: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        async for message in stream:
+            if "comment" in message:
+                continue
+            got.append(message)
+            if done(message):
+                return got
+    raise AssertionError(f"the stream ended before the event waited for: {got}")
 
 
 async def spawn(s: aiohttp.ClientSession, worker_id: str) -> dict[str, Any]:
@@ -101,19 +123,60 @@ async def test_resume_with_last_event_id(hive: Hive) -> None:
             pass
         async with s.get("/v1/events", headers={"Last-Event-ID": ready["id"]}) as r:
             stream = sse(r)
-            missed = await next_events(stream, 2)
+            missed = await events_until(stream, lambda e: e["data"]["to"] is None)
             await spawn(s, "ev-b2")
-            live = await next_events(stream, 2)
+            live = await events_until(
+                stream, lambda e: e["data"]["to"] == "ready" and "changed" not in e["data"]
+            )
         seqs = [e["data"]["seq"] for e in missed + live]
         first = int(ready["id"]) + 1
-        assert seqs == list(range(first, first + 4)), seqs
-        assert [(e["data"]["from"], e["data"]["to"]) for e in missed] == [
+        assert seqs == list(range(first, first + len(seqs))), seqs
+        states = [e for e in missed if "changed" not in e["data"]]
+        assert [(e["data"]["from"], e["data"]["to"]) for e in states] == [
             ("ready", "stopped"),
             ("stopped", None),
         ]
-        assert [e["data"]["id"] for e in live] == ["ev-b2", "ev-b2"]
+        assert {e["data"]["id"] for e in missed} == {"ev-b"}
+        assert {e["data"]["id"] for e in live} == {"ev-b2"}
         async with s.delete("/v1/workers/ev-b2"):
             pass
+
+
+async def test_gave_up_and_router_status_are_told() -> None:
+    """Issue 24: every named change reaches /v1/events, not only changes of state: giving up
+    after the last restart, and a router's view of a worker."""
+    with socket.socket() as closed:  # a router address where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        router = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    config = f"""{CONFIG}restart_delay = 0.1
+restart_delay_max = 0.2
+max_restarts = 1
+
+[[routers]]
+url = "{router}"
+"""
+    with running_hive(config) as daemon:
+        async with daemon.session() as s, s.get("/v1/events") as r:
+            stream = sse(r)
+            async with s.post(
+                "/v1/workers", json={"model": "m", "id": "ev-gu", "args": ["--fail-after", "0.5"]}
+            ) as spawned:
+                assert spawned.status == 201, await spawned.text()
+            seen = await events_until(
+                stream,
+                lambda e: (
+                    "gave up" in (e["data"]["worker"]["error"] or "") and "changed" in e["data"]
+                ),
+                timeout=60,
+            )
+            gave_up = seen[-1]["data"]
+            assert gave_up["from"] == gave_up["to"] == "failed"
+            assert "error" in gave_up["changed"]
+            routers = [e["data"] for e in seen if "routers" in e["data"].get("changed", [])]
+            assert routers, [e["data"].get("changed") for e in seen]
+            assert router in routers[0]["worker"]["routers"]
+            async with s.delete("/v1/workers/ev-gu") as gone:
+                assert gone.status == 200
 
 
 async def test_too_old_last_event_id_says_reset(hive: Hive) -> None:

@@ -16,8 +16,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import Failure
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
+from hive.api.app import operations
 from hive.api.openapi import build_openapi
-from hive.api.routes import operations
 from hive.config import Config
 
 pytestmark = pytest.mark.timeout(300)

@@ -12,9 +12,9 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from hive.addresses import connect_host, http_url
+from hive.api.app import operations
 from hive.api.middleware import validation_message
 from hive.api.openapi import build_openapi
-from hive.api.routes import operations
 from hive.cli.main import build_parser, main
 from hive.config import Config, ConfigError, parse_config
 from hive.devices.cpu import parse_cpulist

@@ -234,14 +234,52 @@ def test_update_refuses_state(reg: Registry, rec: Recorder) -> None:
     assert_untouched(reg, before, seq, heard, rec)
 
 
-def test_update_changes_fields_quietly(reg: Registry, rec: Recorder) -> None:
+def test_update_tells_changed_fields_but_not_hot_ones(reg: Registry, rec: Recorder) -> None:
+    """A change of fields is told (``from_ == to``) with the record before it; a write of the
+    hot fields alone (heartbeat time, in flight, usage) is stored but not told, and a write
+    that changes nothing is no change at all."""
     add(reg, "w")
     seq, heard = reg.seq, len(rec.changes)
-    record = reg.update("w", pid=77, labels={"k": "v"}, in_flight=3)
-    assert (record.pid, record.labels, record.in_flight) == (77, {"k": "v"}, 3)
-    assert record.state == State.STARTING
+    record = reg.update("w", in_flight=3, rss_bytes=1024)
+    assert (record.in_flight, record.rss_bytes) == (3, 1024)
     assert reg.get("w") is record
     assert reg.seq == seq
+    assert len(rec.changes) == heard
+    record = reg.update("w", pid=77, labels={"k": "v"})
+    assert (record.pid, record.labels) == (77, {"k": "v"})
+    assert record.state == State.STARTING
+    assert reg.seq == seq + 1
+    change = rec.changes[-1]
+    assert (change.from_, change.to, change.fields_only) == (State.STARTING, State.STARTING, True)
+    assert change.before is not None and change.before.pid is None
+    assert change.worker is record
+    assert reg.update("w", pid=77) is record  # nothing changed: nothing told
+    assert reg.seq == seq + 1
+
+
+def test_every_named_operation_that_changes_something_is_told(reg: Registry, rec: Recorder) -> None:
+    """Issue 24: gave_up, restart_due, router_status, set_desired... each publish a change."""
+    add(reg, "w")
+    reg.transition("w", State.FAILED)
+    calls: list[Callable[[], object]] = [
+        lambda: reg.gave_up("w", "gave up after 5 restarts"),
+        lambda: reg.restart_due("w", BASE),
+        lambda: reg.restart_due("w", None),
+        lambda: reg.set_desired("w", "stopped"),
+        lambda: reg.router_status("w", "http://router", "registered"),
+        lambda: reg.set_declared("w", "config:/etc/hive.toml"),
+        lambda: reg.set_draining("w", True),
+        lambda: reg.replacement_progress("w", "w~2 starting"),
+        lambda: reg.exit_code_known("w", 3),
+        lambda: reg.restart_refused("w", "no port free"),
+    ]
+    for call in calls:
+        heard = len(rec.changes)
+        call()
+        assert len(rec.changes) == heard + 1, call
+        assert rec.changes[-1].fields_only
+    heard = len(rec.changes)
+    reg.gave_up("w", "no port free")  # the same error again: nothing changed
     assert len(rec.changes) == heard
 
 
@@ -254,8 +292,8 @@ def test_update_many_applies_and_skips_unknown(reg: Registry, rec: Recorder) -> 
     assert (reg.get("b").pid, reg.get("b").rss_bytes) == (2, 10)
     assert "ghost" not in reg
     assert len(reg) == 2
-    assert reg.seq == seq
-    assert len(rec.changes) == heard
+    assert reg.seq == seq + 2  # a pid is not a hot field: both changes are told
+    assert len(rec.changes) == heard + 2
 
 
 def test_update_many_refuses_state(reg: Registry, rec: Recorder) -> None:
@@ -408,7 +446,8 @@ def test_subscriber_hears_every_change_in_order(reg: Registry) -> None:
 
     add(reg, "w")
     reg.transition("w", State.READY)
-    reg.update("w", pid=5)  # not a change subscribers hear about
+    reg.update("w", in_flight=5)  # a hot field: not a change subscribers hear about
+    reg.update("w", pid=5)  # a change of fields, heard with the state as it was
     reg.transition("w", State.BUSY)
     reg.transition("early", State.STOPPED)
     reg.transition("w", State.FAILED)
@@ -418,13 +457,14 @@ def test_subscriber_hears_every_change_in_order(reg: Registry) -> None:
     assert rec.tuples() == [
         (start + 1, "w", None, State.STARTING),
         (start + 2, "w", State.STARTING, State.READY),
-        (start + 3, "w", State.READY, State.BUSY),
-        (start + 4, "early", State.READY, State.STOPPED),
-        (start + 5, "w", State.BUSY, State.FAILED),
-        (start + 6, "early", State.STOPPED, None),
-        (start + 7, "w", State.FAILED, State.STARTING),
+        (start + 3, "w", State.READY, State.READY),
+        (start + 4, "w", State.READY, State.BUSY),
+        (start + 5, "early", State.READY, State.STOPPED),
+        (start + 6, "w", State.BUSY, State.FAILED),
+        (start + 7, "early", State.STOPPED, None),
+        (start + 8, "w", State.FAILED, State.STARTING),
     ]
-    assert reg.seq == start + 7
+    assert reg.seq == start + 8
     assert rec.changes[2].worker.pid == 5
     assert rec.changes[2].worker is not rec.changes[1].worker
     times = [c.at for c in rec.changes]
@@ -546,7 +586,7 @@ def _writer(reg: Registry, t: int, barrier: threading.Barrier) -> int:
         reg.transition(wid, State.BUSY)
         reg.update_many({wid: {"in_flight": 1}})
         reg.transition(wid, State.READY, expect=State.BUSY)
-        made += 4
+        made += 5  # add, ready, the pid and labels (a change of fields), busy, ready
         match i % 4:
             case 1:
                 reg.transition(wid, State.STOPPED)
@@ -739,6 +779,8 @@ class RegistryMachine(RuleBasedStateMachine):
             self._refused(UnknownWorker, lambda: self.reg.update(wid, labels=labels))
             return
         self.reg.update(wid, labels=labels)
+        if labels != self.labels[wid]:  # a change of fields is told; no change is not
+            self._log(wid, self.states[wid], self.states[wid])
         self.labels[wid] = dict(labels)
 
     @rule(wid=st.sampled_from(IDS), to=st.sampled_from(list(State)))
