@@ -47,6 +47,7 @@ from hive.state.registry import Change, Registry
 from hive.upstream.router_sync import RouterSync
 from hive.workers.logs import Logs
 from hive.workers.supervisor import Supervisor
+from hive.workers.takeover import Takeover
 from hive.workers.usage import Usage
 
 log = logging.getLogger("hive")
@@ -207,7 +208,7 @@ class Daemon:
         """The journal's workers back in the registry, each watched again, before the API
         listens: no request ever sees a registry without the old workers."""
         saved = journal.load()
-        counts = context.supervisor.adopt(saved, rebuild=journal.lost)
+        counts = Takeover(context.supervisor).run(saved, rebuild=journal.lost)
         if saved:
             log.info(
                 "journal: adopted %d running worker(s), %d gone while hive was down, "

@@ -1,11 +1,11 @@
 """The supervisor: the request API over the set of worker lifecycles.
 
 It turns requests (spawn, stop, restart, delete, heartbeat) into registry changes and
-:class:`~hive.workers.run.WorkerRun` calls, takes back what the previous hive left (adoption),
-and keeps house (log caps, retention). Each worker's process is owned by its ``WorkerRun``;
-the policies live beside it as plain functions: :mod:`hive.workers.launch` (argv and
-environment), :mod:`hive.workers.restart` (the back-off), :mod:`hive.workers.probes` and
-:mod:`hive.workers.adoption`.
+:class:`~hive.workers.run.WorkerRun` calls, and keeps house (log caps, retention). Taking back
+what the previous hive left is :class:`~hive.workers.takeover.Takeover`'s. Each worker's process
+is owned by its ``WorkerRun``; the policies live beside it as plain functions:
+:mod:`hive.workers.launch` (argv and environment), :mod:`hive.workers.restart` (the back-off),
+:mod:`hive.workers.probes` and :mod:`hive.workers.adoption`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from hive.config import BackendConfig, Config
+from hive.config import Config
 from hive.devices.placement import Placer
-from hive.errors import Conflict, Invalid
+from hive.errors import Conflict, DuplicateWorker
 from hive.host.containment import Containment, end_strays
 from hive.host.process import Spawner, reap_orphans
 from hive.models import (
@@ -33,11 +33,10 @@ from hive.models import (
     process_key,
     successor_id,
 )
-from hive.state.journal import Journal, JournalError, Saved
+from hive.state.journal import Journal, JournalError
 from hive.state.metrics import Metrics
 from hive.state.registry import Registry
 from hive.upstream.router_sync import RouterSync
-from hive.workers.adoption import plan
 from hive.workers.logs import Logs
 from hive.workers.ports import PortPool, ephemeral_overlap
 from hive.workers.probes import Prober
@@ -52,7 +51,7 @@ log = logging.getLogger("hive.supervisor")
 class Supervisor:
     """Spawns, stops, restarts and deletes workers; one :class:`WorkerRun` per worker.
 
-    About 400 lines: the request API and adoption, each a few lines over the policies it calls;
+    About 350 lines: the request API, each request a few lines over the policies it calls;
     a spawn's crash-safe order (intent on disk, then the process, then the answer; the pid in
     the journal's next write) reads best in one place, and so do
     the two moves of a replacement that touch runs (a successor promoted to its worker's id, a
@@ -141,51 +140,14 @@ class Supervisor:
         self._deps.spawner.close()
         self._deps.watch.close()
 
-    # -- adoption ------------------------------------------------------------------------------
+    # -- runs --------------------------------------------------------------------------------
 
-    def adopt(self, saved: list[Saved], rebuild: bool = False) -> dict[str, int]:
-        """Take back what the previous hive left: running workers keep running.
-
-        :func:`hive.workers.adoption.plan` reconciles the journal with what the containment finds
-        running; here each record is restored, its lifecycle resumed (a live process, or a
-        restart due), and every stray process ended. ``rebuild``: the journal was unreadable,
-        so running workers are rebuilt from their processes.
-        """
-        inventory = self.containment.inventory()
-        decided = plan(saved, self.registry, inventory=inventory, rebuild=rebuild)
-        for adoption in decided.adoptions:
-            record, item = adoption.record, adoption.saved
-            self.registry.restore(item.spec, item.token, record)
-            run = WorkerRun(record.id, self._deps)
-            self._runs[record.id] = run
-            if adoption.process is not None:
-                for pid in adoption.members:  # hive may have died before it moved them
-                    with contextlib.suppress(OSError):
-                        self.containment.enter(process_key(record), pid)
-                if self.journal is not None:
-                    self.journal.remember_start_time(
-                        record.id, adoption.process.pid, adoption.started
-                    )
-                run.adopt(
-                    adoption.process,
-                    ready=record.state in (State.READY, State.BUSY),
-                    heartbeating=record.last_heartbeat_at is not None,
-                )
-                log.info(
-                    "adopted worker %s, pid %d, %s", record.id, adoption.process.pid, record.state
-                )
-            elif adoption.resume:
-                run.resume_failed()
-        for stray in decided.strays:
-            log.warning(
-                "ending %d stray process(es) of worker %s (%s): %s",
-                len(stray.pids),
-                stray.worker_id,
-                stray.why,
-                " ".join(map(str, sorted(stray.pids))),
-            )
-            end_strays(self.containment, stray.worker_id, stray.pids)
-        return decided.counts()
+    def new_run(self, worker_id: str) -> WorkerRun:
+        """A lifecycle for a record in the registry, kept until the record is forgotten (for
+        :class:`~hive.workers.takeover.Takeover`, which restores records at start)."""
+        run = WorkerRun(worker_id, self._deps)
+        self._runs[worker_id] = run
+        return run
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -194,7 +156,7 @@ class Supervisor:
         configuration's defaults (so that two requests meaning the same compare equal)."""
         return spec.model_copy(
             update={
-                "backend": spec.backend or self.config.default_backend,
+                "backend": self.config.backend_name(spec),
                 "restart": spec.restart or self.config.default_restart,
             }
         )
@@ -213,8 +175,8 @@ class Supervisor:
         """
         self._refuse_if_closing()
         spec = self.normalized(spec)
-        backend_name = spec.backend or self.config.default_backend
-        backend = self._backend(backend_name)
+        backend_name = self.config.backend_name(spec)
+        backend = self.config.backend(backend_name)
         worker_id = spec.id or self._new_id(spec.model)
         restart = spec.restart or self.config.default_restart
         spec = spec.model_copy(update={"id": worker_id})
@@ -226,7 +188,7 @@ class Supervisor:
 
         def build(entries: Mapping[str, Entry]) -> dict[str, Any]:
             if record_id in entries or (successor is None and _successor_of(worker_id, entries)):
-                raise Conflict(f"id: worker {worker_id!r} already exists")
+                raise DuplicateWorker(worker_id, field="id")
             return {
                 "id": record_id,
                 "generation": generation,
@@ -266,8 +228,8 @@ class Supervisor:
         await run.start()
 
     def check_backend(self, spec: SpawnRequest) -> None:
-        """Refuse a request that names a backend hive does not have (a 422 naming it)."""
-        self._backend(spec.backend or self.config.default_backend)
+        """Refuse a request that names a backend hive does not have (UnknownBackend)."""
+        self.config.backend(self.config.backend_name(spec))
 
     async def persist(self) -> None:
         """Wait until the journal holds every change so far."""
@@ -277,7 +239,6 @@ class Supervisor:
         """Answer only once the journal holds the change: a hive crash right after a reply
         must not forget a worker it just started, or restart one it was told to stop."""
         if self.journal is not None:
-            self.journal.mark()  # fields changed without a state change count too (desired)
             await self.journal.flush()
 
     async def stop(
@@ -313,20 +274,15 @@ class Supervisor:
         self._refuse_if_closing()
         await self.stop(worker_id, wait=True)
         old = self._runs.get(worker_id)
+        if old is not None:
+            await old.swept()  # what the last attempt left is gone before the next one starts
         if old is not None and old.active:
             raise Conflict(f"worker {worker_id!r} is changing state; try again")
         run = WorkerRun(worker_id, self._deps)
-        self._begin_attempt(run)
+        run.begin_attempt(restarts_delta=1)
         await self._start(run)
         await self._persist()
         return self.registry.get(worker_id)
-
-    def _begin_attempt(self, run: WorkerRun) -> None:
-        try:
-            run.begin_attempt(restarts_delta=1)
-        except LookupError as exc:
-            known = ", ".join(sorted(self.config.backends))
-            raise Invalid(f"{exc} (configured: {known})") from None
 
     async def delete(self, worker_id: str, keep_log: bool = False) -> Worker:
         """Stop the worker if it runs, then forget it and (unless ``keep_log``) its log."""
@@ -356,17 +312,16 @@ class Supervisor:
         generation (a replacement in place). The old process must have ended."""
         self._refuse_if_closing()
         old = self._runs.get(worker_id)
+        if old is not None:
+            await old.swept()
         if old is not None and old.active:
             raise Conflict(f"worker {worker_id!r} is changing state; try again")
         spec = self.normalized(spec).model_copy(update={"id": worker_id})
-        self._backend(spec.backend or self.config.default_backend)
+        self.check_backend(spec)
         record = self.registry.get(worker_id)
         self.registry.respec(worker_id, spec, record.generation + 1)
         run = WorkerRun(worker_id, self._deps)
-        try:
-            run.begin_attempt(restarts_delta=-record.restarts)
-        except LookupError as exc:
-            raise Invalid(str(exc)) from None
+        run.begin_attempt(restarts_delta=-record.restarts)
         await self._start(run)
         await self._persist()
         return self.registry.get(worker_id)
@@ -416,14 +371,7 @@ class Supervisor:
             if run.process is not None and run.process.child and run.process.running
         )
 
-    # -- naming and backends -------------------------------------------------------------------
-
-    def _backend(self, name: str) -> BackendConfig:
-        try:
-            return self.config.backends[name]
-        except KeyError:
-            known = ", ".join(sorted(self.config.backends))
-            raise Invalid(f"backend: no backend {name!r} (configured: {known})") from None
+    # -- naming ----------------------------------------------------------------------------------
 
     def _new_id(self, model: str) -> str:
         stem = "".join(c if c.isalnum() else "-" for c in model.rsplit("/", 1)[-1].lower())
