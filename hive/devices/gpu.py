@@ -29,6 +29,18 @@ from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any, TypeVar
 
+from hive.devices.nvml import (
+    ABSENT,
+    ARGUMENT_VERSION_MISMATCH,
+    FATAL,
+    FUNCTION_NOT_FOUND,
+    decode_cpu_mask,
+    describe,
+    import_pynvml,
+    init_error,
+    plain,
+    quietly,
+)
 from hive.models import GpuDevice, GpuProcess
 
 log = logging.getLogger(__name__)
@@ -40,20 +52,6 @@ DEFAULT_RETRY_INTERVAL = 30.0
 NO_GPU = "NVML reports no GPU on this host"
 
 T = TypeVar("T")
-
-# NVML return codes (pynvml's NVML_ERROR_*), named here so this module imports without pynvml.
-_NOT_SUPPORTED = 3
-_DRIVER_NOT_LOADED = 9
-_LIBRARY_NOT_FOUND = 12
-_FUNCTION_NOT_FOUND = 13
-_GPU_IS_LOST = 15
-_RESET_REQUIRED = 16
-_ARGUMENT_VERSION_MISMATCH = 25
-
-#: Codes that mean "this figure does not exist here": the figure is None, the GPU is fine.
-_ABSENT = frozenset({_NOT_SUPPORTED, _FUNCTION_NOT_FOUND})
-#: Codes that mean the GPU itself is gone, whichever call reports them.
-_FATAL = frozenset({_GPU_IS_LOST, _RESET_REQUIRED})
 
 
 @dataclass(frozen=True)
@@ -280,7 +278,7 @@ class GpuMonitor:
                     forced = self._requested > self._served
         finally:
             if self._reader is not None:
-                _quietly(self._reader.nvml.nvmlShutdown)
+                quietly(self._reader.nvml.nvmlShutdown)
                 self._reader = None
             with self._cond:  # nobody waits on a thread that is gone
                 self._done = True
@@ -289,16 +287,16 @@ class GpuMonitor:
     def _init(self) -> None:
         self._last_init = time.monotonic()
         try:
-            nvml = _import_pynvml()
+            nvml = import_pynvml()
             nvml.nvmlInit()
         except Exception as exc:
-            self._init_failure = _init_error(exc)
+            self._init_failure = init_error(exc)
             return
         try:
             self._reader = _Reader(nvml, self._cpu_count)
         except Exception as exc:
-            self._init_failure = f"NVML unavailable: {_describe(exc)}"
-            _quietly(nvml.nvmlShutdown)
+            self._init_failure = f"NVML unavailable: {describe(exc)}"
+            quietly(nvml.nvmlShutdown)
             return
         log.info(
             "NVML: driver %s, %d GPU(s)", self._reader.driver_version or "?", self._reader.count
@@ -384,7 +382,7 @@ class _Reader:
             index=index,
             uuid=uuid,
             name=name,
-            pci_bus_id=_plain(pci.busId) if pci is not None else None,
+            pci_bus_id=plain(pci.busId) if pci is not None else None,
             memory_total_mib=total,
             memory_used_mib=used,
             memory_free_mib=free,
@@ -404,7 +402,7 @@ class _Reader:
             try:
                 info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
             except nvml.NVMLError as exc:
-                if exc.value not in (_FUNCTION_NOT_FOUND, _ARGUMENT_VERSION_MISMATCH):
+                if exc.value not in (FUNCTION_NOT_FOUND, ARGUMENT_VERSION_MISMATCH):
                     raise
                 self._memory_v2 = False  # an older driver: ask v1 from now on
             else:
@@ -418,7 +416,7 @@ class _Reader:
             try:
                 return int(nvml.nvmlDeviceGetTemperatureV(handle, nvml.NVML_TEMPERATURE_GPU))
             except nvml.NVMLError as exc:
-                if exc.value not in (_FUNCTION_NOT_FOUND, _ARGUMENT_VERSION_MISMATCH):
+                if exc.value not in (FUNCTION_NOT_FOUND, ARGUMENT_VERSION_MISMATCH):
                     raise
                 self._temperature_v = False
         return int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
@@ -443,73 +441,26 @@ class _Reader:
     def _identity(self, what: str, call: Callable[..., T], *args: Any) -> T | None:
         """An identity call: unsupported gives None; any other failure makes the GPU unhealthy."""
         try:
-            return _plain(call(*args))
+            return plain(call(*args))
         except self.nvml.NVMLError as exc:
-            if exc.value in _ABSENT:
+            if exc.value in ABSENT:
                 return None
-            raise _Fatal(f"{_describe(exc)} (reading {what})") from None
+            raise _Fatal(f"{describe(exc)} (reading {what})") from None
 
     def _field(self, uuid: str | None, what: str, call: Callable[..., T], *args: Any) -> T | None:
         """A figure: None when NVML cannot give it; lost or needing reset: the GPU is unhealthy."""
         try:
-            return _plain(call(*args))
+            return plain(call(*args))
         except self.nvml.NVMLError as exc:
-            if exc.value in _FATAL:
-                raise _Fatal(f"{_describe(exc)} (reading {what})") from None
-            if exc.value not in _ABSENT and (uuid, what, exc.value) not in self._warned:
+            if exc.value in FATAL:
+                raise _Fatal(f"{describe(exc)} (reading {what})") from None
+            if exc.value not in ABSENT and (uuid, what, exc.value) not in self._warned:
                 self._warned.add((uuid, what, exc.value))
-                log.warning("GPU %s: cannot read %s: %s", uuid, what, _describe(exc))
+                log.warning("GPU %s: cannot read %s: %s", uuid, what, describe(exc))
             return None
 
     def _optional(self, call: Callable[[], T]) -> T | None:
         try:
-            return _plain(call())
+            return plain(call())
         except self.nvml.NVMLError:
             return None
-
-
-def decode_cpu_mask(words: Iterable[int], bits: int = 64) -> tuple[int, ...]:
-    """Core ids set in an NVML CPU mask (an array of 64-bit words, lowest cores first)."""
-    return tuple(
-        i * bits + bit for i, word in enumerate(words) for bit in range(bits) if word >> bit & 1
-    )
-
-
-def _import_pynvml() -> ModuleType:
-    import pynvml
-
-    return pynvml
-
-
-def _plain(value: Any) -> Any:
-    """Bytes (ctypes char arrays, older pynvml strings) as str; anything else as it is."""
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for an exception (pynvml's str() may itself call into NVML)."""
-    try:
-        text = str(exc)
-    except Exception:
-        text = ""
-    text = " ".join(text.split())
-    return text or type(exc).__name__
-
-
-def _init_error(exc: BaseException) -> str:
-    """Why NVML could not be initialised, in one line an operator can act on."""
-    if isinstance(exc, ImportError):
-        return f"NVML unavailable: pynvml is not installed ({_describe(exc)})"
-    code = getattr(exc, "value", None)
-    if code == _LIBRARY_NOT_FOUND or isinstance(exc, OSError):
-        return "NVML unavailable: libnvidia-ml.so.1 not found (is the NVIDIA driver installed?)"
-    if code == _DRIVER_NOT_LOADED:
-        return "NVML unavailable: the NVIDIA driver is not loaded"
-    return f"NVML unavailable: {_describe(exc)}"
-
-
-def _quietly(call: Callable[[], object]) -> None:
-    try:
-        call()
-    except Exception as exc:
-        log.debug("NVML: %s", _describe(exc))
