@@ -94,6 +94,10 @@ class BackendConfig(BaseModel):
     command: Annotated[list[str], Field(min_length=1)]
     health_path: str | None = "/health"
     startup_timeout: Annotated[float, Field(gt=0)] = 120.0
+    #: A passing readiness probe makes the worker ready only when the socket listening on its
+    #: port is held by one of its own processes (:mod:`hive.workers.listener`); ``false`` for
+    #: an engine whose port another process holds for it (a container engine's port proxy).
+    listener_check: bool = True
     gpu: bool | Literal["optional"] = "optional"
     env: dict[str, str] = {}
     #: Once ready, the health path is probed every ``liveness_period`` seconds; this many

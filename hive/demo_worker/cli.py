@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="seconds before /health turns 200 (the port listens meanwhile)",
     )
     parser.add_argument(
+        "--listen-after-load",
+        action="store_true",
+        help="bind the port only once loaded, as vLLM does (while the port is taken by "
+        "another process, try again every 0.2 s rather than exit)",
+    )
+    parser.add_argument(
         "--latency-ms",
         type=non_negative,
         default=0.0,
@@ -97,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         port=args.port,
         model=args.model,
         load_seconds=args.load_seconds,
+        listen_after_load=args.listen_after_load,
         latency_ms=args.latency_ms,
         fail_after=args.fail_after,
         heartbeat=not args.no_heartbeat,

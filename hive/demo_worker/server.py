@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -51,6 +52,8 @@ class Options:
     #: ``/health`` waits until no generation runs, as an engine whose health check takes the
     #: model's lock does: a probe of it times out while the worker is busy.
     health_waits_for_idle: bool = False
+    #: Bind the port only once loaded, as vLLM does: nothing answers on it while loading.
+    listen_after_load: bool = False
 
 
 class DemoWorker:
@@ -207,7 +210,8 @@ class DemoWorker:
         self.stopping.set()
 
     async def run(self) -> int:
-        """Listen, load in the background, heartbeat, and stop on a signal."""
+        """Listen, load in the background, heartbeat, and stop on a signal. With
+        ``listen_after_load``: load first, then listen (and only then heartbeat)."""
         quiet_aiohttp_logs()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -219,28 +223,30 @@ class DemoWorker:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         bootstrap: asyncio.Server | None = None
-        try:
-            await web.TCPSite(runner, options.host, options.port).start()
-            if options.bootstrap_port is not None:
-                bootstrap = await disaggregation.listen_for_bootstrap(
-                    options.host, options.bootstrap_port
-                )
-        except OSError as exc:
-            warn(f"demo worker: cannot listen on {options.host}: {exc.strerror}")
-            await runner.cleanup()
-            return 1
-        say(
-            f"demo worker: pid {os.getpid()} serving {options.model!r} "
-            f"on http://{options.host}:{options.port} (loading for {options.load_seconds:g} s)"
-        )
-
-        tasks = [asyncio.create_task(self.load())]
-        target = heartbeat_target() if options.heartbeat else None
-        if target is not None:
-            tasks.append(asyncio.create_task(heartbeat(self, *target)))
+        tasks: list[asyncio.Task[None]] = []
         if options.fail_after is not None:
             tasks.append(asyncio.create_task(self.fail_later(options.fail_after)))
         try:
+            if options.listen_after_load:
+                tasks.append(asyncio.create_task(self.load()))
+                await _first(self.loaded, self.stopping)
+            if not self.stopping.is_set():
+                try:
+                    bootstrap = await self._listen(runner)
+                except OSError as exc:
+                    warn(f"demo worker: cannot listen on {options.host}: {exc.strerror}")
+                    return 1
+            if not self.stopping.is_set():
+                loading = "loaded" if options.listen_after_load else "loading for"
+                say(
+                    f"demo worker: pid {os.getpid()} serving {options.model!r} on "
+                    f"http://{options.host}:{options.port} ({loading} {options.load_seconds:g} s)"
+                )
+                if not options.listen_after_load:
+                    tasks.append(asyncio.create_task(self.load()))
+                target = heartbeat_target() if options.heartbeat else None
+                if target is not None:
+                    tasks.append(asyncio.create_task(heartbeat(self, *target)))
             await self.stopping.wait()
         finally:
             for task in tasks:
@@ -252,3 +258,38 @@ class DemoWorker:
         if self.exit_code == 0:
             say("demo worker: stopped")
         return self.exit_code
+
+    async def _listen(self, runner: web.AppRunner) -> asyncio.Server | None:
+        """Bind the port (and a prefill's bootstrap port); the bootstrap server, if any.
+
+        With ``listen_after_load``, a port another process holds is tried again every 0.2 s
+        until it is free or the worker stops (vLLM would exit; a test can free the port)."""
+        options = self.options
+        told = False
+        while True:
+            try:
+                await web.TCPSite(runner, options.host, options.port).start()
+                break
+            except OSError as exc:
+                taken = exc.errno == errno.EADDRINUSE
+                if not (options.listen_after_load and taken) or self.stopping.is_set():
+                    raise
+                if not told:
+                    warn(f"demo worker: port {options.port} is taken; trying every 0.2 s")
+                    told = True
+                if await _first(self.stopping, timeout=0.2):
+                    return None
+        if options.bootstrap_port is None:
+            return None
+        return await disaggregation.listen_for_bootstrap(options.host, options.bootstrap_port)
+
+
+async def _first(*events: asyncio.Event, timeout: float | None = None) -> bool:
+    """Wait until one of ``events`` is set (or ``timeout`` passes); whether one was."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    return bool(done)

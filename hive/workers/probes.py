@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from hive.config import BackendConfig
 from hive.timeouts import sleep_to_tick
 from hive.workers.connections import Connections, HttpError
 from hive.workers.engine_load import Load, LoadError, parse
+from hive.workers.listener import RECHECK
 
 #: Seconds a probe or load read waits for its answer.
 _TIMEOUT = 2.0
@@ -161,13 +162,27 @@ class WorkerProbes:
         """A new attempt: nothing it was told before holds."""
         self.last = self.load = self.load_read_at = self._key = None
 
-    async def until_ready(self, backend: BackendConfig) -> bool:
-        """Once the health path answers 2xx: True. False at once when there is none to probe."""
+    async def until_ready(
+        self,
+        backend: BackendConfig,
+        foreign: Callable[[int], Awaitable[str | None]] | None = None,
+    ) -> bool:
+        """Once the health path answers 2xx: True. False at once when there is none to probe.
+
+        ``foreign(port)``, asked after each probe that passed, says why the listener that
+        answered is not the worker's own (:mod:`hive.workers.listener`); then the probe goes on,
+        every ``RECHECK`` seconds, until it is.
+        """
         url = self.url(backend)
         if url is None:
             return False
-        await self._prober.until_ready(url, self._seen)
-        return True
+        while True:
+            await self._prober.until_ready(url, self._seen)
+            if foreign is None or (why := await foreign(self._port())) is None:
+                return True
+            passed = self.last.detail if self.last is not None else "2xx"
+            self.last = ProbeResult(False, f"{passed}, but {why}")
+            await sleep_to_tick(RECHECK)
 
     def _seen(self, result: ProbeResult) -> None:
         self.last = result

@@ -36,6 +36,7 @@ from hive.timeouts import within
 from hive.upstream.router_sync import RouterSync
 from hive.workers.engine_load import Load
 from hive.workers.launch import build_launch
+from hive.workers.listener import listener_check
 from hive.workers.logs import Logs
 from hive.workers.probes import Prober, WorkerProbes
 from hive.workers.reservations import Reservations
@@ -345,8 +346,10 @@ class WorkerRun:
         self.deps.registry.engine_load(self.id, load.in_flight)
 
     async def _probe_until_ready(self, backend: BackendConfig) -> None:
-        """Poll the health path until it answers 2xx; then the worker is ready."""
-        if await self._probes.until_ready(backend):
+        """Poll the health path until it answers 2xx, from a listener of the worker's own
+        (:mod:`hive.workers.listener`); then the worker is ready."""
+        check = listener_check(self) if backend.listener_check else None
+        if await self._probes.until_ready(backend, check):
             self.deps.registry.became_ready(self.id)
             self._ready.set()
 
