@@ -21,6 +21,7 @@ from hive.errors import (
     NotAuthenticated,
     NotFound,
     NotPermitted,
+    RequestError,
     StateError,
     UpstreamError,
 )
@@ -29,6 +30,7 @@ from hive.models import ErrorCode
 #: Cause -> (HTTP status, error code). An error answers as the nearest class of its own
 #: ancestry listed here; :class:`HiveError` itself ends every search.
 WIRE: Mapping[type[HiveError], tuple[int, ErrorCode]] = {
+    RequestError: (400, "invalid"),
     InvalidRequest: (422, "invalid"),
     MalformedBody: (400, "invalid"),
     NotAuthenticated: (401, "unauthorized"),

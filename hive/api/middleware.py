@@ -23,16 +23,8 @@ from pydantic import ValidationError
 from hive.api.errors import HTTP_CODES, wire
 from hive.api.keys import CONTEXT
 from hive.api.session import SESSION_COOKIE, session_value
-from hive.errors import (
-    Conflict,
-    HiveError,
-    InvalidRequest,
-    NotAuthenticated,
-    NotFound,
-    NotPermitted,
-)
+from hive.errors import HiveError, InvalidRequest, NotAuthenticated, NotPermitted
 from hive.models import ErrorBody, ErrorCode, ErrorDetail, Worker
-from hive.state.registry import DuplicateWorker, IllegalTransition, UnknownWorker
 from hive.validation import field_errors
 
 log = logging.getLogger("hive.api")
@@ -86,10 +78,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ValidationError as exc:
         message, fields = validation_message(exc)
         return answer(InvalidRequest(message), fields)
-    except UnknownWorker as exc:
-        return answer(NotFound(str(exc)))
-    except (DuplicateWorker, IllegalTransition) as exc:
-        return answer(Conflict(str(exc)))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -26,9 +26,9 @@ from hive.desired.declared import (
     plan,
     read_declared,
 )
-from hive.errors import Conflict, HiveError, Invalid, NoCapacity
+from hive.errors import Conflict, HiveError, InvalidRequest, NoCapacity, PortTaken
 from hive.models import DOWN_STATES, LIVE_STATES, Entry, PlanItem, SpawnRequest, State, Worker
-from hive.state.registry import Registry, RegistryError
+from hive.state.registry import Registry
 from hive.workers.supervisor import Supervisor
 
 log = logging.getLogger("hive.reconcile")
@@ -52,7 +52,9 @@ class Reconciler:
         registry, supervisor = self.registry, self.supervisor
         old = registry.get(worker_id)
         if old.replacing is not None:
-            raise Invalid(f"id: {worker_id!r} is a successor; replace {old.replacing!r} instead")
+            raise InvalidRequest(
+                f"id: {worker_id!r} is a successor; replace {old.replacing!r} instead"
+            )
         if worker_id in self._replacing:
             raise Conflict(f"worker {worker_id!r} is being replaced already", worker=old)
         spec = supervisor.normalized(spec).model_copy(update={"id": worker_id})
@@ -78,15 +80,13 @@ class Reconciler:
             successor = await supervisor.spawn(
                 spec, declared=old.declared, successor=(worker_id, old.generation + 1)
             )
-        except NoCapacity as exc:
+        except NoCapacity as exc:  # what the old worker holds (cores, GPUs, ports) is short
             raise NoCapacity(
                 f"{exc.message}: the successor does not fit beside {worker_id!r}; replace it in "
                 "place (in_place=true, hive replace --in-place) to stop the old one first",
                 worker=old,
             ) from None
-        except Conflict as exc:
-            if "port" not in exc.message:
-                raise
+        except PortTaken as exc:  # by its class: an id clash stays as it is
             raise Conflict(
                 f"{exc.message}: the successor cannot have {worker_id!r}'s port while it runs; "
                 "leave port out, or replace in place (in_place=true, hive replace --in-place)",
@@ -166,7 +166,7 @@ class Reconciler:
                     worker_id,
                     successor,
                 )
-            except (HiveError, RegistryError) as exc:
+            except HiveError as exc:
                 log.error("cannot settle the replacement of %s: %s", worker_id, exc)
 
     # -- apply -----------------------------------------------------------------------------------
@@ -223,10 +223,9 @@ class Reconciler:
                     await supervisor.persist()
             elif item.action == "prune":
                 await supervisor.delete(item.id)
-        except (HiveError, RegistryError) as exc:
-            message = exc.message if isinstance(exc, HiveError) else str(exc)
-            log.warning("apply: worker %s (%s): %s", item.id, item.action, message)
-            return message
+        except HiveError as exc:
+            log.warning("apply: worker %s (%s): %s", item.id, item.action, exc.message)
+            return exc.message
         return "done"
 
 

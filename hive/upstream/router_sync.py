@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from hive.config import Config, RouterConfig
+from hive.config import BackendConfig, Config, RouterConfig
+from hive.errors import UnknownBackend
 from hive.models import State, Worker
 from hive.state.metrics import Metrics
 from hive.state.registry import Change, Registry, UnknownWorker
@@ -173,10 +174,17 @@ class RouterSync:
         except UnknownWorker:
             return False
 
+    def _backend(self, worker: Worker) -> BackendConfig | None:
+        """The worker's backend; None once a reload took it out of the configuration."""
+        try:
+            return self.config.backend(worker.backend)
+        except UnknownBackend:
+            return None
+
     def _api_key(self, worker: Worker) -> str | None:
         """The key the router must use for this worker: its backend's ``api_key``, or the
         contents of ``api_key_file``. Never logged, never in a record."""
-        backend = self.config.backends.get(worker.backend)
+        backend = self._backend(worker)
         if backend is None:
             return None
         try:
@@ -220,8 +228,7 @@ class RouterSync:
         url = self.url_of(router, worker)
         if url in router.jobs or time.monotonic() < router.not_before.get(url, 0.0):
             return  # never twice while pending; a failed one waits its turn
-        backend = self.config.backends.get(worker.backend)
-        body = registration(url, worker, backend, self._api_key(worker))
+        body = registration(url, worker, self._backend(worker), self._api_key(worker))
         self._count_request(router, "add")
         try:
             router_id = await router.client.add(body)

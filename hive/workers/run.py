@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from hive.config import BackendConfig, Config
-from hive.errors import HiveError
+from hive.errors import CapacityError, PortTaken, UnknownBackend
 from hive.host.containment import Containment, ContainmentError, Group
 from hive.host.process import Process, Spawner, describe_exit, terminate
 from hive.models import State, process_key
@@ -80,7 +80,11 @@ class Deps:
     watch: LoopWatch = field(default_factory=LoopWatch)
 
     def backend(self, name: str) -> BackendConfig | None:
-        return self.config.backends.get(name)
+        """A record's backend; None once a reload took it out of the configuration."""
+        try:
+            return self.config.backend(name)
+        except UnknownBackend:
+            return None
 
 
 class WorkerRun:
@@ -122,10 +126,8 @@ class WorkerRun:
         deps = self.deps
         entry = deps.registry.entry(self.id)
         spec = entry.spec
-        backend_name = spec.backend or deps.config.default_backend
-        backend = deps.backend(backend_name)
-        if backend is None:
-            raise LookupError(f"backend: no backend {backend_name!r}")
+        backend_name = deps.config.backend_name(spec)
+        backend = deps.config.backend(backend_name)
 
         def reserve(entries: Any) -> dict[str, Any]:
             reserved = deps.reservations.reserve(
@@ -211,8 +213,8 @@ class WorkerRun:
             self._reset_attempt()
             try:
                 self.begin_attempt(restarts_delta=1)
-            except (HiveError, LookupError) as exc:  # no port or device free now, no backend
-                message = exc.message if isinstance(exc, HiveError) else str(exc)
+            except (CapacityError, PortTaken, UnknownBackend) as exc:  # no room, no backend
+                message = exc.message
                 deps.registry.restart_refused(self.id, f"cannot restart: {message}")
                 log.warning("worker %s cannot restart: %s", self.id, message)
                 outcome = Outcome.FAILED
