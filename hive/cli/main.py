@@ -44,6 +44,7 @@ from hive.client import (
     HiveConnectionError,
     HiveURLError,
     check_url,
+    default_url_from,
     local_config,
 )
 from hive.config import Config, ConfigError, find_config_path, load_config
@@ -544,14 +545,7 @@ class Target:
 def _target(args: argparse.Namespace) -> Target:
     config = local_config()
     socket = str(config.socket_path)
-    if args.url:
-        url, url_from = args.url, "--url"
-    elif env := os.environ.get("HIVE_URL"):
-        url, url_from = env, "HIVE_URL"
-    elif config.socket_path.exists():
-        url, url_from = f"unix://{socket}", ""
-    else:
-        url, url_from = config.api_url, ""
+    url, url_from = (args.url, "--url") if args.url else default_url_from(config)
     try:
         check_url(url)
     except HiveURLError:

@@ -12,6 +12,7 @@ from hive.client.client import (
     check_url,
     default_token,
     default_url,
+    default_url_from,
     local_config,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "check_url",
     "default_token",
     "default_url",
+    "default_url_from",
     "local_config",
 ]

@@ -78,15 +78,21 @@ class HiveAPIError(HiveClientError):
 
 
 def default_url(config: Config | None = None) -> str:
-    """``$HIVE_URL``, else the unix socket if it exists, else the configured TCP address."""
+    """``$HIVE_URL``, else the unix socket if it exists, else the configured TCP address
+    (:attr:`Config.api_url <hive.config.Config.api_url>`: ``https://`` with TLS, a wildcard
+    ``listen`` as loopback, an IPv6 address in brackets)."""
+    return default_url_from(config)[0]
+
+
+def default_url_from(config: Config | None = None) -> tuple[str, str]:
+    """:func:`default_url`, and where it comes from: ``HIVE_URL``, or ``""`` for hive's own
+    default (the socket, then ``listen``). The one place the CLI and the client choose it."""
     if env := os.environ.get("HIVE_URL"):
-        return env
+        return env, "HIVE_URL"
     config = config or local_config()
     if config.socket_path.exists():
-        return f"unix://{config.socket_path}"
-    host = config.listen_host
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    return f"http://{host}:{config.listen_port}"
+        return f"unix://{config.socket_path}", ""
+    return config.api_url, ""
 
 
 def default_token(config: Config | None = None) -> str | None:
@@ -382,5 +388,6 @@ __all__ = [
     "check_url",
     "default_token",
     "default_url",
+    "default_url_from",
     "local_config",
 ]
