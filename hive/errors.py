@@ -219,10 +219,3 @@ class Compacted(EtcdError):
     def __init__(self, revision: int) -> None:
         super().__init__(f"revision compacted (oldest kept: {revision})")
         self.revision = revision
-
-
-# Names the code used before the tree, while the layers move to it.
-Invalid = InvalidRequest
-BadRequest = MalformedBody
-Unauthorized = NotAuthenticated
-Forbidden = NotPermitted

@@ -20,7 +20,7 @@ from harness.waits import async_wait_for
 from hive.config import Config, RouterConfig
 from hive.desired.declared import CONFIG_SOURCE, Declared
 from hive.desired.reconcile import Reconciler
-from hive.errors import Conflict, HiveError, Invalid, NoCapacity
+from hive.errors import Conflict, HiveError, InvalidRequest, NoCapacity
 from hive.models import DeclaredWorker, Entry, SpawnRequest, State, Worker, successor_id
 from hive.state.registry import Registry
 
@@ -56,7 +56,7 @@ class FakeSupervisor:
 
     def check_backend(self, spec: SpawnRequest) -> None:
         if (spec.backend or self.config.default_backend) not in self.config.backends:
-            raise Invalid(f"backend: no backend {spec.backend!r}")
+            raise InvalidRequest(f"backend: no backend {spec.backend!r}")
 
     def is_settled(self, worker_id: str) -> bool:
         return worker_id not in self.running
@@ -368,7 +368,7 @@ async def test_a_successor_is_not_replaced_and_one_replacement_at_a_time(
     supervisor.hold.add("a~2")
     first = asyncio.create_task(reconciler.replace("a", SpawnRequest(model="m2")))
     await async_wait_for(lambda: "a~2" in registry, timeout=5, what="the successor")
-    with pytest.raises(Invalid, match="is a successor; replace 'a' instead"):
+    with pytest.raises(InvalidRequest, match="is a successor; replace 'a' instead"):
         await reconciler.replace("a~2", SpawnRequest(model="m3"))
     with pytest.raises(Conflict, match="being replaced already"):
         await reconciler.replace("a", SpawnRequest(model="m3"))
