@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from hive.cli.args import FAILED, OK, UsageError, _cpus, _pair, _positive, print_json
 from hive.client import HiveClient
-from hive.desired.declared import DeclarationError, read_paths
+from hive.desired.declared import read_paths
+from hive.errors import DeclarationError
 from hive.models import ApplyResult, PlanItem, ReplaceRequest
 from hive.validation import field_errors
 

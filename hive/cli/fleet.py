@@ -19,8 +19,9 @@ from hive.cli import tables
 from hive.cli.args import OK, UsageError, print_json
 from hive.client import HiveClient, HiveClientError
 from hive.config import ConfigError, load_config
-from hive.desired.declared import DeclarationError, read_paths
-from hive.desired.etcd import Etcd, EtcdError, delete_op, put_op
+from hive.desired.declared import read_paths
+from hive.desired.etcd import Etcd, delete_op, put_op
+from hive.errors import DeclarationError, EtcdError
 
 Command = Callable[..., argparse.ArgumentParser]
 

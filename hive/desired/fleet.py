@@ -34,9 +34,10 @@ from datetime import datetime
 from typing import Any
 
 from hive.config import FleetConfig
-from hive.desired.declared import DeclarationError, parse_workers
-from hive.desired.etcd import Compacted, Etcd, EtcdError, delete_op, put_op
+from hive.desired.declared import parse_workers
+from hive.desired.etcd import Etcd, delete_op, put_op
 from hive.desired.reconcile import Reconciler
+from hive.errors import Compacted, DeclarationError, EtcdError
 from hive.models import FleetStatus, Worker
 from hive.state.registry import Change, Registry, now
 

@@ -30,12 +30,12 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from hive.config import BackendConfig, Config, RouterConfig
-from hive.errors import UnknownBackend
+from hive.errors import RouterError, UnknownBackend
 from hive.models import State, Worker
 from hive.state.metrics import Metrics
 from hive.state.registry import Change, Registry, UnknownWorker
 from hive.timeouts import within
-from hive.upstream.sglang_router import JobState, RouterError, SglangRouter, registration
+from hive.upstream.sglang_router import JobState, SglangRouter, registration
 
 log = logging.getLogger("hive.router_sync")
 
