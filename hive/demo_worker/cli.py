@@ -1,7 +1,8 @@
 """The command line: ``python -m hive.demo_worker --port P --model M [options]``.
 
 A bad argument is argparse's usage error (exit code 2); otherwise the exit code is the worker's:
-0 after a clean stop, 1 when the port cannot be bound, 3 after ``--fail-after``.
+0 after a clean stop (or, with ``--child-exit-seconds``, when its child died), 1 when the port
+cannot be bound, 3 after ``--fail-after``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from hive.demo_worker.engine_core import EngineCore
 from hive.demo_worker.server import EXIT_SIMULATED_FAILURE, DemoWorker, Options
 
 
@@ -95,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
         action="store_true",
         help="/health answers only once no generation runs (like an engine's model lock)",
     )
+    parser.add_argument(
+        "--child-exit-seconds",
+        type=non_negative,
+        default=None,
+        metavar="S",
+        help="run a child process (like vLLM's EngineCore) that takes S seconds to exit on "
+        "SIGTERM; when it dies, the worker exits with code 0, as vLLM does",
+    )
     args = parser.parse_args(argv)
     if args.bootstrap_port is not None and args.role != "prefill":
         parser.error("--bootstrap-port is for --role prefill only")
@@ -111,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         bootstrap_port=args.bootstrap_port,
         health_status=args.health_status,
         health_waits_for_idle=args.health_waits_for_idle,
+        child_exit_seconds=args.child_exit_seconds,
     )
 
 
@@ -118,6 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
 
     async def serve() -> int:
-        return await DemoWorker(options).run()
+        worker = DemoWorker(options)
+        if options.child_exit_seconds is None:
+            return await worker.run()
+        core = EngineCore(options.child_exit_seconds)
+        await core.start()
+        died = asyncio.create_task(core.died())
+        died.add_done_callback(lambda _: worker.stopping.set())
+        try:
+            return await worker.run()
+        finally:
+            died.cancel()
+            await core.stop()
 
     return asyncio.run(serve())

@@ -52,6 +52,9 @@ class Options:
     #: ``/health`` waits until no generation runs, as an engine whose health check takes the
     #: model's lock does: a probe of it times out while the worker is busy.
     health_waits_for_idle: bool = False
+    #: A child like vLLM's EngineCore (:mod:`hive.demo_worker.engine_core`): seconds it takes to
+    #: exit on SIGTERM; None: no child.
+    child_exit_seconds: float | None = None
     #: Bind the port only once loaded, as vLLM does: nothing answers on it while loading.
     listen_after_load: bool = False
 

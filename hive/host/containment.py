@@ -146,6 +146,7 @@ class Containment(Protocol):
     def kill(self, worker_id: str) -> None: ...
     def empty(self, worker_id: str) -> bool: ...
     def release(self, worker_id: str) -> None: ...
+    def oom_kills(self, worker_id: str) -> int | None: ...
     def inventory(self) -> dict[str, set[int]]: ...
     def owner_of(self, pid: int) -> str | None: ...
     def close(self) -> None: ...
@@ -179,6 +180,9 @@ class Tags:
         return not self.members(worker_id)
 
     def release(self, worker_id: str) -> None:
+        return None
+
+    def oom_kills(self, worker_id: str) -> int | None:
         return None
 
     def inventory(self) -> dict[str, set[int]]:
@@ -236,6 +240,11 @@ class Cgroups:
                 (leaf / "cgroup.procs").write_text(str(os.getpid()))
         except OSError as exc:
             return None, f"cannot write to the cgroup {base}: {exc.strerror or exc}"
+        # The memory controller for the workers, where base may hand it on: their memory.events
+        # say when the OOM killer ended one of their processes. Best effort (else: the kernel log).
+        with contextlib.suppress(OSError):
+            if "memory" in (base / "cgroup.controllers").read_text().split():
+                (base / "cgroup.subtree_control").write_text("+memory")
         return cls(base, instance, mount), f"cgroup v2 under {base}"
 
     def path(self, worker_id: str) -> Path:
@@ -307,6 +316,18 @@ class Cgroups:
 
     def release(self, worker_id: str) -> None:
         _remove_tree(self.path(worker_id))
+
+    def oom_kills(self, worker_id: str) -> int | None:
+        """``memory.events``' ``oom_kill``: the worker's processes the OOM killer ended so far
+        (None without the memory controller)."""
+        try:
+            with open(self.path(worker_id) / "memory.events", "rb") as file:
+                for line in file:
+                    if line.startswith(b"oom_kill "):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
 
     def inventory(self) -> dict[str, set[int]]:
         """Every worker cgroup and its processes, and every tagged process of this hive that

@@ -99,15 +99,15 @@ class Prober:
         backend: BackendConfig,
         proven_within: Callable[[float], bool],
         busy: Callable[[], bool],
-    ) -> str:
         away: Callable[[float], float] = lambda since: 0.0,
+    ) -> str:
         """Watch a ready worker; returns why it is unhealthy (cancel to stop watching).
 
         ``proven_within(seconds)``: something else showed the worker alive that recently.
         ``busy()``: the engine last said it runs requests, so a probe's timeout is forgiven.
-        """
         ``away(since)``: seconds hive itself did not run since then (``time.monotonic()``); a
         probe that failed while hive was away is not counted: hive, not the worker, was deaf.
+        """
         failures = 0
         period = backend.liveness_period
         while True:
@@ -115,13 +115,13 @@ class Prober:
             if proven_within(period * 1.5):  # a proof as old as one period, give or take
                 failures = 0
                 continue
-            result = await self.check(url)
             sent = time.monotonic()
+            result = await self.check(url)
             if result.ok:
                 failures = 0
-            elif not (result.timed_out and busy()):
             elif away(sent) > 0:
                 pass
+            elif not (result.timed_out and busy()):
                 failures += 1
             if failures >= backend.liveness_failures:
                 return (
@@ -139,13 +139,13 @@ class WorkerProbes:
         prober: Prober,
         port: Callable[[], int],
         heartbeat_age: Callable[[], float | None],
-    ) -> None:
         away: Callable[[float], float] = lambda since: 0.0,
+    ) -> None:
         self._prober = prober
         self._port = port
         self._heartbeat_age = heartbeat_age
-        self.last: ProbeResult | None = None
         self._away = away
+        self.last: ProbeResult | None = None
         #: The engine's last load report, and when (``time.monotonic()``) a read last succeeded.
         self.load: Load | None = None
         self.load_read_at: float | None = None

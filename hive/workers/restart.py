@@ -19,8 +19,8 @@ class Outcome(Enum):
     """How one attempt ended."""
 
     STOPPED = "stopped"  # asked to stop, and it did
-    EXITED = "exited"  # exited with code 0 on its own
-    FAILED = "failed"  # crashed, hung, never became ready, or could not start for now
+    EXITED = "exited"  # exited with code 0 on its own while it was not wanted running
+    FAILED = "failed"  # crashed, hung, never ready, could not start for now, or exited unasked
     UNRUNNABLE = "unrunnable"  # its command cannot be run at all (not found, not executable)
 
 

@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from hive.config import BackendConfig, Config
@@ -34,6 +35,7 @@ from hive.state.metrics import Metrics
 from hive.state.registry import Registry, now
 from hive.timeouts import within
 from hive.upstream.router_sync import RouterSync
+from hive.workers import cause
 from hive.workers.engine_load import Load
 from hive.workers.launch import build_launch
 from hive.workers.listener import listener_check
@@ -41,8 +43,8 @@ from hive.workers.logs import Logs
 from hive.workers.probes import Prober, WorkerProbes
 from hive.workers.reservations import Reservations
 from hive.workers.restart import Backoff, Outcome, next_delay
-
 from hive.workers.stall import HangTimer, LoopWatch
+
 log = logging.getLogger("hive.lifecycle")
 
 
@@ -75,9 +77,9 @@ class Deps:
     journal: Journal | None = None
     upstream: RouterSync | None = None
     metrics: Metrics | None = None
-    closing: bool = False
     #: How long hive itself did not run: every deadline of a worker leaves that out.
     watch: LoopWatch = field(default_factory=LoopWatch)
+    closing: bool = False
 
     def backend(self, name: str) -> BackendConfig | None:
         """A record's backend; None once a reload took it out of the configuration."""
@@ -111,13 +113,14 @@ class WorkerRun:
         self._backoff = Backoff()
         self._sweeps: set[asyncio.Task[bool]] = set()
         self._unrunnable = False
+        self._attempt: cause.Attempt | None = None  # what hive knew when it started
         registry = deps.registry
         self._probes = WorkerProbes(
             deps.prober,
             lambda: registry.get(self.id).port,
             lambda: _age(registry.get(self.id).last_heartbeat_at),
-        )
             deps.watch.away_since,
+        )
 
     # -- what the supervisor asks of a run ------------------------------------------------------
 
@@ -207,6 +210,8 @@ class WorkerRun:
                 return
             deps.registry.restart_due(self.id, now() + timedelta(seconds=decision.delay))
             await within(self._stop.wait(), decision.delay)
+            if not self._stop.is_set():
+                await self.swept()
             if self._stop.is_set() or deps.closing:
                 deps.registry.restart_due(self.id, None)
                 return
@@ -262,9 +267,7 @@ class WorkerRun:
                     f"backend {entry.record.backend!r} sets user or group, "
                     "and only a hive running as root can switch to them",
                 )
-            self.process = await deps.spawner.start(
-                launch, lambda pid: deps.containment.enter(self.key, pid)
-            )
+            self.process = await deps.spawner.start(launch, self._entered)
         except KeyError as exc:
             error = f"cannot start {launch.argv[0]!r}: this host has no {exc.args[0]}"
             deps.logs.mark(self.id, error)
@@ -332,7 +335,7 @@ class WorkerRun:
                         return await self._fail_and_kill(live.result())
             if stop.done():
                 return await self._stop_process()
-            return self._exited()
+            return await self._exited()
         finally:
             stop.cancel()
             exited.cancel()
@@ -357,18 +360,26 @@ class WorkerRun:
 
     # -- outcomes -------------------------------------------------------------------------------
 
-    def _exited(self) -> Outcome:
-        """The process ended on its own: failed, or stopped when it exited cleanly."""
+    def _entered(self, pid: int) -> None:
+        """On the spawning thread, the instant the process exists: into its containment, and
+        the OOM kills its cgroup counted so far (what this attempt adds is its own)."""
+        self.deps.containment.enter(self.key, pid)
+        self._attempt = cause.Attempt(
+            pid, time.monotonic(), self.deps.containment.oom_kills(self.key)
+        )
+
+    async def _exited(self) -> Outcome:
+        """The process ended on its own: failed, whatever its code, while hive wants it running
+        (a server that exits unasked is down); stopped when it exited cleanly otherwise."""
         assert self.process is not None
         deps, process = self.deps, self.process
         code = process.returncode
-        last = deps.logs.last_line(self.id)
-        if code is not None and code < 0:  # killed: its last line is not why
-            error = describe_exit(code) + (f" (its last output: {last})" if last else "")
-        else:
-            error = describe_exit(code) + (f": {last}" if last else "")
+        path, kills = deps.logs.path(self.id), partial(deps.containment.oom_kills, self.key)
+        oom, last = await asyncio.to_thread(cause.explain, self._attempt, code, path, kills)
+        wanted = deps.registry.get(self.id).desired == "running" and not self._stop.is_set()
+        error = cause.error_of_exit(code, wanted, oom, last)
         deps.logs.mark(self.id, describe_exit(code))
-        if code == 0:
+        if code == 0 and not wanted:
             deps.registry.attempt_ended(self.id, State.STOPPED, exit_code=0, error=error)
             log.info("worker %s exited by itself with code 0", self.id)
             self._sweep()
@@ -378,6 +389,16 @@ class WorkerRun:
             deps.metrics.crash_detection.observe(time.monotonic() - process.exited_at)
         self._sweep()
         return Outcome.FAILED
+
+    async def swept(self) -> None:
+        """Until the last attempt's sweep is over (bounded: SIGTERM, 1 s, SIGKILL, 1 s) or a
+        stop is asked for: no signal of an attempt can reach the next one."""
+        if self._sweeps:
+            swept = asyncio.ensure_future(asyncio.wait(set(self._sweeps)))  # never cancels them
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait([swept, stop], return_when=asyncio.FIRST_COMPLETED)
+            swept.cancel()
+            stop.cancel()
 
     def _sweep(self) -> None:
         """After the leader exits, end whatever it left behind in its session."""

@@ -109,9 +109,11 @@ async def test_crash_loop_backs_off_doubling_then_gives_up(hive: Hive) -> None:
         await delete(s, "loop")
 
 
-async def test_exit_0_is_stopped_unless_always(hive: Hive) -> None:
+async def test_exit_0_unasked_is_a_failure(hive: Hive) -> None:
+    """A server that exits, even with code 0, while hive wants it running is down: failed, and
+    restarted unless its policy is ``no``."""
     async with hive.session() as s:
-        for policy, expected_restarts in (("on-failure", 0), ("always", 1)):
+        for policy, expected_restarts in (("on-failure", 1), ("always", 1), ("no", 0)):
             wid = f"clean-{policy}"
             await spawn(s, id=wid, restart=policy)
             ready = await async_wait_for(
@@ -125,12 +127,13 @@ async def test_exit_0_is_stopped_unless_always(hive: Hive) -> None:
                 )
                 assert again["pid"] != ready["pid"]
             else:
-                stopped = await async_wait_for(
-                    lambda w=wid: _in(s, w, "stopped"),
-                    what=f"{wid} stopped",  # type: ignore[misc]
+                failed = await async_wait_for(
+                    lambda w=wid: _in(s, w, "failed"),
+                    what=f"{wid} failed",  # type: ignore[misc]
                 )
-                assert stopped["exit_code"] == 0 and stopped["next_restart_at"] is None
-                assert stopped["restarts"] == 0
+                assert failed["exit_code"] == 0 and failed["next_restart_at"] is None
+                assert failed["error"].startswith("exited with code 0 while it was wanted running")
+                assert failed["restarts"] == 0
             await delete(s, wid)
 
 
