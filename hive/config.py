@@ -126,6 +126,8 @@ class BackendConfig(BaseModel):
     #: When hive runs as root: the user (and group) its workers run as. Default: hive's own.
     user: Annotated[str, Field(min_length=1)] | None = None
     group: Annotated[str, Field(min_length=1)] | None = None
+    #: Where its workers start (absolute; default: each its own, ``<state_dir>/work/<id>``).
+    cwd: str | None = None
 
     def read_api_key(self) -> str | None:
         """The key this backend's engines expect: ``api_key``, or the first line of
@@ -158,7 +160,7 @@ class BackendConfig(BaseModel):
                     raise ValueError(f"unknown placeholder {{{name}}} in {arg!r}; known: {known}")
         return command
 
-    @field_validator("health_path")
+    @field_validator("health_path", "cwd")
     @classmethod
     def _absolute(cls, path: str | None) -> str | None:
         if path == "":

@@ -2,9 +2,10 @@
 
 Policy lives in the supervisor; this module only does what it is told, the Linux way:
 
-- ``posix_spawnp`` with ``setsid``: no shell, each worker leads its own session and process group,
-  stdin is /dev/null and stdout/stderr are the worker's log file (a file, not a pipe, so a worker
-  outlives a crash of hive without a broken pipe).
+- fork and exec (subprocess's ``vfork``) with ``setsid``: no shell, each worker leads its own
+  session and process group, in a directory of its own (never hive's: a ``hive`` folder there
+  would be imported in hive's place), stdin is /dev/null and stdout/stderr are the worker's log
+  file (a file, not a pipe, so a worker outlives a crash of hive without a broken pipe).
 - CPU affinity is a property of the spawning *thread* and is inherited at clone, so the spawner
   thread takes the worker's affinity just before the spawn: it is in force before the worker's
   first instruction and every thread the worker starts inherits it.
@@ -38,10 +39,6 @@ import psutil
 if TYPE_CHECKING:
     from hive.host.containment import Group
 
-_RESET_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name)
-)
-
 
 @dataclass(frozen=True, slots=True)
 class Launch:
@@ -54,6 +51,8 @@ class Launch:
     #: Run as this user and group (hive must be root); None: as hive itself.
     user: str | None = None
     group: str | None = None
+    #: The directory it starts in (made when missing); None: hive's own.
+    cwd: Path | None = None
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -105,10 +104,7 @@ class Spawner:
     def _spawn(
         self, launch: Launch, spawned: Callable[[int], None] | None
     ) -> tuple[int, subprocess.Popen[bytes] | None]:
-        if launch.user is not None or launch.group is not None:
-            pid, popen = self._spawn_as(launch)
-        else:
-            pid, popen = self._posix_spawn(launch), None
+        pid, popen = self._fork_exec(launch)
         if spawned is not None:
             try:
                 spawned(pid)
@@ -120,11 +116,10 @@ class Spawner:
                 raise
         return pid, popen
 
-    def _spawn_as(self, launch: Launch) -> tuple[int, subprocess.Popen[bytes]]:
-        """Fork and exec as another user: posix_spawn cannot change credentials.
-
-        The child runs in ``/`` (hive's own directory may not be readable by that user).
-        """
+    def _fork_exec(self, launch: Launch) -> tuple[int, subprocess.Popen[bytes]]:
+        """Fork and exec (subprocess's vfork; posix_spawn can neither change directory nor
+        user), in the launch's directory (made when missing; ``/`` without one), as its user.
+        Signals hive ignores (SIGPIPE, SIGXFSZ) are the default again in the child."""
         if launch.user is not None:
             try:
                 pwd.getpwnam(launch.user)
@@ -135,52 +130,36 @@ class Spawner:
                 grp.getgrnam(launch.group)
             except KeyError:
                 raise KeyError(f"group {launch.group!r}") from None
-        with open(launch.log_path, "ab") as log, self._lock:
-            if launch.cpus is not None:
-                os.sched_setaffinity(0, launch.cpus)
+        if launch.cwd is not None:
             try:
-                popen = subprocess.Popen(
-                    launch.argv,
-                    env=launch.env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    cwd="/",
-                    start_new_session=True,
-                    user=launch.user,
-                    group=launch.group,
-                    extra_groups=[] if launch.user is not None else None,
-                )
-            finally:
-                if launch.cpus is not None:
-                    os.sched_setaffinity(0, self._own_affinity)
-        return popen.pid, popen
-
-    def _posix_spawn(self, launch: Launch) -> int:
-        fd = os.open(launch.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                launch.cwd.mkdir(mode=0o750, parents=True, exist_ok=True)
+            except OSError as exc:
+                why = f"cannot make its directory {launch.cwd}: {exc.strerror or exc}"
+                raise OSError(exc.errno, why) from None
+        log = os.open(launch.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
-            actions = [
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, fd, 1),
-                (os.POSIX_SPAWN_DUP2, fd, 2),
-            ]
             with self._lock:
                 if launch.cpus is not None:
                     os.sched_setaffinity(0, launch.cpus)
                 try:
-                    return os.posix_spawnp(
-                        launch.argv[0],
+                    popen = subprocess.Popen(
                         launch.argv,
-                        launch.env,
-                        file_actions=actions,
-                        setsid=True,
-                        setsigdef=_RESET_SIGNALS,
+                        env=launch.env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        cwd=launch.cwd or "/",
+                        start_new_session=True,
+                        user=launch.user,
+                        group=launch.group,
+                        extra_groups=[] if launch.user is not None else None,
                     )
                 finally:
                     if launch.cpus is not None:
                         os.sched_setaffinity(0, self._own_affinity)
         finally:
-            os.close(fd)
+            os.close(log)
+        return popen.pid, popen
 
 
 class Process:

@@ -6,6 +6,7 @@ read and tested without a daemon. The supervisor's lifecycle hands the result to
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -129,4 +130,31 @@ def build_launch(
     if "/" not in argv[0]:  # found on the worker's PATH, not hive's
         argv[0] = shutil.which(argv[0], path=env.get("PATH", os.defpath)) or argv[0]
     cpus = frozenset(record.cpus) if record.cpus else None
-    return Launch(argv, env, log_path, cpus, user=backend.user, group=backend.group)
+    return Launch(
+        argv,
+        env,
+        log_path,
+        cpus,
+        user=backend.user,
+        group=backend.group,
+        cwd=workdir(record, backend, config),
+    )
+
+
+def workdir(record: Worker, backend: BackendConfig, config: Config) -> Path:
+    """The directory a worker starts in, never hive's own (a ``hive`` folder there would be
+    imported in hive's place): the backend's ``cwd``; ``/`` for a backend that runs as another
+    user (``state_dir`` is hive's alone); else its own, ``<state_dir>/work/<id>``, kept across
+    its attempts and replacements."""
+    if backend.cwd is not None:
+        return Path(backend.cwd)
+    if backend.user is not None or backend.group is not None:
+        return Path("/")
+    return config.state_path / "work" / base_id(record.id)
+
+
+def forget_workdir(config: Config, worker_id: str) -> None:
+    """Remove a removed worker's own directory if it is empty (what it left there stays)."""
+    if base_id(worker_id) == worker_id:
+        with contextlib.suppress(OSError):
+            (config.state_path / "work" / worker_id).rmdir()

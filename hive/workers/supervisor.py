@@ -37,6 +37,7 @@ from hive.state.journal import Journal, JournalError
 from hive.state.metrics import Metrics
 from hive.state.registry import Registry
 from hive.upstream.router_sync import RouterSync
+from hive.workers.launch import forget_workdir
 from hive.workers.logs import Logs
 from hive.workers.ports import PortPool, ephemeral_overlap
 from hive.workers.probes import Prober
@@ -293,6 +294,7 @@ class Supervisor:
         self._runs.pop(worker_id, None)
         if not keep_log:  # kept when a successor writes on in it
             self.logs.remove(worker_id)
+            await asyncio.to_thread(forget_workdir, self.config, worker_id)
         await self._persist()
         return record
 
@@ -394,6 +396,7 @@ class Supervisor:
                 for worker_id in self.registry.expire():
                     self._runs.pop(worker_id, None)
                     self.logs.remove(worker_id)
+                    await asyncio.to_thread(forget_workdir, self.config, worker_id)
                 now = time.monotonic()
                 for worker_id, run in self._runs.items():
                     running = run.process is not None and run.process.running
