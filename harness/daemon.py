@@ -88,6 +88,8 @@ class Hive:
         self.log_path = self.home / "hive.log"
         self.log_tail = log_tail
         self.proc: subprocess.Popen[bytes] | None = None
+        #: A command that runs hive's (``["prlimit", "--nofile=64:64", "--"]``); none by default.
+        self.wrapper: list[str] = []
         self.token = ""
         self._http: aiohttp.ClientSession | None = None
 
@@ -98,7 +100,11 @@ class Hive:
         do not wait for it."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hive", "serve", "--config", str(self.config_path), *extra],
+                [
+                    *self.wrapper,
+                    *(sys.executable, "-m", "hive", "serve", "--config", str(self.config_path)),
+                    *extra,
+                ],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from hive.host.descriptors import in_reserve, kept_back, said_plainly, wait_gone
+
 if TYPE_CHECKING:
     from hive.host.containment import Group
 
@@ -96,25 +98,39 @@ class Spawner:
         error raised here.
         """
         loop = asyncio.get_running_loop()
-        pid, popen = await loop.run_in_executor(self._executor, self._spawn, launch, spawned)
-        process = Process.watch(pid, child=True)
+        pid, pidfd, popen = await loop.run_in_executor(self._executor, self._spawn, launch, spawned)
+        process = Process(pid, pidfd, child=True)
         process.popen = popen
         return process
 
     def _spawn(
         self, launch: Launch, spawned: Callable[[int], None] | None
-    ) -> tuple[int, subprocess.Popen[bytes] | None]:
-        pid, popen = self._fork_exec(launch)
-        if spawned is not None:
-            try:
-                spawned(pid)
-            except BaseException:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                if popen is not None:
-                    popen.returncode = -signal.SIGKILL
-                raise
-        return pid, popen
+    ) -> tuple[int, int, subprocess.Popen[bytes] | None]:
+        """Spawn and hold it by a pidfd at once: one hive cannot watch is killed, not left."""
+        try:
+            pid, popen = self._fork_exec(launch)
+        except OSError as exc:
+            raise said_plainly(exc) from None
+        try:
+            pidfd = os.pidfd_open(pid)
+            if in_reserve(pidfd):  # a worker for life: not on one of hive's last descriptors
+                os.close(pidfd)
+                raise kept_back()
+            if spawned is not None:
+                try:
+                    spawned(pid)
+                except BaseException:
+                    os.close(pidfd)
+                    raise
+        except BaseException as exc:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            if popen is not None:
+                popen.returncode = -signal.SIGKILL
+            if isinstance(exc, OSError):
+                raise said_plainly(exc) from None
+            raise
+        return pid, pidfd, popen
 
     def _fork_exec(self, launch: Launch) -> tuple[int, subprocess.Popen[bytes]]:
         """Fork and exec (subprocess's vfork; posix_spawn can neither change directory nor
@@ -246,8 +262,10 @@ class Process:
 @dataclass(slots=True)
 class _Member:
     pid: int
-    pidfd: int
+    #: None when hive had no descriptor left for one: then signalled by pid, watched by polling.
+    pidfd: int | None
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    poll: asyncio.Task[None] | None = None
 
 
 class Tree:
@@ -274,6 +292,13 @@ class Tree:
             self._adopt(pid)
 
     def _discover(self) -> set[int]:
+        """What can be read of the tree now (out of descriptors, nothing: see :meth:`signal`)."""
+        try:
+            return self._search()
+        except (OSError, psutil.Error):
+            return set()
+
+    def _search(self) -> set[int]:
         if self.group is not None and self.group.containment.kind == "cgroup":
             # Everything the worker started since it entered its cgroup is in it, wherever it
             # moved in the process tree; the group adds anything tagged that got out first.
@@ -295,7 +320,12 @@ class Tree:
     def _adopt(self, pid: int) -> None:
         try:
             pidfd = os.pidfd_open(pid)
-        except OSError:
+        except ProcessLookupError:
+            return
+        except OSError:  # no descriptor left: held by its pid (a narrow chance of reuse)
+            member = self._members[pid] = _Member(pid, None)
+            member.poll = asyncio.create_task(wait_gone(pid))
+            member.poll.add_done_callback(lambda _: member.gone.set())
             return
         member = _Member(pid, pidfd)
         self._members[pid] = member
@@ -320,12 +350,16 @@ class Tree:
             for member in self._members.values():
                 if not member.gone.is_set():
                     with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(member.pidfd, one)
+                        if member.pidfd is None:
+                            os.kill(member.pid, one)
+                        else:
+                            signal.pidfd_send_signal(member.pidfd, one)
 
     def kill(self) -> None:
         """SIGKILL everything, through the containment first (it sees what a scan missed)."""
         if self.group is not None:
-            self.group.kill()
+            with contextlib.suppress(OSError):  # out of descriptors: the signals below still go
+                self.group.kill()
         self.signal(signal.SIGKILL)
 
     async def wait(self, timeout: float) -> bool:
@@ -339,11 +373,18 @@ class Tree:
             future.cancel()
         if pending:
             return False
-        while self.group is not None and not self.group.empty():
+        while self.group is not None and not self._group_empty():
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.01)
         return True
+
+    def _group_empty(self) -> bool:
+        assert self.group is not None
+        try:
+            return self.group.empty()
+        except OSError:  # cannot be read now (out of descriptors): not known to be empty
+            return False
 
     def _leader_leads_group(self) -> bool:
         """True when the leader is still in its own process group (the group signal hit it)."""
@@ -360,6 +401,10 @@ class Tree:
 
     def close(self) -> None:
         for member in self._members.values():
+            if member.pidfd is None:
+                if member.poll is not None:
+                    member.poll.cancel()
+                continue
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(member.pidfd)
             with contextlib.suppress(OSError):

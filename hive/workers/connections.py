@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from hive.host.descriptors import in_reserve
+
 #: Most answers hive reads are a few hundred bytes; a Prometheus page may be some hundred KB.
 _MAX_BODY = 8 << 20
 
@@ -198,6 +200,9 @@ class Connections:
 
     def _done(self, port: int, connection: _Connection, answer: _Answer) -> tuple[int, bytes]:
         if answer.keep_alive and not connection.closed and port not in self._idle:
+            if _kept_back(connection):  # not kept idle on one of hive's last descriptors
+                connection.close()
+                return answer.status, answer.body
             self._idle[port] = connection
         else:
             connection.close()
@@ -219,3 +224,8 @@ class Connections:
             with contextlib.suppress(Exception):
                 connection.close()
         self._idle.clear()
+
+
+def _kept_back(connection: _Connection) -> bool:
+    sock = connection.transport.get_extra_info("socket") if connection.transport else None
+    return sock is not None and in_reserve(sock.fileno())

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from hive.config import BackendConfig
+from hive.host.descriptors import OUT_OF_DESCRIPTORS
 from hive.timeouts import sleep_to_tick
 from hive.workers.connections import Connections, HttpError
 from hive.workers.engine_load import Load, LoadError, parse
@@ -38,6 +39,9 @@ class ProbeResult:
     ok: bool
     detail: str
     timed_out: bool = False
+    #: It failed on hive's side: hive had no file descriptor for the connection. Never the
+    #: worker's failure.
+    hive_side: bool = False
 
 
 class Prober:
@@ -66,7 +70,8 @@ class Prober:
         except TimeoutError:
             return ProbeResult(False, f"no answer within {_TIMEOUT:g}s", timed_out=True), b""
         except OSError as exc:
-            return ProbeResult(False, str(exc) or type(exc).__name__), b""
+            mine = exc.errno in OUT_OF_DESCRIPTORS
+            return ProbeResult(False, str(exc) or type(exc).__name__, hive_side=mine), b""
         except HttpError as exc:
             return ProbeResult(False, str(exc)), b""
         ok = 200 <= status < 300
@@ -119,7 +124,7 @@ class Prober:
             result = await self.check(url)
             if result.ok:
                 failures = 0
-            elif away(sent) > 0:
+            elif away(sent) > 0 or result.hive_side:
                 pass
             elif not (result.timed_out and busy()):
                 failures += 1

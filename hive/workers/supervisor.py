@@ -136,10 +136,40 @@ class Supervisor:
                 run.request_stop(None)
         await asyncio.gather(*(run.task for run in runs if run.task), return_exceptions=True)
         if not detach:
+            await self._end_leftovers()
             self.containment.close()
         await self._deps.prober.close()
         self._deps.spawner.close()
         self._deps.watch.close()
+
+    async def _end_leftovers(self, timeout: float = 10.0) -> None:
+        """``on_exit = "stop"``: nothing of hive's is left running, whatever failed on the way
+        (a stop that raised, a process hive lost track of). What the containment still holds
+        is killed; while ``/proc`` cannot be read (hive out of descriptors) it is tried again."""
+        deadline = time.monotonic() + timeout
+        told: set[str] = set()
+        why = ""
+        while time.monotonic() < deadline:
+            try:
+                left = await asyncio.to_thread(self._kill_leftovers)
+            except OSError as exc:
+                why = f": {exc.strerror or exc}"
+            else:
+                if not left:
+                    return
+                why = f": {', '.join(sorted(left))}"
+                if new := set(left) - told:
+                    log.warning("shut-down: killed what was left of worker(s) %s", sorted(new))
+                    told |= new
+            await asyncio.sleep(0.1)
+        log.error("shut-down: worker processes may be left running%s", why)
+
+    def _kill_leftovers(self) -> set[str]:
+        """One pass, in a thread: the workers the containment still holds processes of, killed."""
+        left = {w: pids for w, pids in self.containment.inventory().items() if pids}
+        for worker_id, pids in left.items():
+            end_strays(self.containment, worker_id, pids)
+        return set(left)
 
     # -- runs --------------------------------------------------------------------------------
 
