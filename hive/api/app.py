@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from hive.api import page, routes
-from hive.api.keys import CONTEXT, RECORD_JSON, ROUTE_TABLE
+from hive.api.keys import CONTEXT, LIMITER, RECORD_JSON, ROUTE_TABLE, SESSIONS
 from hive.api.middleware import (
     auth_middleware,
     error_middleware,
@@ -14,7 +14,9 @@ from hive.api.middleware import (
 )
 from hive.api.openapi import Operation
 from hive.api.record_json import RecordJson
+from hive.api.session import Sessions
 from hive.api.table import Route
+from hive.api.throttle import PeerLimiter
 from hive.context import Context
 
 #: Request bodies larger than this are refused with 413 ``too_large``.
@@ -38,6 +40,11 @@ def create_app(context: Context) -> web.Application:
     )
     app[CONTEXT] = context
     app[RECORD_JSON] = RecordJson()
+    app[SESSIONS] = Sessions()
+    app[LIMITER] = PeerLimiter(
+        on_failure=lambda kind: context.metrics.auth_failures.labels(kind).inc(),
+        on_refused=lambda: context.metrics.auth_refused.inc(),
+    )
     table = route_table()
     app[ROUTE_TABLE] = table
     # aiohttp tries the routes under one prefix in the order they were added: the heartbeat,

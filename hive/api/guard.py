@@ -8,8 +8,11 @@ many connections may be open. The guard wraps each listener's protocol factory:
   headers byte by byte, is dropped (a request being served, such as an event stream, is never
   cut by the guard);
 - at most ``max_connections`` are open over TCP, and as many over the unix socket, each
-  counted on its own so that the local operator always gets in; past that a new connection
-  is dropped at once.
+  counted on its own so that the local operator always gets in. When a listener is full, a new
+  connection takes the place of the oldest idle one that has not yet carried an authenticated
+  request (:meth:`ConnectionGuard.trust`): a thousand idle strangers cannot keep an
+  orchestrator out. Only when every connection is busy or authenticated is the new one
+  dropped at once.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +36,12 @@ class ConnectionGuard:
         self._open: dict[asyncio.BaseTransport, _Guarded] = {}
         self._count = {"TCP": 0, "unix socket": 0}
         self._refused = {"TCP": 0, "unix socket": 0}
+        self._shed = {"TCP": 0, "unix socket": 0}
+        # Connections that have not authenticated, oldest first: the first to make room.
+        self._strangers: dict[str, OrderedDict[asyncio.BaseTransport, _Guarded]] = {
+            "TCP": OrderedDict(),
+            "unix socket": OrderedDict(),
+        }
 
     def open(self, kind: str) -> int:
         """Connections open now over ``TCP`` or the ``unix socket``."""
@@ -55,9 +65,17 @@ class ConnectionGuard:
             if guarded.busy == 0:
                 guarded.arm()
 
+    def trust(self, transport: asyncio.BaseTransport | None) -> None:
+        """This connection carried an authenticated request: it is never shed for room."""
+        for strangers in self._strangers.values():
+            if strangers.pop(transport, None) is not None:  # type: ignore[arg-type]
+                return
+
     def admit(self, guarded: _Guarded, transport: asyncio.BaseTransport) -> bool:
-        """Count a new connection in, or refuse it when its listener is full."""
+        """Count a new connection in, making room if its listener is full; or refuse it."""
         kind = _kind(transport)
+        if self._count[kind] >= self.max_connections:
+            self._make_room(kind)
         if self._count[kind] >= self.max_connections:
             self._refused[kind] += 1
             if self._refused[kind] == 1:  # one line per condition, not one per connection
@@ -70,13 +88,37 @@ class ConnectionGuard:
         if self._refused[kind]:
             log.info("%s: accepting connections again (%d dropped)", kind, self._refused[kind])
             self._refused[kind] = 0
+        if self._shed[kind] and self._count[kind] < self.max_connections - 1:
+            log.info("%s: room again (%d idle connections closed for it)", kind, self._shed[kind])
+            self._shed[kind] = 0
         self._open[transport] = guarded
+        self._strangers[kind][transport] = guarded
         self._count[kind] += 1
         return True
 
+    def _make_room(self, kind: str) -> None:
+        """Close the oldest idle connection that has not authenticated, if there is one."""
+        found = next(((t, g) for t, g in self._strangers[kind].items() if g.busy == 0), None)
+        if found is None:
+            return
+        transport, guarded = found
+        self._shed[kind] += 1
+        if self._shed[kind] == 1:  # one line per condition, not one per connection
+            log.warning(
+                "%s: %d connections open (http_max_connections): closing the oldest idle ones "
+                "that have not authenticated to make room",
+                kind,
+                self._count[kind],
+            )
+        self.forget(transport)
+        guarded.close_timer()
+        transport.abort()
+
     def forget(self, transport: asyncio.BaseTransport) -> None:
         if self._open.pop(transport, None) is not None:
-            self._count[_kind(transport)] -= 1
+            kind = _kind(transport)
+            self._count[kind] -= 1
+            self._strangers[kind].pop(transport, None)
 
 
 def _kind(transport: asyncio.BaseTransport) -> str:

@@ -1,10 +1,12 @@
 """Every error in one JSON shape, and bearer-token authentication for TCP clients.
 
 Over the unix socket a client is trusted by the socket's file mode (0600), except a process that
-belongs to a worker (found by its peer credentials, then its cgroup or tag): it may send only
-its own worker's heartbeat. Over TCP every
-``/v1`` route needs ``Authorization: Bearer <token>``; a worker's own token is good only for its
-own heartbeat. Tokens are compared in constant time.
+belongs to a worker (found by its peer credentials: the worker processes hive started and their
+descendants, then the worker's cgroup or tag): it may send only its own worker's heartbeat. Over
+TCP every ``/v1`` route needs ``Authorization: Bearer <token>``: the API token, a status page
+session (reading only), or a worker's own token (its own heartbeat only). Cookies grant nothing:
+a browser sends them to every port of the host, workers' included. Tokens are compared in
+constant time; failures are limited per peer (:mod:`hive.api.throttle`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from hive.api.errors import HTTP_CODES, wire
-from hive.api.keys import CONTEXT
-from hive.api.session import SESSION_COOKIE, session_value
+from hive.api.keys import CONTEXT, LIMITER, SESSIONS
 from hive.errors import HiveError, InvalidRequest, NotAuthenticated, NotPermitted
 from hive.models import ErrorBody, ErrorCode, ErrorDetail, Worker
 from hive.validation import field_errors
+from hive.workers.peers import worker_of_peer
 
 log = logging.getLogger("hive.api")
 
@@ -111,14 +113,6 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _session(request: web.Request, token: str) -> bool:
-    """The request carries the status page's session cookie for this token."""
-    cookie = request.cookies.get(SESSION_COOKIE)
-    return cookie is not None and hmac.compare_digest(
-        cookie.encode(), session_value(token).encode()
-    )
-
-
 def _open(request: web.Request) -> bool:
     """Routes anyone may read: /health, /openapi.json, and /metrics if ``metrics_public``."""
     if request.path == "/metrics":
@@ -160,6 +154,17 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         ).observe(time.perf_counter() - started)
 
 
+def too_many(seconds: int) -> web.Response:
+    """429 for a peer that failed too often: its credentials are not even looked at."""
+    response = error_response(
+        429,
+        "unauthorized",
+        f"too many failed log-ins or unknown tokens from this address; try again in {seconds} s",
+    )
+    response.headers["Retry-After"] = str(seconds)
+    return response
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if _open(request):
@@ -167,9 +172,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     context = request.app[CONTEXT]
     peer = _unix_peer(request)
     if peer is not None:
-        # The socket's mode admits hive's own user, and workers run as that user too: a
-        # process that belongs to a worker (its cgroup, or its tag) gets its own heartbeat only.
-        owner = context.supervisor.containment.owner_of(peer) if peer else None
+        # The socket's mode admits hive's own user, and workers may run as that user (or as
+        # root): a process of a worker (one hive started, or its descendant; its cgroup; its
+        # tag) gets its own heartbeat only.
+        owner = worker_of_peer(peer, context.registry, context.supervisor.containment)
         if owner is None:
             return await handler(request)
         match = _HEARTBEAT.match(request.path)
@@ -179,19 +185,33 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             f"a process of worker {owner!r} may only send that worker's own heartbeat"
         )
     token = _bearer(request)
-    if token is None:
-        if request.method in ("GET", "HEAD") and _session(request, context.token):
-            return await handler(request)  # the status page's cookie: reading only
+    if token is None:  # cookies alone grant nothing
         raise NotAuthenticated("missing bearer token (Authorization: Bearer <token>)")
-    if hmac.compare_digest(token.encode(), context.token.encode()):
-        return await handler(request)
     registry = context.registry
-    if (match := _HEARTBEAT.match(request.path)) is not None:
-        own = registry.token(match.group(1))
-        if own is not None and hmac.compare_digest(token.encode(), own.encode()):
-            return await handler(request)
+    heartbeat = _HEARTBEAT.match(request.path)
+    own = registry.token(heartbeat.group(1)) if heartbeat is not None else None
+    if own is not None and hmac.compare_digest(token.encode(), own.encode()):
+        return await _trusted(request, handler)  # a worker's heartbeat is never held back
+    limiter = request.app[LIMITER]
+    if wait := limiter.retry_after(request.remote):
+        return too_many(wait)
+    if hmac.compare_digest(token.encode(), context.token.encode()):
+        return await _trusted(request, handler)
+    if request.app[SESSIONS].valid(token):
+        if request.method in ("GET", "HEAD"):
+            return await _trusted(request, handler)
+        raise NotPermitted("a status page session can read but not change anything")
     for record in registry.list():
         other = registry.token(record.id)
         if other is not None and hmac.compare_digest(token.encode(), other.encode()):
             raise NotPermitted("a worker token is good only for that worker's own heartbeat")
+    limiter.failed(request.remote, "token")
     raise NotAuthenticated("invalid token")
+
+
+async def _trusted(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Serve an authenticated request; its connection is no longer one the guard sheds first."""
+    guard = request.app[CONTEXT].guard
+    if guard is not None:
+        guard.trust(request.transport)
+    return await handler(request)

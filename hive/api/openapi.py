@@ -36,6 +36,8 @@ _ERRORS = {
     "409": "Conflicts with the current state (`conflict`)",
     "413": "Body over 1 MiB (`too_large`)",
     "422": "A field fails validation; the message names it (`invalid`)",
+    "429": "Too many failed log-ins or unknown tokens from this address lately; `Retry-After` "
+    "says when to try again (`unauthorized`)",
     "503": "No device, core or port can take the worker (`no_capacity`)",
 }
 
@@ -145,7 +147,7 @@ def build_openapi(
             status: {"description": description, **_content(kind)}
             for status, (description, kind) in op.responses.items()
         }
-        errors = list(op.errors) + (["401", "403"] if op.auth else [])
+        errors = list(op.errors) + (["401", "403", "429"] if op.auth else [])
         for status in sorted(set(errors)):
             responses[status] = {"description": _ERRORS[status], **_content(ErrorBody)}
         operation: dict[str, Any] = {

@@ -1,23 +1,26 @@
-"""The status page (``GET /``) and its log-in: the API token, sent once in a form, becomes a
-session cookie.
+"""The status page (``GET /``) and its log-in: the API token, sent once, becomes a session.
 
-The page itself holds no data: it reads the API, and the API's rules apply. A browser cannot set
-an ``Authorization`` header on a page load or on an event stream, so ``POST /login`` takes the
-token from a form (never the URL) and answers with an ``HttpOnly``, ``SameSite=Strict`` cookie
-whose value is derived from the token (:func:`session_value`); the auth middleware takes that
-cookie for ``GET`` and ``HEAD`` only, so a cookie can read but never change anything.
+The page itself holds no data: it reads the API, and the API's rules apply. ``POST /login``
+takes the token from a form (never the URL) and answers a new session's value in JSON; the page
+keeps it in ``sessionStorage`` and sends it as ``Authorization: Bearer <session>`` on each of its
+requests, the event stream included (read with ``fetch``). No cookie carries it: a browser sends
+a host's cookies to every port of the host, so a worker's server would get them. A session can
+read but never change anything, ends at ``POST /logout``, and expires (:mod:`hive.api.session`).
+Failed log-ins are limited per peer like unknown tokens (:mod:`hive.api.throttle`).
 """
 
 from __future__ import annotations
 
 import hmac
+import socket
 from importlib import resources
 
 from aiohttp import web
 
-from hive.api.keys import CONTEXT
+from hive.api.keys import CONTEXT, LIMITER, SESSIONS
+from hive.api.middleware import error_response, too_many
 from hive.api.openapi import Operation
-from hive.api.session import SESSION_COOKIE, session_value
+from hive.api.session import SESSION_COOKIE
 from hive.api.table import route
 
 
@@ -56,44 +59,63 @@ async def page(request: web.Request) -> web.Response:
     Operation(
         "post",
         "/login",
-        "The page's log-in: a form field `token` (the API token) becomes a session cookie",
-        {"303": ("to `/` with the cookie set, or to `/#login-failed`", None)},
+        "The page's log-in: a form field `token` (the API token) becomes a session, "
+        "sent back as `Authorization: Bearer <session>` (reading only)",
+        {"200": ('`{"session": str, "expires_in": seconds}`', "application/json")},
+        errors=("401", "429"),
         auth=False,
     )
 )
 async def login(request: web.Request) -> web.Response:
+    limiter = request.app[LIMITER]
+    if wait := limiter.retry_after(request.remote if _over_tcp(request) else None):
+        return too_many(wait)
     try:
         form = await request.post()
     except (ValueError, AssertionError):  # a malformed form (multipart, encoding): no log-in
-        return _see_other("/#login-failed")
-    token = form.get("token")
+        form = None
+    token = form.get("token") if form is not None else None
     expected = request.app[CONTEXT].token
-    if isinstance(token, str) and hmac.compare_digest(token.strip().encode(), expected.encode()):
-        response = _see_other("/")
-        response.set_cookie(
-            SESSION_COOKIE, session_value(expected), httponly=True, samesite="Strict", path="/"
-        )
-        return response
-    return _see_other("/#login-failed")
+    if not isinstance(token, str) or not hmac.compare_digest(
+        token.strip().encode("utf-8", "surrogateescape"), expected.encode()
+    ):
+        limiter.failed(request.remote if _over_tcp(request) else None, "login")
+        return _no_store(error_response(401, "unauthorized", "that is not this hive's API token"))
+    sessions = request.app[SESSIONS]
+    response = _no_store(
+        web.json_response({"session": sessions.create(), "expires_in": int(sessions.lifetime)})
+    )
+    # The cookie an earlier hive set grants nothing now; the browser may drop it.
+    response.del_cookie(
+        SESSION_COOKIE, path="/", secure=request.secure, httponly=True, samesite="Strict"
+    )
+    return response
 
 
 @route(
     Operation(
         "post",
         "/logout",
-        "End the page's session",
-        {"303": ("to `/`, the cookie cleared", None)},
+        "End the page's session (`Authorization: Bearer <session>`): its value is dead at once",
+        {"204": ("the session, if any, ended", None)},
         auth=False,
     )
 )
 async def logout(request: web.Request) -> web.Response:
-    response = _see_other("/")
-    response.del_cookie(SESSION_COOKIE, path="/")
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        request.app[SESSIONS].revoke(value.strip())
+    return web.Response(status=204, headers={"Cache-Control": "no-store"})
+
+
+def _over_tcp(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return sock is None or sock.family != socket.AF_UNIX
+
+
+def _no_store(response: web.Response) -> web.Response:
+    response.headers["Cache-Control"] = "no-store"
     return response
-
-
-def _see_other(location: str) -> web.Response:
-    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
 
 
 #: The page's routes, after the API's in ``/openapi.json``.

@@ -98,6 +98,9 @@ class Fleet:
         self.error: str | None = None
         self.since: datetime = now()
         self.revision: int | None = None
+        #: Figures for the metrics: leases etcd no longer had at renewal, watches that ended.
+        self.lease_losses = 0
+        self.watch_restarts = 0
         self._published: dict[str, bytes] = {}  # key -> the value etcd holds from us
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()

@@ -9,10 +9,10 @@ they happen. Every hive has its own ``CollectorRegistry``: no global state.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from hive.models import State
@@ -106,6 +106,39 @@ class _RecordCollector(Collector):
         yield from (memory_used, memory_total, utilization, healthy)
 
 
+class FleetFigures(Protocol):
+    """What the fleet tells the metrics (:class:`hive.desired.fleet.Fleet` has them)."""
+
+    connected: bool
+    lease_losses: int
+    watch_restarts: int
+
+
+class _FleetCollector(Collector):
+    """The fleet's figures, read at scrape time."""
+
+    def __init__(self, fleet: FleetFigures) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "hive_fleet_connected",
+            "1 while etcd answers this node, 0 while it does not (workers run on).",
+            value=1 if self.fleet.connected else 0,
+        )
+        yield CounterMetricFamily(
+            "hive_fleet_lease_losses",
+            "Times etcd no longer had this node's lease when hive renewed it (hive was paused "
+            "or cut off for longer than lease_ttl): the node's keys were gone meanwhile.",
+            value=self.fleet.lease_losses,
+        )
+        yield CounterMetricFamily(
+            "hive_fleet_watch_restarts",
+            "Times the watch of this node's desired set ended and hive read the set again.",
+            value=self.fleet.watch_restarts,
+        )
+
+
 class Metrics:
     """hive's metrics; ``render()`` is the body of ``GET /metrics``."""
 
@@ -171,17 +204,31 @@ class Metrics:
             "Seconds hive's event loop did not run when it should have, summed over the stalls.",
             registry=self.prometheus,
         )
+        self.auth_failures = Counter(
+            "hive_auth_failures",
+            "Failed log-ins to the status page (login) and unknown bearer tokens (token) over TCP.",
+            ["kind"],
+            registry=self.prometheus,
+        )
+        self.auth_refused = Counter(
+            "hive_auth_refused",
+            "Requests answered 429 because their address failed too often lately.",
+            registry=self.prometheus,
+        )
+        self.tls_handshake_failures = Counter(
+            "hive_tls_handshake_failures",
+            "TLS handshakes on the API's port that failed, by OpenSSL's reason (e.g. "
+            "TLSV1_ALERT_UNKNOWN_CA: the client does not trust hive's certificate).",
+            ["reason"],
+            registry=self.prometheus,
+        )
 
         self._unsubscribe = registry.subscribe(self._on_change)
 
-    def watch_fleet(self, connected: Callable[[], bool]) -> None:
-        """With ``[fleet]``: export whether etcd answers (only then: no fleet, no series)."""
-        gauge = Gauge(
-            "hive_fleet_connected",
-            "1 while etcd answers this node, 0 while it does not (workers run on).",
-            registry=self.prometheus,
-        )
-        gauge.set_function(lambda: 1 if connected() else 0)
+    def watch_fleet(self, fleet: FleetFigures) -> None:
+        """With ``[fleet]``: export whether etcd answers, and what went wrong with it so far
+        (only then: no fleet, no series)."""
+        self.prometheus.register(_FleetCollector(fleet))
 
     def watch_gpus(self, gpus: Callable[[], Iterable[Any]]) -> None:
         """Export per-GPU figures from the device snapshot (read at scrape time)."""

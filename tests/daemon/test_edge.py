@@ -80,23 +80,45 @@ def test_a_kept_alive_connection_may_ask_again_then_idles_out(hive: Hive) -> Non
         assert closed(sock)
 
 
-def test_past_the_cap_new_connections_are_dropped_and_the_unix_socket_still_answers(
+def test_past_the_cap_an_idle_stranger_makes_room_and_the_unix_socket_still_answers(
     hive: Hive,
 ) -> None:
     hoarders = [connect(hive) for _ in range(4)]
     try:
-        # The listener is full: one more is dropped at once, without an answer.
+        # The listener is full of idle connections that never authenticated: a new one takes
+        # the place of the oldest, and is answered.
         with connect(hive) as extra:
-            extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert closed(extra, 5.0)
+            extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert extra.recv(4096).startswith(b"HTTP/1.1 200")
+        assert closed(hoarders[0], 5.0)
         # The operator on the unix socket is not counted against TCP's cap.
         done = hive.cli("status")
         assert done.returncode == 0, done.stderr
     finally:
         for sock in hoarders:
             sock.close()
+    assert "closing the oldest idle ones that have not authenticated" in hive.log()
 
-    # Once the hoarders are gone (or timed out), TCP answers again.
+
+def test_past_the_cap_with_every_connection_busy_a_new_one_is_dropped(hive: Hive) -> None:
+    streams = []
+    try:
+        for _ in range(4):  # authenticated and being served: never closed to make room
+            sock = connect(hive)
+            sock.sendall(
+                b"GET /v1/events HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {hive.token}\r\n\r\n".encode()
+            )
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            streams.append(sock)
+        with connect(hive) as extra:
+            extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert closed(extra, 5.0)
+    finally:
+        for sock in streams:
+            sock.close()
+
+    # Once the streams are gone, TCP answers again.
     def answers() -> bool:
         with connect(hive) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

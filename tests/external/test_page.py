@@ -1,5 +1,7 @@
 """The status page in a real headless Chromium: log in with the token (never in the URL), see
-GPUs and workers, watch a spawn and a kill change the page live, read a log tail on click.
+GPUs and workers, watch a spawn and a kill change the page live, read a log tail on click, log
+out. The browser holds no cookie that grants anything: the session lives in the tab's
+``sessionStorage`` and the page sends it as a bearer header itself.
 
 Set ``HIVE_SCREENSHOT`` to a path to keep the page's screenshot (docs/status-page.png is one).
 """
@@ -88,22 +90,25 @@ async def _follow_the_workers(hive: Hive, browser: Browser) -> None:
     await browser.until("document.body.dataset.ready === 'true'", what="the page, logged in")
     url = await browser.evaluate("location.href")
     assert hive.token not in url and url == f"{hive.url}/"
-    assert await browser.evaluate("document.cookie") == ""  # HttpOnly: scripts cannot read it
-    gpus = await browser.evaluate("[...document.querySelectorAll('[data-gpu]')].length")
-    assert gpus == 2
+    assert await browser.evaluate("document.cookie") == ""
 
-    # The cookie reads but never changes anything.
+    # Everything the browser would send on its own to another port of this host (its
+    # cookies) grants nothing; the session is the tab's, sent by the page's script.
     cookies = {
         c["name"]: c["value"] for c in (await browser.send("Network.getAllCookies"))["cookies"]
     }
-    session = cookies["hive_session"]
-    assert session != hive.token
-    listed = requests.get(f"{hive.url}/v1/workers", cookies={"hive_session": session}, timeout=10)
-    assert listed.status_code == 200
+    listed = requests.get(f"{hive.url}/v1/workers", cookies=cookies, timeout=10)
+    assert listed.status_code == 401
+    session = await browser.evaluate("sessionStorage.getItem('hive-session')")
+    assert session and session != hive.token and session not in str(cookies)
+    bearer = {"Authorization": f"Bearer {session}"}
+    assert requests.get(f"{hive.url}/v1/workers", headers=bearer, timeout=10).status_code == 200
     refused = requests.post(
-        f"{hive.url}/v1/workers", json={"model": "m"}, cookies={"hive_session": session}, timeout=10
+        f"{hive.url}/v1/workers", json={"model": "m"}, headers=bearer, timeout=10
     )
-    assert refused.status_code == 401
+    assert refused.status_code == 403  # a session reads, never changes
+    gpus = await browser.evaluate("[...document.querySelectorAll('[data-gpu]')].length")
+    assert gpus == 2
 
     # A spawn appears on its own (the event stream), on its GPU.
     worker = await hive.spawn(
@@ -140,6 +145,11 @@ async def _follow_the_workers(hive: Hive, browser: Browser) -> None:
     await hive.call("DELETE", "/v1/workers/pg-b")
     assert second["id"] == "pg-b"
 
+    # Log out: the session is dead at once, and the page asks for the token again.
+    await browser.evaluate("document.getElementById('logout-button').click()")
+    await browser.until("!document.getElementById('login').hidden", what="the login form again")
+    assert requests.get(f"{hive.url}/v1/workers", headers=bearer, timeout=10).status_code == 401
+
 
 async def test_the_page_needs_no_token_to_load_and_nothing_from_outside(gpu_hive: Hive) -> None:
     page = requests.get(f"{gpu_hive.url}/", timeout=10)
@@ -150,18 +160,17 @@ async def test_the_page_needs_no_token_to_load_and_nothing_from_outside(gpu_hive
     assert "http://" not in page.text and "https://" not in page.text
     # The data stays behind the token: without it, the API refuses.
     assert requests.get(f"{gpu_hive.url}/v1/workers", timeout=10).status_code == 401
-    # A wrong token in the form leads back to the page, no cookie.
+    # A wrong token in the form is a 401, no session; the right one a session, no cookie.
     wrong = requests.post(
         f"{gpu_hive.url}/login", data={"token": "nope"}, allow_redirects=False, timeout=10
     )
-    assert wrong.status_code == 303 and wrong.headers["Location"] == "/#login-failed"
+    assert wrong.status_code == 401 and "session" not in wrong.text
     assert "hive_session" not in wrong.cookies
     right = requests.post(
         f"{gpu_hive.url}/login", data={"token": gpu_hive.token}, allow_redirects=False, timeout=10
     )
-    assert right.status_code == 303 and right.headers["Location"] == "/"
-    header = right.headers["Set-Cookie"]
-    assert "HttpOnly" in header and "SameSite=Strict" in header
+    assert right.status_code == 200 and right.json()["session"]
+    assert not [c for c in right.cookies if c.value]
 
 
 def test_a_malformed_login_form_is_a_failed_log_in_not_an_error(gpu_hive: Hive) -> None:
@@ -173,5 +182,5 @@ def test_a_malformed_login_form_is_a_failed_log_in_not_an_error(gpu_hive: Hive) 
         r = requests.post(
             f"{gpu_hive.url}/login", headers=headers, data=data, allow_redirects=False, timeout=10
         )
-        assert r.status_code == 303 and r.headers["Location"] == "/#login-failed", r.text
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", r.text
     assert "Traceback" not in gpu_hive.log()
