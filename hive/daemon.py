@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hive.api import create_app, views
+from hive.api import create_app, listeners, views
 from hive.api.guard import ConnectionGuard
 from hive.api.keys import CONTEXT
 from hive.config import Config, ConfigError
@@ -37,6 +37,7 @@ from hive.devices.gpu import GpuMonitor
 from hive.devices.placement import Placer
 from hive.host.containment import Cgroups
 from hive.host.containment import choose as choose_containment
+from hive.host.descriptors import Shortage, raise_limit
 from hive.host.notify import Notifier
 from hive.models import State
 from hive.startup import (
@@ -387,27 +388,21 @@ class Daemon:
         # Both sites build their connections with the runner's server: guard each of them.
         # (aiohttp has no public hook for a listener's protocol factory.)
         self._runner._server = guard.wrap(self._runner.server)  # type: ignore[assignment]
+        # Listeners that run out of descriptors calmly (hive/api/listeners.py).
+        shortage = Shortage()
+        listeners.quiet_accept_errors(asyncio.get_running_loop())
         try:
             failures = app[CONTEXT].metrics.tls_handshake_failures
             tls = server_tls(config, HandshakeFailures(lambda r: failures.labels(r).inc()))
-            await web.TCPSite(
-                self._runner,
-                config.listen_host,
-                config.listen_port,
-                reuse_address=True,
-                ssl_context=tls,
-            ).start()
+            for sock in listeners.tcp(config.listen_host, config.listen_port, shortage):
+                await web.SockSite(self._runner, sock, ssl_context=tls).start()
         except OSError as exc:
             await self._runner.cleanup()
             raise StartupError(f"cannot listen on {config.listen}: {exc.strerror}") from None
         path = config.socket_path
         try:
             claim_socket(path)
-            old_umask = os.umask(0o177)  # the socket is born 0600, never briefly wider
-            try:
-                await web.UnixSite(self._runner, str(path)).start()
-            finally:
-                os.umask(old_umask)
+            await web.SockSite(self._runner, listeners.unix(path, shortage)).start()
             path.chmod(0o600)
         except OSError as exc:
             await self._runner.cleanup()
@@ -446,6 +441,7 @@ def serve(
 
     Returns the process exit code."""
     setup_logging(log_format)
+    log.info("%s", raise_limit())
     # `kill -USR1 <hive>` prints every thread's stack to hive's log: for a hive that seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
