@@ -309,7 +309,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     worker_id = _worker_id(request)
     context.registry.get(worker_id)  # 404 for an unknown worker
     if not query.follow:
-        return web.Response(text=context.logs.tail(worker_id, query.tail))
+        return web.Response(text=await context.logs.read_tail(worker_id, query.tail))
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     response.enable_chunked_encoding()
     await response.prepare(request)

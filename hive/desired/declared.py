@@ -9,6 +9,8 @@ missing workers are created, changed ones replaced, unchanged ones left alone, a
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ from hive.validation import field_errors
 #: The ``declared`` of a worker from hive's own files (config and ``workers_dir``).
 CONFIG_SOURCE = "config:"
 APPLY_SOURCE = "apply:"
+#: A declaration file larger than this is refused unread (a workers file is a few KiB).
+MAX_FILE_BYTES = 1 << 20
+_ONLY = f"a workers file must be a regular TOML file of at most {MAX_FILE_BYTES} bytes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +80,13 @@ def workers_dir(config: Config, config_path: Path | None) -> Path:
     return (config_path.parent if config_path is not None else config_dir()) / "workers.d"
 
 
-def read_file(path: Path, source: str) -> list[Declared]:
-    """The ``[[workers]]`` of one TOML file."""
+def read_file(path: Path, source: str, named: bool = False) -> list[Declared]:
+    """The ``[[workers]]`` of one TOML file: a regular file of at most :data:`MAX_FILE_BYTES`;
+    anything else (a FIFO, a device, a directory, a bigger file) is refused unread, never waited
+    on. A file ``named`` by the operator (``hive apply -f <(...)``) may also be a pipe, read up
+    to the same limit. Blocks: hive calls it in a thread."""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(_read_bounded(path, named).decode())
     except OSError as exc:
         raise DeclarationError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -91,15 +99,55 @@ def read_file(path: Path, source: str) -> list[Declared]:
     return parse_workers(data.get("workers", []), str(path), source)
 
 
+def _read_bounded(path: Path, named: bool) -> bytes:
+    """At most :data:`MAX_FILE_BYTES` of the file (one more says it is larger)."""
+    info = os.stat(path)
+    regular = stat.S_ISREG(info.st_mode)
+    if not regular and not (named and (stat.S_ISFIFO(info.st_mode) or stat.S_ISCHR(info.st_mode))):
+        raise DeclarationError(f"{path}: not a regular file ({_kind(info.st_mode)}); {_ONLY}")
+    if info.st_size > MAX_FILE_BYTES:
+        raise DeclarationError(f"{path}: larger than {MAX_FILE_BYTES} bytes; {_ONLY}")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_NONBLOCK if regular else 0))
+    try:
+        info = os.fstat(fd)  # what was opened, should it have been swapped since the stat
+        if regular and not stat.S_ISREG(info.st_mode):
+            raise DeclarationError(f"{path}: not a regular file ({_kind(info.st_mode)}); {_ONLY}")
+        data = b""
+        while len(data) <= MAX_FILE_BYTES and (
+            chunk := os.read(fd, MAX_FILE_BYTES + 1 - len(data))
+        ):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise DeclarationError(f"{path}: larger than {MAX_FILE_BYTES} bytes; {_ONLY}")
+    return data
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
 def read_paths(paths: Iterable[Path], source: Callable[[Path], str]) -> list[Declared]:
     """Every worker of these files, and of the ``*.toml`` files of these directories (in name
-    order); an id declared in two places is an error naming both."""
+    order); an id declared in two places is an error naming both. A file named here may be a
+    pipe; a directory's files must be regular files (:func:`read_file`)."""
     declared: list[Declared] = []
     where: dict[str, Path] = {}
     for path in paths:
-        files = sorted(path.glob("*.toml")) if path.is_dir() else [path]
+        named = not path.is_dir()
+        files = [path] if named else sorted(path.glob("*.toml"))
         for file in files:
-            for item in read_file(file, source(file)):
+            for item in read_file(file, source(file), named):
                 if item.spec.id in where:
                     raise DeclarationError(
                         f"{file}: worker {item.spec.id!r}: id: already declared in "

@@ -285,7 +285,8 @@ class DeclaredFiles:
     async def _once(self) -> None:
         config = self.config()
         try:
-            declared = read_declared(config, self.config_path)
+            # Reads files (bounded: declared.MAX_FILE_BYTES each): in a thread.
+            declared = await asyncio.to_thread(read_declared, config, self.config_path)
             if not declared and not any(
                 (r.declared or "").startswith(CONFIG_SOURCE)
                 for r in self.reconciler.registry.list()

@@ -117,6 +117,7 @@ class Supervisor:
     async def start(self) -> None:
         self._deps.watch.start()
         await self._deps.prober.start()
+        self.logs.start_keeper()
         self._housekeeping = asyncio.create_task(self._housekeep(), name="hive-housekeeping")
 
     async def close(self, detach: bool | None = None) -> None:
@@ -139,6 +140,7 @@ class Supervisor:
             await self._end_leftovers()
             self.containment.close()
         await self._deps.prober.close()
+        await self.logs.stop_keeper()
         self._deps.spawner.close()
         self._deps.watch.close()
 
@@ -256,6 +258,7 @@ class Supervisor:
 
     async def _start(self, run: WorkerRun) -> None:
         self._runs[run.id] = run
+        self.logs.started(run.id)
         await run.start()
 
     def check_backend(self, spec: SpawnRequest) -> None:
@@ -285,8 +288,18 @@ class Supervisor:
                 record = self.registry.get(worker_id)
         else:
             record = self._settle_unwatched(worker_id) or record
-        await self._persist()
+        await self._persist_if_room(f"worker {worker_id} stopped")
         return record
+
+    async def _persist_if_room(self, what: str) -> None:
+        """:meth:`_persist` for a request that frees rather than takes (a stop, a delete): it
+        is carried out and answered even when the journal cannot be written (state_dir full),
+        so that the operator can always remove the culprit; the journal writes again on its
+        own once there is room."""
+        try:
+            await self._persist()
+        except JournalError as exc:
+            log.warning("%s; the journal does not hold it yet: %s", what, exc)
 
     def _settle_unwatched(self, worker_id: str) -> Worker | None:
         """A record in a live state with no lifecycle watching a process cannot be: end
@@ -323,9 +336,9 @@ class Supervisor:
         self.containment.release(process_key(record))
         self._runs.pop(worker_id, None)
         if not keep_log:  # kept when a successor writes on in it
-            self.logs.remove(worker_id)
+            await self.logs.discard(worker_id)
             await asyncio.to_thread(forget_workdir, self.config, worker_id)
-        await self._persist()
+        await self._persist_if_room(f"worker {worker_id} removed")
         return record
 
     async def promote(self, successor: str, worker_id: str) -> Worker:
@@ -416,24 +429,16 @@ class Supervisor:
     # -- housekeeping --------------------------------------------------------------------------
 
     async def _housekeep(self) -> None:
-        """Once a second: forget records past ``retention``, and cap the log files that are
-        due a look (:meth:`Logs.cap` says when: every 10 s for a quiet log, sooner for a
-        fast-growing one)."""
-        due: dict[str, float] = {}
+        """Once a second: forget records past ``retention``, and tell the logs' keeper which
+        workers run (it caps their logs in its own thread, :meth:`Logs.cap` says how often)."""
         while True:
             await asyncio.sleep(1.0)
             try:
                 for worker_id in self.registry.expire():
                     self._runs.pop(worker_id, None)
-                    self.logs.remove(worker_id)
+                    await self.logs.discard(worker_id)
                     await asyncio.to_thread(forget_workdir, self.config, worker_id)
-                now = time.monotonic()
-                for worker_id, run in self._runs.items():
-                    running = run.process is not None and run.process.running
-                    if running and due.get(worker_id, 0.0) <= now:
-                        due[worker_id] = now + self.logs.cap(worker_id, now)
-                for worker_id in due.keys() - self._runs.keys():
-                    del due[worker_id]
+                self.logs.keep_capped(i for i, run in self._runs.items() if run.active)
             except OSError:
                 log.exception("housekeeping failed")
 

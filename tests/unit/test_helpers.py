@@ -244,19 +244,21 @@ def test_marker_lines_are_hives_own(tmp_path: Path) -> None:
     assert logs.last_line("w") == "serving on 18000"  # the worker's, never a marker
 
 
-def test_a_quiet_log_is_looked_at_every_10_s_a_fast_one_sooner(tmp_path: Path) -> None:
-    logs = Logs(tmp_path, max_bytes=100_000)  # rotated past 50,000 bytes
+def test_a_quiet_log_is_looked_at_every_quarter_second_a_fast_one_sooner(tmp_path: Path) -> None:
+    logs = Logs(tmp_path, max_bytes=100_000)  # truncated past 50,000 bytes
     path = logs.path("w")
     path.write_text("")
-    assert logs.cap("w", now=0.0) == 1.0  # first look: soon again, to learn its rate
-    assert logs.cap("w", now=1.0) == 10.0  # it did not grow
+    assert logs.cap("w", now=0.0) == 0.005  # first look: soon again, to learn its rate
+    # It did not grow: looked at less and less often, the period doubling up to 0.25 s.
+    periods = [logs.cap("w", now=float(second)) for second in range(1, 8)]
+    assert periods == [0.01, 0.02, 0.04, 0.08, 0.16, 0.25, 0.25]
     path.write_text("x" * 1_000)  # 1,000 bytes in 10 s: 49 s from the threshold
-    assert logs.cap("w", now=11.0) == 10.0
-    path.write_text("x" * 41_000)  # 40,000 bytes in 10 s: 9,000 left, 2.25 s away
-    assert logs.cap("w", now=21.0) == 1.125
-    path.write_text("x" * 60_000)  # past the threshold: moved aside
-    assert logs.cap("w", now=22.0) == 1.0
-    assert path.stat().st_size == 0 and (tmp_path / "w.log.1").stat().st_size == 60_000
+    assert logs.cap("w", now=17.0) == 0.25
+    path.write_text("x" * 41_000)  # 40,000 bytes in 0.1 s: 9,000 left, 22.5 ms away
+    assert logs.cap("w", now=17.1) == pytest.approx(0.01125)
+    path.write_text("x" * 60_000)  # past the threshold: its last half cap kept aside
+    assert logs.cap("w", now=17.2) == pytest.approx(0.0225)  # at most twice the last period
+    assert path.stat().st_size == 0 and (tmp_path / "w.log.1").stat().st_size == 50_000
 
 
 async def test_figures_are_refreshed_only_while_someone_reads_them() -> None:
