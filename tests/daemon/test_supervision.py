@@ -242,8 +242,8 @@ async def test_log_is_capped(hive: Hive) -> None:
             timeout=30,
             what="capped again",
         )
-        # What was moved aside is a whole half of the cap, not a sliver.
-        assert (logs / "chatty.log.1").stat().st_size > 10000
+        # What was kept aside is the log's end: half of the cap (less after an overshoot).
+        assert 0 < (logs / "chatty.log.1").stat().st_size <= 10000
 
         async def whole_lines() -> bool:  # just after a rotation the log may hold fewer
             async with s.get("/v1/workers/chatty/logs", params={"tail": "3"}) as r:
