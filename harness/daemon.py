@@ -31,6 +31,12 @@ from harness.procs import Tag, environ_has, kill_tree, tagged_processes
 from harness.waits import wait_for, wait_http_ok
 
 
+def _sets(config: str, key: str) -> bool:
+    """True when the TOML text ``config`` sets the top-level ``key`` (before any table)."""
+    top = re.split(r"^\s*\[", config, maxsplit=1, flags=re.MULTILINE)[0]
+    return re.search(rf"^\s*{re.escape(key)}\s*=", top, flags=re.MULTILINE) is not None
+
+
 class HiveFailed(AssertionError):
     """hive exited early, did not answer in time, or did not exit on SIGTERM. An
     ``AssertionError``, so that a test that meets it fails rather than errors."""
@@ -44,7 +50,10 @@ class Hive:
     prefixes in ``drop_env``). ``home`` is a short temp dir with a ``run`` subdir (mode 0700),
     made here when not given; ``port_range`` the workers' ports, a random block of 500 when not
     given. ``log_tail``: how many characters of hive's log an error message shows (all of it
-    when None).
+    when None). ``on_exit``: written into the config unless ``config`` sets it itself; the
+    harness stops workers with hive (``"stop"``) unless told otherwise, because every test and
+    the bench expect a stopped hive to leave no process behind. ``None`` writes nothing, so
+    hive's own default applies (``detach``).
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class Hive:
         port_range: tuple[int, int] | None = None,
         drop_env: Sequence[str] = (),
         log_tail: int | None = None,
+        on_exit: str | None = "stop",
     ) -> None:
         if home is None:
             # Short path: the unix socket's path must fit in 108 bytes.
@@ -81,7 +91,9 @@ class Hive:
             f'state_dir = "{self.state_dir}"\n'
             f'token_file = "{self.token_file}"\n'
             f"port_range = [{self.port_range[0]}, {self.port_range[1]}]\n"
-            "stop_timeout = 5\n" + config
+            "stop_timeout = 5\n"
+            + (f'on_exit = "{on_exit}"\n' if on_exit and not _sets(config, "on_exit") else "")
+            + config
         )
         self.env = isolated_env(self.home, tag, env, drop=drop_env)
         self.url = f"http://127.0.0.1:{self.port}"

@@ -314,7 +314,9 @@ class Config(BaseModel):
     stop_timeout: Annotated[float, Field(gt=0)] = 30.0
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
     heartbeat_timeout: Annotated[float, Field(gt=0)] = 15.0
-    on_exit: Literal["stop", "detach"] = "stop"
+    #: At SIGTERM/SIGINT: ``detach`` leaves the workers running for the next hive to adopt (a
+    #: restart or an upgrade of hive costs no model load); ``stop`` stops them all.
+    on_exit: Literal["stop", "detach"] = "detach"
     retention: Annotated[float, Field(ge=0)] = 3600.0
     max_log_bytes: Annotated[int, Field(ge=4096)] = 50_000_000
     metrics_public: bool = False

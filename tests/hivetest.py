@@ -23,14 +23,22 @@ TAG = Tag.new("HIVE_TEST_TAG", "hive-test")
 class Hive(daemon.Hive):
     """One ``hive serve`` under test, in its own temp dir, on a free port, tagged with TAG."""
 
-    def __init__(self, config: str = "", env: Mapping[str, str] | None = None) -> None:
-        super().__init__(config, env, tag=TAG)
+    def __init__(
+        self, config: str = "", env: Mapping[str, str] | None = None, on_exit: str | None = "stop"
+    ) -> None:
+        super().__init__(config, env, tag=TAG, on_exit=on_exit)
 
 
 @contextlib.contextmanager
-def running_hive(config: str = "", env: Mapping[str, str] | None = None) -> Iterator[Hive]:
-    """A started hive that is stopped (and checked for zombies) at the end."""
-    hive = Hive(config, env)
+def running_hive(
+    config: str = "", env: Mapping[str, str] | None = None, on_exit: str | None = "stop"
+) -> Iterator[Hive]:
+    """A started hive that is stopped (and checked for zombies) at the end.
+
+    The tests' hives stop their workers when they stop (``on_exit = "stop"``, unless ``config``
+    sets it or ``on_exit`` says otherwise; ``None``: hive's default, ``detach``), so that a
+    stopped hive leaves nothing for the leak check to find."""
+    hive = Hive(config, env, on_exit)
     try:
         hive.start()
         yield hive
