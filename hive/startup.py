@@ -10,6 +10,7 @@ import secrets
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def claim_socket(path: Path) -> None:
 
 
 def server_tls(
-    config: Config, on_failure: Callable[[ssl.SSLError], None] | None = None
+    config: Config, on_failure: Callable[[str, str], None] | None = None
 ) -> ssl.SSLContext | None:
     """The TCP listener's TLS, from ``tls_cert_file``/``tls_key_file`` (and, for mutual TLS,
     ``tls_client_ca_file``); None for plain HTTP. A file that cannot be used stops start-up.
@@ -119,25 +120,43 @@ def server_tls(
     return context
 
 
-def _reporting(on_failure: Callable[[ssl.SSLError], None]) -> type[ssl.SSLObject]:
+def _reporting(on_failure: Callable[[str, str], None]) -> type[ssl.SSLObject]:
     """An ``SSLObject`` (what asyncio's TLS drives, ``SSLContext.sslobject_class``) that tells
-    ``on_failure`` of a handshake that failed: asyncio itself says nothing of it."""
+    ``on_failure(reason, detail)`` of a handshake that failed; asyncio itself says nothing.
+
+    A client that sends an alert (curl, OpenSSL) fails ``do_handshake`` with OpenSSL's reason.
+    One that just closes the connection (Python's asyncio and aiohttp do, when they do not trust
+    hive's certificate) never reaches it again: its object is told when it is freed with the
+    handshake unfinished (:data:`CLOSED`)."""
 
     class Reporting(ssl.SSLObject):
+        _unfinished: weakref.finalize | None = None
+
         def do_handshake(self) -> None:
+            if self._unfinished is None:
+                self._unfinished = weakref.finalize(self, on_failure, CLOSED, _MEANING[CLOSED])
+                self._unfinished.atexit = False
             try:
                 super().do_handshake()
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 raise  # not a failure: the handshake goes on when more bytes come
             except ssl.SSLError as exc:
-                on_failure(exc)
+                self._unfinished.detach()
+                reason = exc.reason or type(exc).__name__
+                detail = getattr(exc, "verify_message", None) or _MEANING.get(reason) or str(exc)
+                on_failure(reason, detail)
                 raise
+            self._unfinished.detach()
 
     return Reporting
 
 
+#: The reason given for a handshake the client left unfinished (no alert, the connection closed).
+CLOSED = "CLOSED_IN_HANDSHAKE"
 #: What the commonest handshake failures mean, by OpenSSL's reason.
 _MEANING = {
+    CLOSED: "the client closed the connection during the handshake (a client that does not "
+    "trust hive's certificate, or finds it expired, often does)",
     "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the CA that signed hive's certificate",
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the client says a certificate has expired "
     "(hive's tls_cert_file?)",
@@ -161,8 +180,7 @@ class HandshakeFailures:
         self._logged: dict[str, float] = {}
         self._since: dict[str, int] = {}
 
-    def __call__(self, exc: ssl.SSLError) -> None:
-        reason = exc.reason or type(exc).__name__
+    def __call__(self, reason: str, detail: str) -> None:
         self._count(reason)
         now = self._clock()
         last = self._logged.get(reason)
@@ -171,10 +189,9 @@ class HandshakeFailures:
             return
         more = self._since.pop(reason, 0)
         self._logged[reason] = now
-        detail = getattr(exc, "verify_message", None) or _MEANING.get(reason) or str(exc)
         log.warning(
             "TLS handshake failed on the API's port: %s (%s)%s",
             detail,
             reason,
-            f"; {more} more like it in the last minute" if more else "",
+            f"; {more} more like it since the last line" if more else "",
         )

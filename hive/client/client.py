@@ -133,6 +133,7 @@ class HiveClient:
         self.url = check_url(url or default_url())
         self.token = token if token is not None else default_token()
         self._tls: ssl.SSLContext | None = None
+        self._ca_file = ca_file
         if self.url.startswith("https://") and (ca_file or cert_file):
             self._tls = ssl.create_default_context(cafile=ca_file)
             if cert_file:
@@ -197,7 +198,7 @@ class HiveClient:
                     raise _api_error(response.status, body)
                 return response.status, body
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(self.url, _reason(exc, self.url)) from None
+            raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -313,7 +314,7 @@ class HiveClient:
                 async for chunk in response.content.iter_any():
                     yield chunk
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(self.url, _reason(exc, self.url)) from None
+            raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None
 
     async def events(self, last_event_id: int | None = None) -> AsyncIterator[dict[str, Any]]:
         """Follow ``/v1/events``: each change as ``{seq, at, id, from, to, worker}``, in order.
@@ -334,19 +335,16 @@ class HiveClient:
                             data = json.loads(event.data)
                             yield {"reset": True, **data} if event.event == "reset" else data
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(self.url, _reason(exc, self.url)) from None
+            raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None
 
 
-def _reason(exc: aiohttp.ClientConnectionError, url: str = "") -> str:
+def _reason(exc: aiohttp.ClientConnectionError, url: str = "", ca_file: str | None = None) -> str:
     """Why a connection failed, short: ``connection refused``, ``no such file or directory``,
-    and for TLS what to do about it."""
+    and for TLS what to do about it (``ca_file``: the CA this client was given)."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return (
-            f"its certificate is not trusted ({exc.certificate_error.reason or exc}); "
-            "pass the CA that signed it with --ca or HIVE_CA"
-        )
+        return _certificate_reason(exc.certificate_error, ca_file)
     if isinstance(exc, aiohttp.ClientSSLError):
-        return f"TLS failed ({exc}); for mutual TLS pass this client's --cert and --key"
+        return _refused_reason(exc)
     reset = isinstance(exc, OSError) and exc.errno == errno.ECONNRESET
     if isinstance(exc, aiohttp.ServerDisconnectedError) or reset:
         if url.startswith("https://"):
@@ -362,6 +360,56 @@ def _reason(exc: aiohttp.ClientConnectionError, url: str = "") -> str:
     if isinstance(error, OSError) and error.errno:
         return os.strerror(error.errno).lower()
     return str(exc) or type(exc).__name__
+
+
+#: OpenSSL's verify codes that mean "not signed by a CA this client trusts".
+_UNKNOWN_ISSUER = {2, 18, 19, 20, 21}
+_EXPIRED, _NOT_YET_VALID, _HOSTNAME_MISMATCH, _IP_MISMATCH = 10, 9, 62, 64
+
+
+def _certificate_reason(error: Exception, ca_file: str | None) -> str:
+    """Why hive's certificate did not verify, one cause a sentence, and what to do about it."""
+    code = getattr(error, "verify_code", None)
+    message = getattr(error, "verify_message", None) or getattr(error, "reason", None) or error
+    if code == _EXPIRED:
+        return (
+            "hive's certificate has expired; give hive a new one (its tls_cert_file) and "
+            "restart it: no --ca can make an expired certificate good"
+        )
+    if code == _NOT_YET_VALID:
+        return "hive's certificate is not valid yet; check the clocks of this host and hive's"
+    if code in (_HOSTNAME_MISMATCH, _IP_MISMATCH):
+        return (
+            f"hive's certificate is not for this address ({message}); use the name or address "
+            "it was made for in the URL"
+        )
+    if code in _UNKNOWN_ISSUER:
+        where = f"the CA in {ca_file}" if ca_file else "a CA this system trusts"
+        return (
+            f"hive's certificate is not signed by {where} ({message}); pass the CA that signed "
+            "it with --ca or HIVE_CA"
+        )
+    return (
+        f"its certificate is not trusted ({message}); pass the CA that signed it with --ca or "
+        "HIVE_CA"
+    )
+
+
+def _refused_reason(exc: aiohttp.ClientSSLError) -> str:
+    """Why the TLS handshake failed when hive's certificate was fine: hive refused this
+    client's (mutual TLS), or something else went wrong."""
+    reason = getattr(exc.os_error, "reason", None) if hasattr(exc, "os_error") else None
+    if reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
+        return (
+            "hive refused this client's certificate: it has expired; pass a current one with "
+            "--cert and --key"
+        )
+    if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"):
+        return (
+            "hive refused this client's certificate: it is not signed by the CA hive trusts "
+            "for clients (its tls_client_ca_file); pass one that is with --cert and --key"
+        )
+    return f"TLS failed ({exc}); for mutual TLS pass this client's --cert and --key"
 
 
 def _param(value: Any) -> str:

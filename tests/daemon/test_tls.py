@@ -1,11 +1,15 @@
 """TLS on hive's TCP API, with certificates made here by ``openssl``: a client with the CA is
-answered, one without it is refused with a sentence that says what to pass, plain HTTP to the
-TLS port gets a clear error, and with mutual TLS a client without its own certificate is
-refused. Workers still heartbeat (over the unix socket)."""
+answered, one without it is refused with a sentence that says what to pass, a wrong CA and an
+expired certificate each get a sentence of their own, plain HTTP to the TLS port gets a clear
+error, and with mutual TLS a client without its own certificate is refused. hive logs and
+counts the handshakes that fail. Workers still heartbeat (over the unix socket)."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 from hivetest import Hive, running_hive
+
+from harness.waits import wait_for
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -26,7 +32,8 @@ def openssl(*args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, both CA-signed."""
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, both CA-signed; an
+    expired server certificate (same key) and another CA that signed nothing of hive's."""
     d = tmp_path_factory.mktemp("tls")
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
             "-subj", "/CN=hive test CA", "-keyout", "ca.key", "-out", "ca.pem", cwd=d)  # fmt: skip
@@ -38,6 +45,12 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
                 "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext",
                 "-out", f"{name}.pem", cwd=d)  # fmt: skip
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "-1", "-extfile", "server.ext",
+            "-out", "expired.pem", cwd=d)  # fmt: skip
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=another CA", "-keyout", "other.key", "-out", "other.pem",
+            cwd=d)  # fmt: skip
     return d
 
 
@@ -81,7 +94,7 @@ def test_a_client_with_the_ca_is_answered(tls_hive: Hive, certs: Path) -> None:
 def test_a_client_without_the_ca_is_refused_with_what_to_pass(tls_hive: Hive) -> None:
     result = cli(tls_hive, "list")
     assert result.returncode == 1
-    assert "certificate is not trusted" in result.stderr
+    assert "hive's certificate is not signed by a CA this system trusts" in result.stderr
     assert "pass the CA that signed it with --ca or HIVE_CA" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -120,3 +133,68 @@ def test_tls_files_that_cannot_be_used_stop_start_up(certs: Path) -> None:
         assert "cannot use the TLS files" in hive.log()
     finally:
         hive.cleanup()
+
+
+def handshake(hive: Hive, ca: Path) -> str:
+    """A TLS handshake as OpenSSL's own clients make it (the failure is told to hive in an
+    alert); the client's error, or "" if it succeeded."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", hive.port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1"):
+                return ""
+        except ssl.SSLCertVerificationError as exc:
+            return str(exc.verify_message)
+
+
+def failures(hive: Hive, ca: Path) -> dict[str, float]:
+    text = requests.get(
+        f"https://127.0.0.1:{hive.port}/metrics", headers=hive.headers, verify=str(ca), timeout=10
+    ).text
+    found = re.findall(r'^hive_tls_handshake_failures_total\{reason="([^"]+)"\} (\S+)', text, re.M)
+    return {reason: float(value) for reason, value in found}
+
+
+def test_a_wrong_ca_has_its_own_sentence_and_hive_counts_the_handshake(
+    tls_hive: Hive, certs: Path
+) -> None:
+    other = certs / "other.pem"
+    result = cli(tls_hive, "--ca", str(other), "list")
+    assert result.returncode == 1
+    assert f"hive's certificate is not signed by the CA in {other}" in result.stderr, result.stderr
+    assert "pass the CA that signed it with --ca or HIVE_CA" in result.stderr
+    assert "--cert" not in result.stderr and "expired" not in result.stderr
+    assert handshake(tls_hive, other) == "unable to get local issuer certificate"
+    wait_for(
+        lambda: (
+            failures(tls_hive, certs / "ca.pem").get("TLSV1_ALERT_UNKNOWN_CA", 0) >= 1
+            and failures(tls_hive, certs / "ca.pem").get("CLOSED_IN_HANDSHAKE", 0) >= 1
+        ),
+        timeout=30,
+        interval=0.5,
+        what="both failed handshakes counted",
+    )
+    log = tls_hive.log()
+    assert "TLS handshake failed on the API's port: the client does not trust the CA" in log, log
+
+
+def test_an_expired_certificate_has_its_own_sentence_and_hive_counts_the_handshake(
+    certs: Path,
+) -> None:
+    config = f'tls_cert_file = "{certs / "expired.pem"}"\ntls_key_file = "{certs / "server.key"}"\n'
+    with running_hive(config) as hive:
+        ca = certs / "ca.pem"
+        result = cli(hive, "--ca", str(ca), "list")
+        assert result.returncode == 1
+        assert "hive's certificate has expired" in result.stderr, result.stderr
+        assert "tls_cert_file" in result.stderr
+        assert "pass the CA" not in result.stderr and "--cert" not in result.stderr
+        assert handshake(hive, ca) == "certificate has expired"
+        wait_for(
+            lambda: "SSLV3_ALERT_CERTIFICATE_EXPIRED" in hive.log(),
+            timeout=30,
+            what="hive to log the expired certificate's handshake",
+        )
+        assert "TLS handshake failed on the API's port: the client says a certificate has " in (
+            hive.log()
+        )
