@@ -430,6 +430,9 @@ class ApplyRequest(BaseModel):
     prune: StrictBool = False
     #: Only say what would be done (``hive diff``).
     dry_run: StrictBool = False
+    #: Let ``prune`` remove every worker on the host, or workers declared elsewhere (another
+    #: source, the configuration, etcd) or spawned through the API: refused (422) without it.
+    force: StrictBool = False
     #: Where the declarations come from, shown in each record's ``declared`` (``apply:<source>``).
     source: Annotated[str, StringConstraints(min_length=1, max_length=512)] = "api"
 
@@ -448,7 +451,9 @@ class PlanItem(BaseModel):
     """One worker in an apply's plan, and (unless a dry run) what became of it."""
 
     id: str
-    action: Literal["create", "replace", "unchanged", "prune"]
+    #: ``start``: declared, unchanged, and not running, though no operator stopped it (hive's
+    #: own shutdown with ``on_exit = "stop"``, a reboot, a policy that gave up): started again.
+    action: Literal["create", "replace", "unchanged", "start", "prune"]
     #: The fields that differ, for ``replace``: ``{field: [running, declared]}``.
     changes: dict[str, list[Any]] = {}
     #: What happened: ``done``, or the error that stopped it (the worker is left as it was).

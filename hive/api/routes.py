@@ -274,7 +274,9 @@ async def apply(request: web.Request) -> web.Response:
     declared = parse_workers(data.get("workers"), "workers", APPLY_SOURCE + flags.source)
     reconciler = _context(request).reconciler
     prune = (lambda _: True) if flags.prune else None
-    items = await reconciler.apply(declared, prune=prune, dry_run=flags.dry_run)
+    # A prune that would empty the host or take other sources' workers needs force (422).
+    guard = None if flags.force else APPLY_SOURCE + flags.source
+    items = await reconciler.apply(declared, prune=prune, dry_run=flags.dry_run, guard=guard)
     return _reply(ApplyResult(items=items, dry_run=flags.dry_run))
 
 

@@ -42,6 +42,12 @@ def add_commands(command: Command, json_help: str) -> None:
             help="a TOML file of [[workers]], or a directory of them (repeat)",
         )
         p.add_argument("--prune", action="store_true", help="stop and remove undeclared workers")
+        if name == "apply":
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="let --prune remove every worker, or workers declared elsewhere or spawned",
+            )
         p.add_argument("--json", action="store_true", help=json_help)
 
     p = command("replace", "replace a worker by one with these changes, without a gap")
@@ -83,7 +89,13 @@ def _read(files: list[Path]) -> list[dict[str, Any]]:
 
 
 def _show(items: list[PlanItem], dry_run: bool) -> None:
-    words = {"create": "create", "replace": "replace", "unchanged": "unchanged", "prune": "prune"}
+    words = {
+        "create": "create",
+        "replace": "replace",
+        "start": "start",
+        "unchanged": "unchanged",
+        "prune": "prune",
+    }
     if dry_run:
         words["prune"] = "would prune"
     for item in items:
@@ -106,9 +118,11 @@ def _value(value: Any) -> str:
 
 async def _apply(client: HiveClient, args: argparse.Namespace, dry_run: bool) -> int:
     workers = _read(args.files)
-    source = ",".join(str(f) for f in args.files)
+    # Absolute: the same files name the same source from any directory (prune compares it).
+    source = ",".join(str(f.absolute()) for f in args.files)
+    force = getattr(args, "force", False)
     result: ApplyResult = await client.apply(
-        workers, prune=args.prune, dry_run=dry_run, source=source
+        workers, prune=args.prune, dry_run=dry_run, source=source, force=force
     )
     if args.json:
         print_json(result)

@@ -3,8 +3,9 @@
 Workers are declared in hive's configuration (``[[workers]]``), in the files of ``workers_dir``
 (each a TOML file of ``[[workers]]`` tables), or sent by ``hive apply -f``. A declaration is a
 spawn request with a required ``id``. :func:`plan` compares a declared set with the registry:
-missing workers are created, changed ones replaced, unchanged ones left alone, and (with
-``prune``) the rest removed. :class:`hive.desired.reconcile.Reconciler` carries a plan out.
+missing workers are created, changed ones replaced, unchanged ones left alone (or started again
+when they are down though nobody stopped them), and (with ``prune``) the rest removed.
+:class:`hive.desired.reconcile.Reconciler` carries a plan out.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 
 from hive.config import Config, config_dir
 from hive.errors import DeclarationError, UnknownBackend
-from hive.models import DeclaredWorker, Entry, PlanItem, SpawnRequest
+from hive.models import DOWN_STATES, DeclaredWorker, Entry, PlanItem, SpawnRequest, Worker
 from hive.validation import field_errors
 
 #: The ``declared`` of a worker from hive's own files (config and ``workers_dir``).
@@ -196,6 +197,19 @@ def differences(running: SpawnRequest, declared: SpawnRequest) -> dict[str, list
     }
 
 
+def needs_start(record: Worker) -> bool:
+    """A declared worker that should run and does not, with nothing under way to change that:
+    stopped or failed, no restart due, no replacement half-way, and not stopped by an operator
+    (``desired: stopped``, kept in the journal across restarts of hive). hive's own shutdown
+    (``on_exit = "stop"``) leaves ``desired: running``, so such a worker starts again."""
+    return (
+        record.state in DOWN_STATES
+        and record.desired == "running"
+        and record.next_restart_at is None
+        and record.replacing is None
+    )
+
+
 def plan(
     declared: Iterable[Declared],
     entries: Mapping[str, Entry],
@@ -203,8 +217,8 @@ def plan(
     prune: Callable[[Entry], bool] | None = None,
 ) -> list[PlanItem]:
     """What applying ``declared`` to the workers in ``entries`` would do, in order: each
-    declared worker created, replaced or left alone, then each worker ``prune`` picks among the
-    undeclared (successors under way never)."""
+    declared worker created, replaced, started again (:func:`needs_start`) or left alone, then
+    each worker ``prune`` picks among the undeclared (successors under way never)."""
     items: list[PlanItem] = []
     ids = set()
     for item in declared:
@@ -215,13 +229,58 @@ def plan(
             items.append(PlanItem(id=spec.id or "", action="create"))
             continue
         changes = differences(normalize(entry.spec), spec)
-        items.append(
-            PlanItem(
-                id=spec.id or "", action="replace" if changes else "unchanged", changes=changes
-            )
-        )
+        action = "replace" if changes else "start" if needs_start(entry.record) else "unchanged"
+        items.append(PlanItem(id=spec.id or "", action=action, changes=changes))
     if prune is not None:
         for worker_id, entry in entries.items():
             if worker_id not in ids and "~" not in worker_id and prune(entry):
                 items.append(PlanItem(id=worker_id, action="prune"))
     return items
+
+
+def check_complete(declared: Iterable[Declared], held: Iterable[Worker], directory: Path) -> None:
+    """Refuse a set read while its files were being changed, before it prunes anything: the
+    workers it no longer names (``held``: those hive's files declared so far) stay as they are
+    when ``workers_dir`` is missing (a deploy that moves it briefly away), or when the file that
+    declared them is empty (``>`` redirection truncates it before the new text is written). A
+    file removed from a directory that is there, or a file that declares nothing in words (a
+    comment), is a real change. Blocks (stats and reads small files): call it in a thread."""
+    named = {item.spec.id for item in declared}
+    lost = [record for record in held if record.id not in named and record.declared]
+    if not lost:
+        return
+    inside = [r for r in lost if Path(_file_of(r)).parent == directory]
+    if inside and not directory.is_dir():
+        raise DeclarationError(
+            f"{directory}: workers_dir is missing; what it declared keeps running as it is "
+            f"({_ids(inside)}; make the directory again, even empty, to remove them)"
+        )
+    by_file: dict[str, list[Worker]] = {}
+    for record in lost:
+        by_file.setdefault(_file_of(record), []).append(record)
+    for file, records in by_file.items():
+        if _blank(Path(file)):
+            raise DeclarationError(
+                f"{file}: empty (being written?); what it declared keeps running as it is "
+                f"({_ids(records)}; remove the file, or leave a comment in it, to remove them)"
+            )
+
+
+def _file_of(record: Worker) -> str:
+    return (record.declared or "").removeprefix(CONFIG_SOURCE)
+
+
+def _ids(records: list[Worker]) -> str:
+    return ", ".join(repr(r.id) for r in records)
+
+
+def _blank(path: Path) -> bool:
+    """True for a regular file with nothing but white space in it; False for a missing one."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 4096:
+            return False
+        with path.open("rb") as file:
+            return not file.read(4097).strip()
+    except OSError:
+        return False

@@ -23,8 +23,10 @@ from hive.desired.declared import (
     DeclarationError,
     Declared,
     check_backends,
+    check_complete,
     plan,
     read_declared,
+    workers_dir,
 )
 from hive.errors import Conflict, HiveError, InvalidRequest, NoCapacity, PortTaken
 from hive.models import DOWN_STATES, LIVE_STATES, Entry, PlanItem, SpawnRequest, State, Worker
@@ -32,6 +34,10 @@ from hive.state.registry import Registry
 from hive.workers.supervisor import Supervisor
 
 log = logging.getLogger("hive.reconcile")
+
+#: How long a replacement carried on after a hive restart waits for its successor (its own
+#: ``startup_timeout`` fails it sooner).
+RESUME_TIMEOUT = 1800.0
 
 
 class Reconciler:
@@ -73,7 +79,7 @@ class Reconciler:
             registry.replacement_progress(worker_id, None)
 
     async def _beside(self, old: Worker, spec: SpawnRequest, timeout: float) -> Worker:
-        registry, supervisor = self.registry, self.supervisor
+        supervisor = self.supervisor
         worker_id = old.id
         deadline = time.monotonic() + timeout
         try:
@@ -92,9 +98,16 @@ class Reconciler:
                 "leave port out, or replace in place (in_place=true, hive replace --in-place)",
                 worker=old,
             ) from None
-        new_id = successor.id
+        log.info("replacing worker %s: successor %s started", worker_id, successor.id)
+        return await self._take_over(worker_id, successor.id, spec.register_, deadline, timeout)
+
+    async def _take_over(
+        self, worker_id: str, new_id: str, register: bool, deadline: float, timeout: float
+    ) -> Worker:
+        """Once the successor ``new_id`` is ready and registered, drain and stop the worker and
+        give the successor its id; abandon the successor when it does not get there."""
+        registry, supervisor = self.registry, self.supervisor
         registry.replacement_progress(worker_id, f"{new_id} starting")
-        log.info("replacing worker %s: successor %s started", worker_id, new_id)
         record = await registry.wait_until(
             new_id, lambda w: w.state != State.STARTING, _left(deadline)
         )
@@ -102,14 +115,16 @@ class Reconciler:
             return await self._abandon(worker_id, new_id, f"was not ready within {timeout:g}s")
         if record.state not in LIVE_STATES:
             return await self._abandon(worker_id, new_id, f"{record.state}: {record.error}")
-        routers = [r.url for r in supervisor.config.routers] if spec.register_ else []
+        routers = [r.url for r in supervisor.config.routers] if register else []
         if routers:
             registry.replacement_progress(worker_id, f"{new_id} ready, registering")
             # Every router's status is told as a change of the record: wait for it.
             record = await registry.wait_until(
                 new_id,
-                lambda w: w.state not in LIVE_STATES
-                or all(w.routers.get(url) == "registered" for url in routers),
+                lambda w: (
+                    w.state not in LIVE_STATES
+                    or all(w.routers.get(url) == "registered" for url in routers)
+                ),
                 _left(deadline),
             )
             missing = [url for url in routers if record.routers.get(url) != "registered"]
@@ -138,36 +153,62 @@ class Reconciler:
         )
 
     async def settle_interrupted(self) -> None:
-        """After a hive restart: finish or undo the replacements the last hive left half-way,
-        so that one worker serves and nothing is left over. A successor whose worker is still
-        live is removed (replace again to retry); one whose worker is gone takes its id."""
-        for record in self.registry.list():
-            if record.replacing is None:
-                continue
-            worker_id, successor = record.replacing, record.id
-            try:
-                old = self.registry.get(worker_id) if worker_id in self.registry else None
-                wanted = old is not None and (
-                    old.state in LIVE_STATES or old.next_restart_at is not None
-                )
-                if wanted or record.state not in LIVE_STATES:
-                    log.warning(
-                        "replacement of %s was cut short by a hive restart: removing %s",
-                        worker_id,
-                        successor,
-                    )
-                    await self.supervisor.delete(successor)
-                    continue
-                if old is not None:
-                    await self.supervisor.delete(worker_id, keep_log=True)
-                await self.supervisor.promote(successor, worker_id)
+        """After a hive restart: finish the replacements the last hive left half-way, so that
+        one worker serves under each id and nothing is left over. Each is settled by
+        :func:`settle_decision`; those that wait for their successor wait together."""
+        settling = [
+            self._settle(record.replacing, record.id)
+            for record in self.registry.list()
+            if record.replacing is not None
+        ]
+        for record in self.registry.list():  # the progress of replacements that are gone
+            if record.replacement is not None and not _has_successor(record.id, self.registry):
+                self.registry.replacement_progress(record.id, None)
+        await asyncio.gather(*settling)
+
+    async def _settle(self, worker_id: str, successor: str) -> None:
+        registry, supervisor = self.registry, self.supervisor
+        try:
+            new = registry.get(successor)
+            old = registry.get(worker_id) if worker_id in registry else None
+            decision = settle_decision(new, old)
+            if decision == "abandon":
                 log.warning(
-                    "replacement of %s was cut short by a hive restart: %s took over",
+                    "replacement of %s was cut short by a hive restart before its successor "
+                    "served: removing %s; %s goes on",
+                    worker_id,
+                    successor,
+                    worker_id,
+                )
+                await supervisor.delete(successor)
+                return
+            if decision == "resume":
+                log.warning(
+                    "replacement of %s was cut short by a hive restart: carrying it on with %s",
                     worker_id,
                     successor,
                 )
-            except HiveError as exc:
-                log.error("cannot settle the replacement of %s: %s", worker_id, exc)
+                self._replacing.add(worker_id)
+                try:
+                    register = registry.entry(successor).spec.register_
+                    deadline = time.monotonic() + RESUME_TIMEOUT
+                    await self._take_over(worker_id, successor, register, deadline, RESUME_TIMEOUT)
+                finally:
+                    self._replacing.discard(worker_id)
+                    registry.replacement_progress(worker_id, None)
+                return
+            if old is not None:
+                await supervisor.delete(worker_id, keep_log=True)
+            await supervisor.promote(successor, worker_id)
+            log.warning(
+                "replacement of %s was cut short by a hive restart: %s took over",
+                worker_id,
+                successor,
+            )
+        except Conflict as exc:  # abandoned while it was carried on: the old worker goes on
+            log.warning("%s", exc.message)
+        except HiveError as exc:
+            log.error("cannot settle the replacement of %s: %s", worker_id, exc.message)
 
     # -- apply -----------------------------------------------------------------------------------
 
@@ -182,19 +223,49 @@ class Reconciler:
         declared: list[Declared],
         prune: Callable[[Entry], bool] | None = None,
         dry_run: bool = False,
+        guard: str | None = None,
     ) -> list[PlanItem]:
-        """Make what runs match ``declared``; each item's ``result`` says how it went."""
+        """Make what runs match ``declared``; each item's ``result`` says how it went.
+
+        ``guard``: the source of this set (``apply:<source>``); a plan that would prune every
+        worker, or a worker declared anywhere else or spawned through the API, is refused
+        whole (an InvalidRequest). None: no such check (a set that prunes only its own
+        source, or ``force``)."""
         check_backends(declared, self.supervisor.config)
         if dry_run:
             return self.plan(declared, prune)
         async with self._applying:
             items = self.plan(declared, prune)
+            if guard is not None:
+                self._check_prune(items, guard)
             by_id = {item.spec.id: item for item in declared}
             results = await asyncio.gather(*(self._carry_out(i, by_id.get(i.id)) for i in items))
         return [
             item.model_copy(update={"result": result})
             for item, result in zip(items, results, strict=True)
         ]
+
+    def _check_prune(self, items: list[PlanItem], source: str) -> None:
+        pruned = [item.id for item in items if item.action == "prune"]
+        if not pruned:
+            return
+        records = {r.id: r for r in self.registry.list() if "~" not in r.id}
+        foreign = [i for i in pruned if i in records and records[i].declared != source]
+        if len(pruned) < len(records) and not foreign:
+            return
+        every = len(pruned) >= len(records)
+        shown = ", ".join(
+            f"{i} ({_source(records[i].declared)})" for i in (pruned if every else foreign)
+        )
+        why = (
+            f"would remove every worker on this host ({shown})"
+            if every
+            else f"would remove workers that this set ({source}) did not declare: {shown}"
+        )
+        raise InvalidRequest(
+            f"prune: {why}; nothing was done: send force: true (hive apply --prune --force) "
+            "to remove them"
+        )
 
     async def apply_set(self, declared: list[Declared], source: str, what: str) -> list[PlanItem]:
         """Apply a set that owns every worker declared from ``source`` (a prefix of their
@@ -217,16 +288,50 @@ class Reconciler:
             elif item.action == "replace" and declared is not None:
                 self.registry.set_declared(item.id, declared.source)
                 await self.replace(item.id, declared.spec)
-            elif item.action == "unchanged" and declared is not None:
+            elif item.action in ("unchanged", "start") and declared is not None:
                 if self.registry.get(item.id).declared != declared.source:
                     self.registry.set_declared(item.id, declared.source)
                     await supervisor.persist()
+                if item.action == "start":
+                    await supervisor.start_again(item.id)
             elif item.action == "prune":
                 await supervisor.delete(item.id)
         except HiveError as exc:
             log.warning("apply: worker %s (%s): %s", item.id, item.action, exc.message)
             return exc.message
         return "done"
+
+
+def settle_decision(successor: Worker, old: Worker | None) -> str:
+    """What a new hive does with a successor the last one left before it took over:
+
+    - ``take over`` at once when the old worker is gone (forgotten, or its process ended: it
+      was being drained and stopped, or died while hive was down) and the successor runs, or
+      had become ready before it died (its restart policy applies to it then);
+    - ``take over`` too when both run, the successor ready and the old worker being stopped
+      (``desired: stopped``): the replacement had got to draining it;
+    - ``resume`` when both run otherwise: the replacement goes on where it was (the successor
+      ready and registered, then the old worker drained and stopped);
+    - ``abandon`` otherwise: the successor never served and is gone, so the old worker goes on
+      (its restart policy applies). The adoption (:mod:`hive.workers.adoption`) does not
+      restart an old worker whose successor will take over."""
+    if old is None:
+        return "take over"
+    successor_live, old_live = successor.state in LIVE_STATES, old.state in LIVE_STATES
+    if successor_live and old_live:
+        draining = successor.state in (State.READY, State.BUSY) and old.desired == "stopped"
+        return "take over" if draining else "resume"
+    if not old_live and (successor_live or successor.ready_at is not None):
+        return "take over"
+    return "abandon"
+
+
+def _source(declared: str | None) -> str:
+    return declared if declared is not None else "spawned through the API"
+
+
+def _has_successor(worker_id: str, registry: Registry) -> bool:
+    return any(record.replacing == worker_id for record in registry.list())
 
 
 def _left(deadline: float) -> float:
@@ -287,11 +392,16 @@ class DeclaredFiles:
         try:
             # Reads files (bounded: declared.MAX_FILE_BYTES each): in a thread.
             declared = await asyncio.to_thread(read_declared, config, self.config_path)
-            if not declared and not any(
-                (r.declared or "").startswith(CONFIG_SOURCE)
+            held = [
+                r
                 for r in self.reconciler.registry.list()
-            ):
+                if (r.declared or "").startswith(CONFIG_SOURCE)
+            ]
+            if not declared and not held:
                 return  # nothing declared, now or before: nothing to do
+            # Only a complete set changes anything: not one read while its files were rewritten.
+            directory = workers_dir(config, self.config_path)
+            await asyncio.to_thread(check_complete, declared, held, directory)
             await self.reconciler.apply_set(declared, CONFIG_SOURCE, "declared workers")
         except DeclarationError as exc:
             log.error("declared workers refused, nothing of them applied: %s", exc)

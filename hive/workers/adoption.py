@@ -19,6 +19,7 @@ from its leader's own environment (the id, model, backend, port, device and toke
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Container, Mapping
@@ -171,6 +172,7 @@ def plan(
         result.adoptions.append(
             Adoption(item, record, process, resume, frozenset(current), started)
         )
+    _leave_replaced(result)
     for worker_id, members in running.items():
         if worker_id in known:
             continue
@@ -185,6 +187,22 @@ def plan(
         result.stray(worker_id, members - {leader}, "left from an earlier attempt")
         log.warning("worker %s (pid %d): %s", worker_id, leader, REBUILT_NOTE)
     return result
+
+
+def _leave_replaced(result: Plan) -> None:
+    """A worker whose process is gone is not restarted when the successor of a replacement the
+    last hive left half-way will take its id (it runs, or it had become ready): the new hive
+    finishes that replacement (:func:`hive.desired.reconcile.settle_decision`), and a restart
+    of the old worker would only be stopped again, after it had loaded its model."""
+    index = {adoption.record.id: i for i, adoption in enumerate(result.adoptions)}
+    for adoption in list(result.adoptions):
+        successor = adoption.record
+        i = index.get(successor.replacing or "")
+        if i is None:
+            continue
+        old = result.adoptions[i]
+        if old.process is None and (adoption.process is not None or successor.ready_at):
+            result.adoptions[i] = dataclasses.replace(old, resume=False)
 
 
 def _failed(record: Worker, error: str) -> Worker:

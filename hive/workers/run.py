@@ -29,7 +29,7 @@ from hive.config import BackendConfig, Config
 from hive.errors import CapacityError, PortTaken, UnknownBackend
 from hive.host.containment import Containment, ContainmentError, Group
 from hive.host.process import Process, Spawner, describe_exit, terminate
-from hive.models import State, process_key
+from hive.models import State, base_id, process_key
 from hive.state.journal import Journal
 from hive.state.metrics import Metrics
 from hive.state.registry import Registry, now
@@ -376,6 +376,8 @@ class WorkerRun:
         code = process.returncode
         path, kills = deps.logs.path(self.id), partial(deps.containment.oom_kills, self.key)
         oom, last = await asyncio.to_thread(cause.explain, self._attempt, code, path, kills)
+        if self._log_shared():  # its last lines may be another process's: none is quoted
+            last = None
         wanted = deps.registry.get(self.id).desired == "running" and not self._stop.is_set()
         error = cause.error_of_exit(code, wanted, oom, last)
         deps.logs.mark(self.id, describe_exit(code))
@@ -389,6 +391,14 @@ class WorkerRun:
             deps.metrics.crash_detection.observe(time.monotonic() - process.exited_at)
         self._sweep()
         return Outcome.FAILED
+
+    def _log_shared(self) -> bool:
+        """True while another process writes in this worker's log: a replacement's successor
+        (``web~2`` writes on in ``web``'s log), or the worker it replaces."""
+        base = base_id(self.id)
+        return any(
+            other != self.id and base_id(other) == base for other in self.deps.registry.ids()
+        )
 
     async def swept(self) -> None:
         """Until the last attempt's sweep is over (bounded: SIGTERM, 1 s, SIGKILL, 1 s) or a

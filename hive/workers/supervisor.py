@@ -328,6 +328,25 @@ class Supervisor:
         await self._persist()
         return self.registry.get(worker_id)
 
+    async def start_again(self, worker_id: str) -> Worker:
+        """Start a stopped or failed worker once more, as its next attempt (a declared worker
+        that should run: :func:`hive.desired.declared.needs_start`). Nothing happens to one that
+        runs, or whose restart is due or whose lifecycle is still deciding."""
+        self._refuse_if_closing()
+        record = self.registry.get(worker_id)
+        if record.state not in DOWN_STATES or record.next_restart_at is not None:
+            return record
+        old = self._runs.get(worker_id)
+        if old is not None:
+            await old.swept()
+            if old.active:
+                return self.registry.get(worker_id)
+        run = WorkerRun(worker_id, self._deps)
+        run.begin_attempt(restarts_delta=1)
+        await self._start(run)
+        await self._persist()
+        return self.registry.get(worker_id)
+
     async def delete(self, worker_id: str, keep_log: bool = False) -> Worker:
         """Stop the worker if it runs, then forget it and (unless ``keep_log``) its log."""
         await self.stop(worker_id, wait=True)

@@ -148,7 +148,12 @@ async def test_apply_diff_create_replace_leave_alone_and_prune(tmp_path: Path) -
             "would prune kept",
             "plan: 1 replace, 1 unchanged, 1 would prune",
         ]
-        applied = hive.cli("apply", "-f", str(second), "--prune", "--json")
+        # kept was spawned through the API, not declared by these files: pruning it needs
+        # --force (issue 26); without it nothing is done.
+        refused = hive.cli("apply", "-f", str(second), "--prune")
+        assert refused.returncode == 1, refused.stdout
+        assert "did not declare: kept (spawned through the API)" in refused.stderr
+        applied = hive.cli("apply", "-f", str(second), "--prune", "--force", "--json")
         assert applied.returncode == 0, applied.stderr
         after = await until_ready(hive, "a", "b")
         assert after["a"]["pid"] == found["a"]["pid"]
@@ -220,8 +225,9 @@ async def test_a_hive_killed_mid_replacement_ends_with_one_worker_serving() -> N
     try:
         hive.start()
         old = await hive.spawn({"model": "m", "id": "web"}, wait=True)
-        # A successor that takes its time to be ready; hive dies while it starts.
-        body = {"args": ["--load-seconds", "60"]}
+        # A successor that takes its time to be ready; hive dies while it starts. The next
+        # hive carries the replacement on (issue 26): the successor takes over once ready.
+        body = {"args": ["--load-seconds", "4"]}
         task = asyncio.create_task(hive.call("POST", "/v1/workers/web/replace", json_body=body))
 
         async def successor() -> dict[str, Any] | None:
@@ -237,15 +243,15 @@ async def test_a_hive_killed_mid_replacement_ends_with_one_worker_serving() -> N
         await hive.close()
         hive.start()
         await async_wait_for(
-            lambda: _logged(hive, "was cut short by a hive restart: removing web~2", 1),
-            what="the half-done replacement settled",
+            lambda: _logged(hive, "was cut short by a hive restart: carrying it on with web~2", 1),
+            what="the half-done replacement carried on",
         )
         found = await until_ready(hive, "web")
-        assert found["web"]["pid"] == old["pid"]  # the old worker kept serving throughout
-        assert found["web"]["generation"] == 1
-        assert not alive(successor_pid)
+        assert found["web"]["pid"] == successor_pid  # the successor took over
+        assert found["web"]["generation"] == 2
+        await async_wait_for(lambda: not alive(old["pid"]), what="the old worker ended")
         assert set(await records(hive)) == {"web"}
-        assert _worker_cgroups(hive) <= {"worker.web"}  # the successor's is gone
+        assert _worker_cgroups(hive) <= {"worker.web~2"}  # the old worker's is gone
     finally:
         await hive.close()
         hive.cleanup()

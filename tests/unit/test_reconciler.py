@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from harness.waits import async_wait_for
 from hive.config import Config, RouterConfig
 from hive.desired.declared import CONFIG_SOURCE, Declared
-from hive.desired.reconcile import Reconciler
+from hive.desired.reconcile import Reconciler, settle_decision
 from hive.errors import Conflict, HiveError, InvalidRequest, NoCapacity
 from hive.models import DeclaredWorker, Entry, SpawnRequest, State, Worker, successor_id
 from hive.state.registry import Registry
@@ -27,6 +28,7 @@ from hive.state.registry import Registry
 pytestmark = pytest.mark.timeout(10)
 
 SOURCE = f"{CONFIG_SOURCE}/etc/hive/workers.toml"
+_AT = datetime(2026, 1, 1, tzinfo=UTC)
 OTHER = "apply:ci"
 
 
@@ -149,6 +151,12 @@ class FakeSupervisor:
         record = self.registry.get(worker_id)
         self.registry.respec(worker_id, spec, record.generation + 1)
         self.registry.begin_attempt(worker_id, lambda entries: {}, restarts=0)
+        self._started(worker_id)
+        return self.registry.get(worker_id)
+
+    async def start_again(self, worker_id: str) -> Worker:
+        self.calls.append(("start_again", worker_id))
+        self.registry.begin_attempt(worker_id, lambda entries: {}, restarts=1)
         self._started(worker_id)
         return self.registry.get(worker_id)
 
@@ -417,3 +425,110 @@ async def test_a_successor_the_routers_do_not_take_in_time_is_abandoned(
     assert "was not registered (http://127.0.0.1:30000: not sent)" in refused.value.message
     assert ("delete", "a~2", False) in supervisor.calls
     assert registry.get("a").model == "m" and "a~2" not in registry
+
+
+# -- issue 26: declared workers stay declared; a prune that empties the host needs force -------
+
+
+async def test_a_declared_worker_down_though_nobody_stopped_it_is_started_again(
+    reconciler: Reconciler, supervisor: FakeSupervisor, registry: Registry
+) -> None:
+    await running(supervisor, declared("ended"), declared("gave-up"), declared("held"))
+    # hive's own shutdown (on_exit = "stop") ends a worker and leaves desired: running; so
+    # does a failure whose restart policy gave up. An operator's stop says desired: stopped.
+    registry.attempt_ended("ended", State.STOPPED, exit_code=0, error=None)
+    registry.attempt_ended("gave-up", State.FAILED, exit_code=1, error="gave up")
+    await supervisor.stop("held")
+    supervisor.running -= {"ended", "gave-up"}
+    supervisor.calls.clear()
+    wanted = [declared("ended"), declared("gave-up"), declared("held")]
+    plan = reconciler.plan(wanted)
+    assert [(i.id, i.action) for i in plan] == [
+        ("ended", "start"),
+        ("gave-up", "start"),
+        ("held", "unchanged"),
+    ]
+    items = await reconciler.apply_set(wanted, SOURCE, "declared workers")
+    assert results(items) == {
+        "ended": ("start", "done"),
+        "gave-up": ("start", "done"),
+        "held": ("unchanged", "done"),
+    }
+    assert supervisor.asked("start_again") == [("start_again", "ended"), ("start_again", "gave-up")]
+    for worker_id in ("ended", "gave-up"):
+        await registry.wait_until(worker_id, lambda w: w.state == State.READY, 5)
+    held = registry.get("held")
+    assert (held.state, held.desired) == (State.STOPPED, "stopped")
+    # A restart that is due is on its way: nothing to start.
+    registry.attempt_ended("ended", State.FAILED, exit_code=1, error="crash")
+    registry.restart_due("ended", registry.get("ended").stopped_at)
+    assert [(i.id, i.action) for i in reconciler.plan([declared("ended")])] == [
+        ("ended", "unchanged")
+    ]
+
+
+API = "apply:/srv/workers"
+
+
+async def test_a_prune_of_every_worker_or_of_other_sources_is_refused_without_force(
+    reconciler: Reconciler, supervisor: FakeSupervisor, registry: Registry
+) -> None:
+    await running(supervisor, declared("mine", API), declared("mine2", API))
+    await running(supervisor, declared("conf", SOURCE))
+    await supervisor.spawn(SpawnRequest(model="m", id="adhoc"))
+    supervisor.calls.clear()
+    # An empty set: every worker would go.
+    with pytest.raises(InvalidRequest) as refused:
+        await reconciler.apply([], prune=lambda _: True, guard=API)
+    message = refused.value.message
+    assert message.startswith("prune: would remove every worker on this host (")
+    for name in ("mine (apply:/srv/workers)", "conf (config:", "adhoc (spawned through the API)"):
+        assert name in message
+    assert "force" in message
+    # Its own set without one of its workers: the others' workers would go too.
+    with pytest.raises(InvalidRequest) as refused:
+        await reconciler.apply([declared("mine", API)], prune=lambda _: True, guard=API)
+    assert "did not declare: conf (config:" in refused.value.message
+    assert "mine2" not in refused.value.message
+    assert supervisor.calls == [] and len(registry) == 4  # nothing was done
+    # Its own workers only: no force needed.
+    items = await reconciler.apply(
+        [declared("mine", API)],
+        prune=lambda e: (e.record.declared or "").startswith("apply:"),
+        guard=API,
+    )
+    assert results(items) == {"mine": ("unchanged", "done"), "mine2": ("prune", "done")}
+    # With force (no guard), everything goes.
+    items = await reconciler.apply([], prune=lambda _: True)
+    assert {i.id for i in items if i.action == "prune" and i.result == "done"} == {
+        "mine",
+        "conf",
+        "adhoc",
+    }
+    assert len(registry) == 0
+
+
+def _record(worker_id: str, state: State, **fields: Any) -> Worker:
+    return Worker(
+        id=worker_id, model="m", backend="demo", device="CPU-0", port=18000,
+        url="http://127.0.0.1:18000", state=state, created_at=_AT, **fields,
+    )  # fmt: skip
+
+
+def test_a_replacement_a_killed_hive_left_is_finished_when_its_successor_got_far() -> None:
+    ready, starting = State.READY, State.STARTING
+    new = _record("web~2", ready, replacing="web", generation=2, ready_at=_AT)
+    assert settle_decision(new, None) == "take over"  # the old one was forgotten already
+    assert settle_decision(new, _record("web", State.STOPPED)) == "take over"  # drained
+    assert settle_decision(new, _record("web", State.FAILED)) == "take over"  # died meanwhile
+    assert settle_decision(new, _record("web", ready)) == "resume"  # both run: carry on
+    draining = _record("web", ready, desired="stopped")  # the replacement was stopping it
+    assert settle_decision(new, draining) == "take over"
+    loading = new.model_copy(update={"state": starting, "ready_at": None})
+    assert settle_decision(loading, _record("web", ready)) == "resume"
+    assert settle_decision(loading, _record("web", State.FAILED)) == "take over"
+    dead = loading.model_copy(update={"state": State.FAILED})
+    assert settle_decision(dead, _record("web", ready)) == "abandon"
+    assert settle_decision(dead, _record("web", State.FAILED)) == "abandon"  # never served
+    served = dead.model_copy(update={"ready_at": _AT})
+    assert settle_decision(served, _record("web", State.FAILED)) == "take over"
