@@ -282,9 +282,14 @@ class HiveClient:
         prune: bool = False,
         dry_run: bool = False,
         source: str = "api",
+        force: bool = False,
     ) -> ApplyResult:
-        """Make the workers match ``workers`` (declared spawn requests with ids)."""
+        """Make the workers match ``workers`` (declared spawn requests with ids). A ``prune``
+        that would remove every worker, or workers this ``source`` did not declare, is refused
+        (422) unless ``force``."""
         body = {"workers": workers, "prune": prune, "dry_run": dry_run, "source": source}
+        if force:
+            body["force"] = True
         _, data = await self._request("POST", "/v1/apply", json=body)
         return ApplyResult.model_validate(data)
 
