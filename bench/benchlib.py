@@ -264,8 +264,11 @@ class EventStream:
                         for event in parser.feed(raw):
                             if event.id:
                                 last = event.id
-                            if event.event == "reset":
-                                return self._fail("hive's ring no longer held the events missed")
+                            if event.event == "reset":  # ids are <instance>-<seq>
+                                return self._fail(
+                                    "hive could not replay the events missed (its ring no "
+                                    "longer held them, or hive restarted since)"
+                                )
                             if event.event == "worker" and event.data:
                                 self._deliver(Received(time.time(), json.loads(event.data)))
             except (TimeoutError, aiohttp.ClientError):

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from hive.models import State
+from hive.state.events import LAST_EVENT_ID_PATTERN
 
 
 class ListQuery(BaseModel):
@@ -53,9 +54,12 @@ class StopQuery(BaseModel):
 
 
 class EventsQuery(BaseModel):
-    """Query of ``GET /v1/events``; the ``Last-Event-ID`` header takes precedence."""
+    """Query of ``GET /v1/events``; the ``Last-Event-ID`` header takes precedence. An event id
+    is ``<instance>-<seq>``; a plain number (an older hive's id) is taken too, and reset."""
 
-    last_event_id: Annotated[int, Field(ge=0)] | None = None
+    last_event_id: (
+        Annotated[str, StringConstraints(max_length=64, pattern=LAST_EVENT_ID_PATTERN)] | None
+    ) = None
 
 
 class LogsQuery(BaseModel):

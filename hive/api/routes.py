@@ -333,23 +333,29 @@ async def logs(request: web.Request) -> web.StreamResponse:
         "get",
         "/v1/events",
         "Every worker change as Server-Sent Events (`Last-Event-ID` resumes)",
-        {"200": ("`event: worker` messages with `id:` the sequence number", "text/event-stream")},
+        {
+            "200": (
+                "`event: worker` messages with `id:` `<instance>-<seq>`; `event: reset`, then "
+                "the current state, for an id of another hive instance or one no longer held",
+                "text/event-stream",
+            )
+        },
         query=EventsQuery,
         errors=("422",),
-        headers={"Last-Event-ID": "Resume after this sequence number"},
+        headers={"Last-Event-ID": "Resume after this event id (`<instance>-<seq>`)"},
     )
 )
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events: each worker change as ``event: worker`` with its sequence number."""
+    """Server-Sent Events: each worker change as ``event: worker`` with its event id."""
     query = _query(request, EventsQuery)
     context = _context(request)
     last = request.headers.get("Last-Event-ID", query.last_event_id)
-    last_seq = EventsQuery.model_validate({"last_event_id": last}).last_event_id
+    last = EventsQuery.model_validate({"last_event_id": last}).last_event_id
     response = web.StreamResponse(headers=SSE_HEADERS)
     with context.events.subscribe() as subscription:
         await response.prepare(request)
         limit_send_buffer(request.transport)
-        await subscription.stream(response.write, last_seq, context.config.events_keepalive)
+        await subscription.stream(response.write, last, context.config.events_keepalive)
         # Cut off (too far behind) or shutting down: drop the connection at once rather than
         # wait on a socket the client does not drain. It may resume with Last-Event-ID.
         drop(request.transport)

@@ -186,7 +186,11 @@ def build_parser() -> Parser:
 
     p = command("events", "follow every worker state change as it happens")
     p.add_argument("--json", action="store_true", help="one JSON object a line")
-    p.add_argument("--since", type=int, metavar="SEQ", help="replay the events after SEQ first")
+    p.add_argument(
+        "--since",
+        metavar="ID",
+        help="replay the events after this event id first (<instance>-<seq>: --json's event_id)",
+    )
 
     p = command("devices", "CPU nodes and GPUs with live figures")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
@@ -478,11 +482,19 @@ async def cmd_events(client: HiveClient, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(event), flush=True)
         elif event.get("reset"):
-            print(f"(events before {event['oldest']} are gone; list the workers again)", flush=True)
+            print("(the events missed are not held: the current state follows)", flush=True)
         else:
             worker = event["worker"]
-            change = f"{event['from'] or '-'} -> {event['to'] or 'forgotten'}"
-            detail = f"  {worker['error']}" if event["to"] == "failed" and worker["error"] else ""
+            if event.get("snapshot"):  # the current state, after a reset
+                change, detail = f"is {event['to']}", ""
+            elif "changed" in event:  # a change of fields, the state as it was
+                change = f"{event['to']}: {', '.join(event['changed']) or 'changed'}"
+                shown = event["changed"][:1] == ["error"] and worker["error"]
+                detail = f"  {worker['error']}" if shown else ""
+            else:
+                change = f"{event['from'] or '-'} -> {event['to'] or 'forgotten'}"
+                failed = event["to"] == "failed" and worker["error"]
+                detail = f"  {worker['error']}" if failed else ""
             print(f"{event['seq']:>6}  {event['at']}  {event['id']}  {change}{detail}", flush=True)
     return OK
 

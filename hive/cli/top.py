@@ -117,14 +117,14 @@ class Top:
         self.out.flush()
 
     async def _follow(self) -> None:
-        last: int | None = None
+        last: str | None = None
         while True:
             try:
                 async for event in self.client.events(last):
-                    if event.get("reset"):
-                        self.workers = {w.id: w for w in await self.client.list_workers()}
+                    if event.get("reset"):  # the current state follows, one event per worker
+                        self.workers = {}
                     else:
-                        last = event["seq"]
+                        last = event["event_id"] or last
                         if event["to"] is None:
                             self.workers.pop(event["id"], None)
                         else:

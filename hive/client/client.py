@@ -321,12 +321,16 @@ class HiveClient:
         except aiohttp.ClientConnectionError as exc:
             raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None
 
-    async def events(self, last_event_id: int | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Follow ``/v1/events``: each change as ``{seq, at, id, from, to, worker}``, in order.
+    async def events(self, last_event_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Follow ``/v1/events``: each change as ``{seq, at, id, from, to, worker}``, in order,
+        with ``event_id``, the stream's id for it (``<instance>-<seq>``).
 
-        Pass the ``seq`` of the last event you handled as ``last_event_id`` to resume after a
-        lost connection. When hive no longer holds the events you missed, an event with
-        ``{"reset": true, "oldest": seq}`` comes first: list the workers again.
+        Pass the ``event_id`` of the last event you handled as ``last_event_id`` to resume
+        after a lost connection, across a restart of hive too. When hive cannot replay what you
+        missed (it restarted since, or no longer holds those events), an event with
+        ``{"reset": true, "oldest": seq, "instance": ...}`` comes first: forget the workers you
+        knew; the current state follows, one event per worker (``"snapshot": true``), then the
+        changes live.
         """
         headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
         try:
@@ -337,7 +341,7 @@ class HiveClient:
                 async for raw in response.content:
                     for event in parser.feed(raw):
                         if event.data:
-                            data = json.loads(event.data)
+                            data = {**json.loads(event.data), "event_id": event.id}
                             yield {"reset": True, **data} if event.event == "reset" else data
         except aiohttp.ClientConnectionError as exc:
             raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None

@@ -1,8 +1,12 @@
 """The event hub: every registry change, in order, for ``GET /v1/events`` (Server-Sent Events).
 
-The hub subscribes to the registry. Each change becomes one event, serialized once, with the
-registry's sequence number as its id, and is kept in a bounded ring so that a client that lost
-its connection resumes with ``Last-Event-ID`` without missing anything. Each connected client
+The hub subscribes to the registry. Each change becomes one event, serialized once, with the id
+``<instance>-<seq>``: the hub's *instance*, a short random name drawn at each start of hive, and
+the registry's sequence number (which a new hive starts again from 1). Events are kept in a
+bounded ring so that a client that lost its connection resumes with ``Last-Event-ID`` without
+missing anything. An id of another instance (a hive that has restarted since) or one the ring
+no longer reaches cannot be resumed: the stream says ``event: reset``, then gives the current
+state, one ``event: worker`` per worker, then goes on live. Each connected client
 has its own bounded queue: a client that falls more than ``queue_size`` events behind is cut
 off (it may reconnect and resume from the ring), so a slow reader can never make hive's memory
 grow. Registry subscribers may be called from any thread; the hub hands events to the event
@@ -18,24 +22,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import secrets
 import socket
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from hive.models import Worker
 from hive.state.records import HOT_FIELDS
-from hive.state.registry import Change, Registry
+from hive.state.registry import Change, Registry, now
 from hive.timeouts import within
+
+#: An event id: ``<instance>-<seq>``, the instance a few lowercase letters and digits.
+EVENT_ID = re.compile(r"([0-9a-z]{1,32})-([0-9]{1,18})")
+_SEQ = re.compile(r"[0-9]{1,18}")
+#: What ``Last-Event-ID`` may be: an event id, or a plain sequence number (an older hive's).
+LAST_EVENT_ID_PATTERN = r"^(?:[0-9a-z]{1,32}-)?[0-9]{1,18}$"
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     seq: int
     data: str  # JSON: {seq, at, id, from, to, worker}
+    #: The SSE id, ``<instance>-<seq>``; None: the event carries none (it keeps the last one).
+    id: str | None = None
 
     def encode(self) -> bytes:
-        return f"event: worker\nid: {self.seq}\ndata: {self.data}\n\n".encode()
+        line = f"id: {self.id}\n" if self.id is not None else ""
+        return f"event: worker\n{line}data: {self.data}\n\n".encode()
+
+
+def parse_event_id(value: str) -> tuple[str | None, int]:
+    """``Last-Event-ID`` as (instance, seq): ``<instance>-<seq>``, or a plain sequence number
+    (instance None, as hive gave them before ids named their instance). ValueError otherwise."""
+    value = value.strip()
+    if _SEQ.fullmatch(value):
+        return None, int(value)
+    match = EVENT_ID.fullmatch(value)
+    if match is None:
+        raise ValueError(f"{value[:40]!r} is not an event id (<instance>-<seq>)")
+    return match.group(1), int(match.group(2))
 
 
 def _changed_fields(change: Change) -> list[str]:
@@ -50,7 +78,7 @@ def _changed_fields(change: Change) -> list[str]:
     ]
 
 
-def _event(change: Change) -> Event:
+def _event(change: Change, instance: str) -> Event:
     data = {
         "seq": change.seq,
         "at": change.at.isoformat().replace("+00:00", "Z"),
@@ -61,7 +89,33 @@ def _event(change: Change) -> Event:
         **({"renamed_to": change.renamed_to} if change.renamed_to else {}),
         **({"changed": _changed_fields(change)} if change.fields_only else {}),
     }
-    return Event(change.seq, json.dumps(data, separators=(",", ":")))
+    return Event(change.seq, json.dumps(data, separators=(",", ":")), f"{instance}-{change.seq}")
+
+
+def _snapshot(records: list[Worker], seq: int, instance: str) -> list[Event]:
+    """The current state as events, one per worker (``from`` null: each appears to a client
+    that forgot everything at ``reset``; ``"snapshot": true``). Only the last carries an id,
+    ``<instance>-<seq>``: a client cut off half-way through resumes with its old id and gets
+    the whole state again, never half of it."""
+    at = now().isoformat().replace("+00:00", "Z")
+    events = []
+    for i, record in enumerate(records):
+        data = {
+            "seq": seq,
+            "at": at,
+            "id": record.id,
+            "from": None,
+            "to": record.state.value,
+            "worker": json.loads(record.model_dump_json()),
+            "snapshot": True,
+        }
+        last = i == len(records) - 1
+        events.append(
+            Event(
+                seq, json.dumps(data, separators=(",", ":")), f"{instance}-{seq}" if last else None
+            )
+        )
+    return events
 
 
 class Overflow(Exception):
@@ -140,10 +194,21 @@ class Subscription:
         """Events after ``last_seq`` still in the ring, and whether some are already gone."""
         ring = self._hub.ring
         missed = bool(ring) and ring[0].seq > last_seq + 1
+        missed = missed or last_seq > self._hub.registry.seq  # ahead of this hive: not its id
         events = [e for e in ring if e.seq > last_seq]
         if events:
             self._newest = events[-1].seq
         return missed, events
+
+    def snapshot(self) -> tuple[int, list[Event]]:
+        """The current state (:func:`_snapshot`) and the sequence number it is as of; the live
+        events after it follow, none before it."""
+        hub = self._hub
+        with hub.registry.locked() as entries:
+            seq = hub.registry.seq
+            records = [entry.record for entry in entries.values()]
+        self._newest = seq
+        return seq, _snapshot(records, seq, hub.instance)
 
     async def get(self, timeout: float) -> Event | None:
         """The next live event, or None after ``timeout`` seconds without one."""
@@ -175,22 +240,32 @@ class Subscription:
             raise Overflow
         written.result()
 
-    async def stream(self, write: Write, last_seq: int | None, keepalive: float) -> None:
-        """The whole event stream: a comment, the replay after ``last_seq``, then live events.
+    async def stream(self, write: Write, last: str | None, keepalive: float) -> None:
+        """The whole event stream: a comment, the replay after the event id ``last``, then live
+        events.
 
-        When events after ``last_seq`` are already gone from the ring, an ``event: reset`` naming
-        the oldest one still there comes first. A comment goes out after ``keepalive`` seconds
-        without an event. Returns once the client is cut off (too far behind), hive shuts down
-        or the connection resets: the caller should then drop the connection at once.
+        When ``last`` names another instance of hive (or is a plain number, as ids were before
+        they named one), or events after it are already gone from the ring, an ``event: reset``
+        comes first, with ``{"oldest", "instance"}`` (the oldest sequence number the ring still
+        has, and this hive's instance), then the current state (:meth:`snapshot`) instead of a
+        replay; with no worker at all, the reset carries the id to resume from. A comment goes
+        out after ``keepalive`` seconds without an event. Returns once
+        the client is cut off (too far behind), hive shuts down or the connection resets: the
+        caller should then drop the connection at once.
         """
+        hub = self._hub
         try:
             await self.send(write, b": hive events\n\n")
-            if last_seq is not None:
-                missed, replay = self.replay(last_seq)
+            if last is not None:
+                instance, last_seq = parse_event_id(last)
+                missed, replay = (True, []) if instance != hub.instance else self.replay(last_seq)
                 if missed:
-                    oldest = replay[0].seq if replay else self._hub.registry.seq + 1
-                    data = json.dumps({"oldest": oldest})
-                    await self.send(write, f"event: reset\ndata: {data}\n\n".encode())
+                    seq, replay = self.snapshot()
+                    oldest = hub.ring[0].seq if hub.ring else seq + 1
+                    data = json.dumps({"oldest": oldest, "instance": hub.instance})
+                    # No worker: the reset itself carries the id to resume from.
+                    line = "" if replay else f"id: {hub.instance}-{seq}\n"
+                    await self.send(write, f"event: reset\n{line}data: {data}\n\n".encode())
                 for event in replay:
                     await self.send(write, event.encode())
             while True:
@@ -204,9 +279,16 @@ class EventHub:
     """Ordered worker events with a replay ring and bounded per-client queues."""
 
     def __init__(
-        self, registry: Registry, ring_size: int = 10_000, queue_size: int = 1_000
+        self,
+        registry: Registry,
+        ring_size: int = 10_000,
+        queue_size: int = 1_000,
+        instance: str | None = None,
     ) -> None:
         self.registry = registry
+        #: Names this hive in event ids: drawn at each start, so no id of an earlier hive (whose
+        #: sequence numbers the new one reuses from 1) is taken for one of its own.
+        self.instance = instance or secrets.token_hex(4)
         self.ring: deque[Event] = deque(maxlen=ring_size)
         self.queue_size = queue_size
         self._clients: set[Subscription] = set()
@@ -236,7 +318,7 @@ class EventHub:
 
     def _on_change(self, change: Change) -> None:
         # On the loop, in order (the registry delivers there): serialize, remember, hand on.
-        event = _event(change)
+        event = _event(change, self.instance)
         self.ring.append(event)
         for client in self._clients:
             client.put(event)

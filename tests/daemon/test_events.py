@@ -102,7 +102,8 @@ async def test_every_change_in_order_with_its_sequence(hive: Hive) -> None:
     ]
     seqs = [e["data"]["seq"] for e in events]
     assert seqs == sorted(seqs) and len(set(seqs)) == 4
-    assert [int(e["id"]) for e in events] == seqs
+    instance = events[0]["id"].split("-")[0]  # ids name this hive: <instance>-<seq>
+    assert [e["id"] for e in events] == [f"{instance}-{seq}" for seq in seqs]
     for e in events:
         assert set(e["data"]) == {"seq", "at", "id", "from", "to", "worker"}
         assert e["data"]["id"] == "ev-a" and e["data"]["worker"]["id"] == "ev-a"
@@ -129,7 +130,7 @@ async def test_resume_with_last_event_id(hive: Hive) -> None:
                 stream, lambda e: e["data"]["to"] == "ready" and "changed" not in e["data"]
             )
         seqs = [e["data"]["seq"] for e in missed + live]
-        first = int(ready["id"]) + 1
+        first = int(ready["id"].rsplit("-", 1)[1]) + 1
         assert seqs == list(range(first, first + len(seqs))), seqs
         states = [e for e in missed if "changed" not in e["data"]]
         assert [(e["data"]["from"], e["data"]["to"]) for e in states] == [
@@ -183,11 +184,23 @@ async def test_too_old_last_event_id_says_reset(hive: Hive) -> None:
     async with hive.session() as s:
         await spawn(s, "ev-c")
         await _worker_heartbeats(s, "ev-c", 60)  # more changes than the ring keeps
-        async with s.get("/v1/events", headers={"Last-Event-ID": "0"}) as r:
+        instance = (await _any_event_id(s)).split("-")[0]
+        async with s.get("/v1/events", headers={"Last-Event-ID": f"{instance}-0"}) as r:
             first = (await next_events(sse(r), 1))[0]
         assert first["event"] == "reset" and first["data"]["oldest"] > 1
+        assert first["data"]["instance"] == instance
         async with s.delete("/v1/workers/ev-c"):
             pass
+
+
+async def _any_event_id(s: aiohttp.ClientSession) -> str:
+    """The id hive gives its latest event (a stream from an id of another instance starts with
+    the current state, which ends with one)."""
+    async with s.get("/v1/events", headers={"Last-Event-ID": "x0-0"}) as r:
+        async for message in sse(r):
+            if "id" in message:
+                return str(message["id"])
+    raise AssertionError("no event id")
 
 
 async def _worker_heartbeats(s: aiohttp.ClientSession, worker_id: str, n: int) -> int:
@@ -299,7 +312,8 @@ async def test_cli_events_json(hive: Hive) -> None:
         async with s.delete("/v1/workers/ev-cli"):
             pass
     assert lines[0]["id"] == "ev-cli" and lines[0]["to"] in ("busy", "ready")
-    assert set(lines[0]) == {"seq", "at", "id", "from", "to", "worker"}
+    assert set(lines[0]) == {"seq", "at", "id", "from", "to", "worker", "event_id"}
+    assert lines[0]["event_id"].endswith(f"-{lines[0]['seq']}")  # what --since takes
 
 
 async def test_shutdown_ends_event_streams() -> None:
