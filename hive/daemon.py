@@ -191,7 +191,9 @@ class Daemon:
             containment=containment,
         )
         if containment.kind == "tags":  # the child subreaper reaps what re-parents to it
-            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, supervisor.reap_orphans)
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGCHLD, supervisor.housekeeping.reap_orphans
+            )
         events = EventHub(registry, config.events_buffer, config.events_queue)
         events.start()
         metrics.event_clients.set_function(lambda: events.clients)

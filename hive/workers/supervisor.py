@@ -1,9 +1,10 @@
 """The supervisor: the request API over the set of worker lifecycles.
 
 It turns requests (spawn, stop, restart, delete, heartbeat) into registry changes and
-:class:`~hive.workers.run.WorkerRun` calls, and keeps house (log caps, retention). Taking back
-what the previous hive left is :class:`~hive.workers.takeover.Takeover`'s. Each worker's process
-is owned by its ``WorkerRun``; the policies live beside it as plain functions:
+:class:`~hive.workers.run.WorkerRun` calls. House is kept by
+:class:`~hive.workers.housekeeping.Housekeeping` (retention, log caps, orphans); taking back what
+the previous hive left is :class:`~hive.workers.takeover.Takeover`'s. Each worker's process is
+owned by its ``WorkerRun``; the policies live beside it as plain functions:
 :mod:`hive.workers.launch` (argv and environment), :mod:`hive.workers.restart` (the back-off),
 :mod:`hive.workers.probes` and :mod:`hive.workers.adoption`.
 """
@@ -11,7 +12,6 @@ is owned by its ``WorkerRun``; the policies live beside it as plain functions:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -22,7 +22,7 @@ from hive.config import Config
 from hive.devices.placement import Placer
 from hive.errors import Conflict, DuplicateWorker
 from hive.host.containment import Containment, end_strays
-from hive.host.process import Spawner, reap_orphans
+from hive.host.process import Spawner
 from hive.models import (
     DOWN_STATES,
     Entry,
@@ -37,6 +37,7 @@ from hive.state.journal import Journal, JournalError
 from hive.state.metrics import Metrics
 from hive.state.registry import Registry
 from hive.upstream.router_sync import RouterSync
+from hive.workers.housekeeping import Housekeeping
 from hive.workers.launch import forget_workdir
 from hive.workers.logs import Logs
 from hive.workers.ports import PortPool, ephemeral_overlap
@@ -96,7 +97,7 @@ class Supervisor:
         )
         self._runs: dict[str, WorkerRun] = {}
         self._room = Room(logs.directory, config.state_path)
-        self._housekeeping: asyncio.Task[None] | None = None
+        self.housekeeping = Housekeeping(self)
 
     @property
     def config(self) -> Config:
@@ -118,17 +119,14 @@ class Supervisor:
         self._deps.watch.start()
         await self._deps.prober.start()
         self.logs.start_keeper()
-        self._housekeeping = asyncio.create_task(self._housekeep(), name="hive-housekeeping")
+        self.housekeeping.start()
 
     async def close(self, detach: bool | None = None) -> None:
         """Stop every worker (``on_exit = "stop"``) or leave them running (``"detach"``)."""
         self._deps.closing = True
         if detach is None:
             detach = self.config.on_exit == "detach"
-        if self._housekeeping:
-            self._housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
+        await self.housekeeping.close()
         runs = [run for run in self._runs.values() if run.active]
         for run in runs:
             if detach:
@@ -426,14 +424,21 @@ class Supervisor:
         run = self._runs.get(worker_id)
         return run is None or not run.active
 
-    def reap_orphans(self) -> None:
-        """Reap exited children that are not a worker's leader (their lifecycle reaps those):
-        descendants of workers that re-parented to hive, the child subreaper."""
-        reap_orphans(
+    def leader_pids(self) -> list[int]:
+        """The pids of the workers' leaders that hive started and that still run."""
+        return [
             run.process.pid
             for run in self._runs.values()
             if run.process is not None and run.process.child and run.process.running
-        )
+        ]
+
+    def active_ids(self) -> list[str]:
+        """The workers whose process runs or whose restart is coming."""
+        return [worker_id for worker_id, run in self._runs.items() if run.active]
+
+    def forget_run(self, worker_id: str) -> None:
+        """The record is forgotten: so is its lifecycle."""
+        self._runs.pop(worker_id, None)
 
     # -- naming ----------------------------------------------------------------------------------
 
@@ -444,22 +449,6 @@ class Supervisor:
             worker_id = f"{stem}-{secrets.token_hex(3)}"
             if worker_id not in self.registry:
                 return worker_id
-
-    # -- housekeeping --------------------------------------------------------------------------
-
-    async def _housekeep(self) -> None:
-        """Once a second: forget records past ``retention``, and tell the logs' keeper which
-        workers run (it caps their logs in its own thread, :meth:`Logs.cap` says how often)."""
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                for worker_id in self.registry.expire():
-                    self._runs.pop(worker_id, None)
-                    await self.logs.discard(worker_id)
-                    await asyncio.to_thread(forget_workdir, self.config, worker_id)
-                self.logs.keep_capped(i for i, run in self._runs.items() if run.active)
-            except OSError:
-                log.exception("housekeeping failed")
 
 
 def _successor_of(worker_id: str, entries: Mapping[str, Entry]) -> bool:
