@@ -19,11 +19,13 @@ from pathlib import Path
 
 from hive.config import Config
 from hive.desired.declared import (
+    APPLY_SOURCE,
     CONFIG_SOURCE,
     DeclarationError,
     Declared,
     check_backends,
     check_complete,
+    needs_start,
     plan,
     read_declared,
     workers_dir,
@@ -210,6 +212,18 @@ class Reconciler:
         except HiveError as exc:
             log.error("cannot settle the replacement of %s: %s", worker_id, exc.message)
 
+    async def start_applied(self) -> None:
+        """At start: the workers ``hive apply`` declared (their set is not read again, as hive's
+        files and etcd's are) that are down though wanted running are started again, as an
+        apply of their set would (:func:`~hive.desired.declared.needs_start`)."""
+        for record in self.registry.list():
+            if (record.declared or "").startswith(APPLY_SOURCE) and needs_start(record):
+                try:
+                    await self.supervisor.start_again(record.id)
+                    log.info("declared worker %s (%s): start: done", record.id, record.declared)
+                except HiveError as exc:
+                    log.warning("declared worker %s: start: %s", record.id, exc.message)
+
     # -- apply -----------------------------------------------------------------------------------
 
     def plan(
@@ -381,6 +395,7 @@ class DeclaredFiles:
     async def _loop(self, first: bool) -> None:
         if first:
             await self.reconciler.settle_interrupted()
+            await self.reconciler.start_applied()
         while True:
             self._again = False
             await self._once()

@@ -98,24 +98,33 @@ async def test_at_its_defaults_a_sigterm_leaves_every_worker_to_the_next_hive() 
 # -- 2. declared workers stay declared -----------------------------------------------------------
 
 
-async def test_a_declared_worker_comes_back_unless_an_operator_stopped_it() -> None:
+async def test_a_declared_worker_comes_back_unless_an_operator_stopped_it(tmp_path: Path) -> None:
     declared = workers_toml({"id": "web", "model": "m"}, {"id": "held", "model": "m"})
     with running_hive('on_exit = "stop"\n' + declared) as hive:
-        first = await all_ready(hive, "web", "held")
+        await all_ready(hive, "web", "held")
+        applied = tmp_path / "applied.toml"
+        applied.write_text(workers_toml({"id": "via-apply", "model": "m"}))
+        assert hive.cli("apply", "-f", str(applied)).returncode == 0
+        await hive.spawn({"model": "m", "id": "adhoc"}, wait=True)  # not declared anywhere
+        first = await all_ready(hive, "web", "held", "via-apply", "adhoc")
         stopped = hive.cli("stop", "held")  # an operator's stop: kept across restarts
         assert stopped.returncode == 0, stopped.stderr
         assert hive.stop() == 0
-        assert not alive(first["web"]["pid"]) and not alive(first["held"]["pid"])
+        assert not any(alive(w["pid"]) for w in first.values())
 
         hive.start()
 
         async def back() -> dict[str, dict[str, Any]] | None:
             found = await records(hive)
-            return found if found["web"]["state"] == "ready" else None
+            wanted = (found["web"]["state"], found["via-apply"]["state"])
+            return found if wanted == ("ready", "ready") else None
 
-        found = await async_wait_for(back, timeout=60, what="web ready again")
-        assert found["web"]["pid"] != first["web"]["pid"] and found["web"]["desired"] == "running"
+        found = await async_wait_for(back, timeout=60, what="web and via-apply ready again")
+        for worker_id in ("web", "via-apply"):
+            assert found[worker_id]["pid"] != first[worker_id]["pid"]
+            assert found[worker_id]["desired"] == "running"
         assert (found["held"]["state"], found["held"]["desired"]) == ("stopped", "stopped")
+        assert found["adhoc"]["state"] == "stopped"  # on_exit = "stop" stopped it; not declared
         assert logged(hive, "declared workers web: start: done")
         shown = hive.cli("show", "held")
         assert shown.returncode == 0 and "stopped" in shown.stdout
