@@ -137,10 +137,12 @@ class Journal:
         self.lost = False
         self._dirty = asyncio.Event()
         self._progress = asyncio.Event()
-        # Progress is counted in the registry's change sequence numbers: a write covers every
-        # change up to the ``seq`` read just before its snapshot.
-        self._attempted = 0  # the seq that the last finished write covered
-        self._durable = 0  # the seq that the last successful write covered
+        # Progress is counted in marks: one for each change heard and each call of mark(). A
+        # write covers the marks made before its snapshot was taken.
+        self._marked = 0
+        self._heard = 0  # the registry's seq of the last change heard
+        self._attempted = 0  # the marks that the last finished write covered
+        self._durable = 0  # the marks that the last successful write covered
         self._reason: str | None = None
         self._failures = 0
         self._closing = False
@@ -276,10 +278,12 @@ class Journal:
 
     def _on_change(self, change: Change) -> None:
         # Every change but the hot fields' is told, on the loop: each one is worth a write.
-        self._dirty.set()
+        self._heard = max(self._heard, change.seq)
+        self.mark()
 
     def mark(self) -> None:
         """Write soon, whatever changed (the registry's changes need no call: they are heard)."""
+        self._marked += 1
         self._dirty.set()
 
     async def flush(self) -> None:
@@ -290,9 +294,9 @@ class Journal:
         """
         if self._writer is None:
             return
-        target = self.registry.seq  # every change so far, heard by now or not
-        if self._durable < target:
-            self._dirty.set()
+        if self.registry.seq > self._heard:
+            self.mark()  # a change made but not yet heard (it is on its way to _on_change)
+        target = self._marked
         while self._durable < target:
             if self._attempted >= target:  # the write covering ``target`` ended, and failed
                 raise JournalError(self.path, self._reason or "unknown error")
@@ -314,7 +318,7 @@ class Journal:
             self._dirty.set()
             await self._writer  # a write under way ends first: never two at once
             self._writer = None
-        target = self.registry.seq
+        target = self._marked
         try:
             self._write(self._encoder.encode(self._snapshot()))
         except JournalError as exc:
@@ -333,7 +337,7 @@ class Journal:
                 if self._closing:
                     break
                 self._dirty.clear()
-                target = self.registry.seq
+                target = self._marked
                 try:
                     await asyncio.to_thread(self._serialize_and_write, self._snapshot())
                 except JournalError as exc:
