@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import grp
 import os
 import pwd
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -450,30 +448,3 @@ def reap_orphans(leaders: Iterable[int]) -> None:
     for pid in zombie_children() - set(leaders):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-
-
-def port_is_free(port: int) -> bool:
-    """True when nothing listens on ``port`` on any address, IPv4 or IPv6 (checked by binding
-    each family's wildcard; the IPv6 one alone, so that a listener on ``[::1]`` or ``[::]``
-    only counts too).
-
-    SO_REUSEADDR mirrors what servers set, so a connection lingering in TIME_WAIT does not count
-    as a listener, while any socket listening on the port, on any address, does.
-    """
-    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:  # no IPv6 on this host: nothing can listen there
-            continue
-        with sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind((address, port))
-            except OSError as exc:
-                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                    return False
-                if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    raise
-    return True

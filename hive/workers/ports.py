@@ -6,11 +6,12 @@ taken while any worker holding resources has it, so two spawns can never get the
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 
 from hive.errors import NoFreePort, PortTaken
-from hive.host.process import port_is_free
 from hive.models import Entry, holds_resources
 
 
@@ -77,3 +78,30 @@ def ephemeral_overlap(low: int, high: int, source: Path = EPHEMERAL_RANGE) -> st
         f"({source}): outgoing connections, hive's own included, can take a worker's port "
         "before it binds; a range outside it (the default is 18000-18999) avoids that"
     )
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on ``port`` on any address, IPv4 or IPv6 (checked by binding
+    each family's wildcard; the IPv6 one alone, so that a listener on ``[::1]`` or ``[::]``
+    only counts too).
+
+    SO_REUSEADDR mirrors what servers set, so a connection lingering in TIME_WAIT does not count
+    as a listener, while any socket listening on the port, on any address, does.
+    """
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host: nothing can listen there
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, port))
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    return False
+                if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise
+    return True

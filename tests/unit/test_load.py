@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_policies import record
+from records import record
 
 from hive.config import BackendConfig, Config, ConfigError, LoadConfig, parse_config
 from hive.models import Entry, SpawnRequest, State, Worker

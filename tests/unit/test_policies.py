@@ -8,30 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from records import record
 
 from hive.config import BackendConfig, Config
 from hive.errors import NoCapacity
-from hive.host.process import port_is_free
 from hive.models import Entry, SpawnRequest, State, Worker
 from hive.state.registry import Figures, IllegalTransition, Registry, now
 from hive.workers.launch import SCRUBBED_ENV, build_launch
-from hive.workers.ports import PortPool, ephemeral_overlap
+from hive.workers.ports import PortPool, ephemeral_overlap, port_is_free
 from hive.workers.restart import Backoff, Outcome, next_delay
-
-
-def record(**fields: Any) -> Worker:
-    base: dict[str, Any] = {
-        "id": "w",
-        "model": "m",
-        "backend": "demo",
-        "device": "CPU-0",
-        "port": 18000,
-        "url": "http://127.0.0.1:18000",
-        "state": State.FAILED,
-        "created_at": now(),
-    }
-    return Worker(**{**base, **fields})
-
 
 CONFIG = Config(restart_delay=1, restart_delay_max=8, restart_reset_after=100)
 
