@@ -70,3 +70,9 @@ def print_json(data: BaseModel | list[BaseModel] | dict[str, Any]) -> None:
     else:
         text = json.dumps(data, indent=2, default=str)
     print(text)
+
+
+def err(message: str) -> None:
+    """Each line of ``message`` on stderr, after ``hive: ``."""
+    for line in message.splitlines() or [""]:
+        print(f"hive: {line}", file=sys.stderr)

@@ -1,0 +1,90 @@
+"""The commands on the host and the daemon: events, devices, status, top, and serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pydantic import ValidationError
+
+from hive.cli import tables
+from hive.cli.args import FAILED, OK, err
+from hive.cli.args import print_json as _print_json
+from hive.client import HiveClient
+from hive.config import Config, ConfigError, find_config_path, load_config
+from hive.validation import field_errors
+
+
+async def cmd_events(client: HiveClient, args: argparse.Namespace) -> int:
+    async for event in client.events(args.since):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif event.get("reset"):
+            print("(the events missed are not held: the current state follows)", flush=True)
+        else:
+            worker = event["worker"]
+            if event.get("snapshot"):  # the current state, after a reset
+                change, detail = f"is {event['to']}", ""
+            elif "changed" in event:  # a change of fields, the state as it was
+                change = f"{event['to']}: {', '.join(event['changed']) or 'changed'}"
+                shown = event["changed"][:1] == ["error"] and worker["error"]
+                detail = f"  {worker['error']}" if shown else ""
+            else:
+                change = f"{event['from'] or '-'} -> {event['to'] or 'forgotten'}"
+                failed = event["to"] == "failed" and worker["error"]
+                detail = f"  {worker['error']}" if failed else ""
+            print(f"{event['seq']:>6}  {event['at']}  {event['id']}  {change}{detail}", flush=True)
+    return OK
+
+
+async def cmd_devices(client: HiveClient, args: argparse.Namespace) -> int:
+    devices = await client.devices()
+    if args.json:
+        _print_json(devices)
+    else:
+        print(tables.devices(devices))
+    return OK
+
+
+async def cmd_status(client: HiveClient, args: argparse.Namespace) -> int:
+    node = await client.node()
+    if args.json:
+        _print_json(node)
+    else:
+        print(tables.node(node))
+    return OK
+
+
+async def cmd_top(client: HiveClient, args: argparse.Namespace) -> int:
+    from hive.cli import top  # terminal handling, only for this command
+
+    return await top.run(client, once=args.once, interval=max(args.interval, 0.1))
+
+
+def load_for_serve(args: argparse.Namespace) -> Config:
+    """The configuration file with ``--listen``/``--socket`` on top (again on each SIGHUP)."""
+    config = load_config(args.config)
+    updates = {}
+    if args.listen:
+        updates["listen"] = args.listen
+    if args.socket:
+        updates["socket"] = args.socket
+    if not updates:
+        return config
+    try:
+        return Config.model_validate({**config.model_dump(), **updates})
+    except ValidationError as exc:
+        key, message = field_errors(exc, top="")[0]
+        raise ConfigError(f"--{key}: {message}") from None
+
+
+def serve(args: argparse.Namespace) -> int:
+    from hive.daemon import serve as run_daemon
+
+    try:
+        config = load_for_serve(args)
+    except ConfigError as exc:
+        err(str(exc))
+        return FAILED
+    path, _ = find_config_path(args.config)
+    return run_daemon(config, args.log_format, lambda: load_for_serve(args), path)

@@ -1,0 +1,163 @@
+"""The ``hive`` command line's grammar: every subcommand, its flags and their help."""
+
+from __future__ import annotations
+
+import argparse
+
+from hive import __version__
+from hive.cli.args import Parser, _cpus, _pair, _positive
+from hive.cli.declared import add_commands
+from hive.cli.fleet import add_commands as add_fleet_commands
+from hive.models import State
+from hive.validation import FIELD_SENTENCES
+
+JSON_HELP = "print the API's JSON instead of a table"
+
+
+def _globals(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--url`` and ``--token``, accepted before or after a client subcommand (not serve)."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--url",
+        default=default,
+        help="hive's API: http://HOST:PORT or unix:///PATH (env HIVE_URL; default: the unix "
+        "socket, then http://127.0.0.1:7070)",
+    )
+    parser.add_argument(
+        "--token", default=default, help="bearer token for TCP (env HIVE_TOKEN; default: file)"
+    )
+    parser.add_argument(
+        "--ca", default=default, metavar="FILE",
+        help="for https://: the CA that signed hive's certificate (env HIVE_CA)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cert", default=default, metavar="FILE",
+        help="for mutual TLS: this client's certificate (env HIVE_CERT)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--key", default=default, metavar="FILE",
+        help="for mutual TLS: its key (env HIVE_KEY)",
+    )  # fmt: skip
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="hive", description="Node agent for inference workers.")
+    parser.add_argument("--version", action="version", version=f"hive {__version__}")
+    _globals(parser, top=True)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
+
+    def command(name: str, help: str, *, client: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if client:
+            _globals(p, top=False)
+        return p
+
+    p = command("serve", "run the hive daemon in the foreground", client=False)
+    p.add_argument("--config", help="TOML file (env HIVE_CONFIG; default: <config dir>/hive.toml)")
+    p.add_argument("--listen", help="HOST:PORT for the TCP API")
+    p.add_argument("--socket", help="path of the unix socket")
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="hive's log lines"
+    )
+
+    p = command("spawn", "start a worker and wait until it is ready")
+    p.add_argument("model", help="what the backend serves (its {model}), e.g. a path or HF name")
+    p.add_argument("--backend", help="a configured backend (default: the config's)")
+    p.add_argument("--device", help="auto, cpu, gpu, CPU-n, GPU-n or a GPU UUID")
+    p.add_argument("--gpus", type=int, metavar="N", help="how many GPUs (default 1 on a GPU)")
+    p.add_argument("--cpus", type=_cpus, help="a count of cores, or core ids like 0-3,8")
+    p.add_argument("--gpu-memory", type=int, metavar="MIB", help="share a GPU: the MiB it may use")
+    p.add_argument("--port", type=int, help="its port (default: one from port_range)")
+    p.add_argument(
+        "--label", type=_pair, action="append", default=[], metavar="K=V", help="a label (repeat)"
+    )
+    p.add_argument(
+        "--env",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="an environment variable for it (repeat)",
+    )
+    p.add_argument(
+        "--restart", choices=["no", "on-failure", "always"], help="default: the config's"
+    )
+    p.add_argument("--id", help=f"its id, which {FIELD_SENTENCES['id'].removeprefix('must ')}")
+    p.add_argument("--no-register", action="store_true", help="keep it out of the routers")
+    p.add_argument(
+        "--role",
+        choices=["regular", "prefill", "decode"],
+        help="its part with the routers: prefill/decode disaggregation (default regular)",
+    )
+    p.add_argument(
+        "--bootstrap-port", type=int, metavar="P", help="a prefill's bootstrap port (default: any)"
+    )
+    p.add_argument("--priority", type=int, help="the router's weight for it (default 50)")
+    p.add_argument("--cost", type=float, help="the router's cost of it (default 1.0)")
+    p.add_argument("--no-wait", action="store_true", help="return once the process is started")
+    p.add_argument("--timeout", type=_positive, help="give up waiting after this many seconds")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    p = command("list", "list workers")
+    p.add_argument("--state", choices=[s.value for s in State], help="only workers in this state")
+    p.add_argument("--model", help="only workers of this model")
+    p.add_argument("--device", help="only workers on this device (CPU-n, GPU-n or a UUID)")
+    p.add_argument(
+        "--label",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="only workers with this label (repeat: all of them)",
+    )
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    p = command("show", "show one worker")
+    p.add_argument("id", help="the worker's id")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    p = command("stop", "stop workers gracefully (SIGTERM, then SIGKILL after the timeout)")
+    p.add_argument("ids", nargs="*", metavar="ID", help="the workers to stop")
+    p.add_argument("--all", action="store_true", help="every running worker")
+    p.add_argument("--timeout", type=_positive, help="seconds before SIGKILL")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    p = command("rm", "forget stopped or failed workers")
+    p.add_argument("ids", nargs="+", metavar="ID", help="the workers to forget")
+    p.add_argument("--force", action="store_true", help="stop running ones first")
+
+    p = command("restart", "stop a worker if running and start it again")
+    p.add_argument("id", help="the worker's id")
+    p.add_argument("--no-wait", action="store_true", help="return once the process is started")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    p = command("logs", "print a worker's output")
+    p.add_argument("id", help="the worker's id")
+    p.add_argument("-n", "--tail", type=int, default=100, metavar="N", help="last N lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+
+    p = command("events", "follow every worker state change as it happens")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    p.add_argument(
+        "--since",
+        metavar="ID",
+        help="replay the events after this event id first (<instance>-<seq>: --json's event_id)",
+    )
+
+    p = command("devices", "CPU nodes and GPUs with live figures")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    p = command("status", "the daemon, its devices and worker counts")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    p = command("top", "the host live: devices and workers, redrawn as they change (q quits)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument(
+        "--interval", type=_positive, default=2.0, metavar="S",
+        help="seconds between device refreshes (worker changes show at once; default 2)",
+    )  # fmt: skip
+    add_commands(command, JSON_HELP)
+    add_fleet_commands(command, JSON_HELP)
+    return parser

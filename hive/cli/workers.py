@@ -1,0 +1,278 @@
+"""The commands on workers: spawn, list, show, stop, rm, restart and logs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from hive.cli import tables
+from hive.cli.args import FAILED, OK, UsageError, err
+from hive.cli.args import print_json as _print_json
+from hive.client import HiveAPIError, HiveClient, HiveClientError, HiveConnectionError
+from hive.models import LIVE_STATES, MARKER, SpawnRequest, State, Worker
+from hive.validation import field_errors
+
+#: How many log lines ``hive spawn`` shows when a worker fails to start.
+FAILURE_TAIL = 20
+
+
+class Progress:
+    """One status line on stderr while waiting: redrawn in place on a terminal, else per change."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+        self.start = time.monotonic()
+
+    def show(self, text: str) -> None:
+        line = f"{text} ({tables.duration(time.monotonic() - self.start)})"
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + line[:200])
+            sys.stderr.flush()
+        elif text != self.last:
+            print(line, file=sys.stderr)
+        self.last = text
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+
+
+async def _wait_ready(
+    client: HiveClient, record: Worker, timeout: float | None, progress: Progress
+) -> Worker:
+    """Follow a starting worker until it is ready, fails or stops, showing progress."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last_line = ""
+    polls = 0
+    while record.state == State.STARTING and record.desired == "running":
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        detail = f": {last_line}" if last_line else ""
+        progress.show(f"{record.id} starting on {record.device}, pid {record.pid}{detail}")
+        await asyncio.sleep(0.1)
+        record = await client.get(record.id)
+        polls += 1
+        if polls % 5 == 0:
+            lines = (await client.logs(record.id, tail=5)).splitlines()
+            output = [line for line in lines if line.strip() and not line.startswith(MARKER)]
+            last_line = output[-1][:100] if output else last_line
+    progress.done()
+    return record
+
+
+async def _report_start(client: HiveClient, record: Worker, as_json: bool) -> int:
+    if as_json:
+        _print_json(record)
+    if record.state in (State.READY, State.BUSY):
+        if not as_json:
+            startup = ""
+            if record.started_at and record.ready_at:
+                startup = f" in {(record.ready_at - record.started_at).total_seconds():.2f}s"
+            print(
+                f"{record.id} ready{startup} at {record.url} on {record.device} (pid {record.pid})"
+            )
+        return OK
+    if record.state == State.STARTING:
+        err(f"{record.id} is still starting; follow it with: hive logs -f {record.id}")
+        return FAILED
+    err(f"{record.id} {record.state.value}: {record.error or 'no error recorded'}")
+    tail = (await client.logs(record.id, tail=FAILURE_TAIL)).rstrip()
+    if tail:
+        print(f"--- last lines of {record.id}'s log ---", file=sys.stderr)
+        print(tail, file=sys.stderr)
+    if record.next_restart_at is not None:
+        print(f"hive will restart it at {record.next_restart_at.isoformat()}", file=sys.stderr)
+    return FAILED
+
+
+#: The spawn fields whose flag is not ``--`` and the field's name with dashes.
+_FLAGS = {
+    "model": "MODEL",
+    "gpu_memory_mib": "--gpu-memory",
+    "labels": "--label",
+    "register": "--no-register",
+    "args": "the arguments after --",
+}
+
+
+def _flag(field: str) -> str:
+    """The flag a person typed for a spawn field: ``gpu_memory_mib`` is ``--gpu-memory``."""
+    head = field.partition(".")[0]
+    if " " in head:  # not a field: the whole command
+        return head
+    return _FLAGS.get(head, "--" + head.replace("_", "-"))
+
+
+async def cmd_spawn(client: HiveClient, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"model": args.model, "args": args.extra}
+    for key, value in (
+        ("backend", args.backend),
+        ("device", args.device),
+        ("gpus", args.gpus),
+        ("cpus", args.cpus),
+        ("gpu_memory_mib", args.gpu_memory),
+        ("port", args.port),
+        ("restart", args.restart),
+        ("id", args.id),
+        ("role", args.role),
+        ("bootstrap_port", args.bootstrap_port),
+        ("priority", args.priority),
+        ("cost", args.cost),
+    ):
+        if value is not None:
+            body[key] = value
+    if args.label:
+        body["labels"] = dict(args.label)
+    if args.env:
+        body["env"] = dict(args.env)
+    if args.no_register:
+        body["register"] = False
+    try:  # the same checks hive makes, so that a typo is a usage error (2) and costs no request
+        SpawnRequest.model_validate(body)
+    except ValidationError as exc:
+        errors = field_errors(exc, top="hive spawn", model=SpawnRequest)
+        raise UsageError("; ".join(f"{_flag(key)}: {message}" for key, message in errors)) from None
+    record = await client.spawn(body)
+    if args.no_wait:
+        if args.json:
+            _print_json(record)
+        else:
+            print(f"{record.id} starting at {record.url} on {record.device} (pid {record.pid})")
+        return OK
+    record = await _wait_ready(client, record, args.timeout, Progress())
+    return await _report_start(client, record, args.json)
+
+
+async def cmd_list(client: HiveClient, args: argparse.Namespace) -> int:
+    records = await client.list_workers(
+        state=args.state, model=args.model, device=args.device, labels=dict(args.label)
+    )
+    if args.json:
+        _print_json(
+            {"workers": [r.model_dump(mode="json") for r in records], "total": len(records)}
+        )
+    elif records:
+        print(tables.workers(records))
+    else:
+        print("no workers")
+    return OK
+
+
+async def cmd_show(client: HiveClient, args: argparse.Namespace) -> int:
+    record = await client.get(args.id)
+    if args.json:
+        _print_json(record)
+    else:
+        print(tables.worker(record))
+    return OK
+
+
+def _why(error: HiveClientError) -> str:
+    """What went wrong for one worker, in a few words."""
+    if isinstance(error, HiveAPIError):
+        return "no such worker" if error.status == 404 else error.message
+    return str(error)
+
+
+async def _each(
+    ids: Sequence[str], action: Callable[[str], Awaitable[Worker]], done_word: str
+) -> tuple[list[Worker], int]:
+    """Run ``action`` on every id concurrently; report each id, in order, on its own line
+    (``aa stopped`` on stdout, ``hive: nosuch: no such worker`` on stderr) and, when some
+    failed, how many succeeded. Returns the records acted on and how many failed.
+
+    An unreachable hive or a refused token fails them all alike: raised once, not per id."""
+    results = await asyncio.gather(*(action(i) for i in ids), return_exceptions=True)
+    done: list[Worker] = []
+    failed = 0
+    for worker_id, result in zip(ids, results, strict=True):
+        if isinstance(result, HiveConnectionError) or (
+            isinstance(result, HiveAPIError) and result.status == 401
+        ):
+            raise result
+        if isinstance(result, HiveClientError):
+            err(f"{worker_id}: {_why(result)}")
+            failed += 1
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            done.append(result)
+    if failed:
+        noun = "worker" if len(ids) == 1 else "workers"
+        err(f"{done_word} {len(done)} of {len(ids)} {noun}; {failed} failed")
+    return done, failed
+
+
+async def cmd_stop(client: HiveClient, args: argparse.Namespace) -> int:
+    if args.all == bool(args.ids):
+        raise UsageError("name the workers to stop, or --all (not both)")
+    ids = list(args.ids)
+    if args.all:
+        ids = [
+            w.id
+            for w in await client.list_workers()
+            if w.state in LIVE_STATES or w.next_restart_at is not None
+        ]
+        if not ids:
+            print("no running workers")
+            return OK
+
+    async def stop(worker_id: str) -> Worker:
+        record = await client.stop(worker_id, timeout=args.timeout, wait=True)
+        if not args.json:
+            print(f"{record.id} {record.state.value}", flush=True)
+        return record
+
+    records, failed = await _each(ids, stop, "stopped")
+    if args.json:
+        _print_json(records)
+    return FAILED if failed else OK
+
+
+async def cmd_rm(client: HiveClient, args: argparse.Namespace) -> int:
+    async def remove(worker_id: str) -> Worker:
+        if not args.force:
+            record = await client.get(worker_id)
+            if record.state in LIVE_STATES:
+                raise HiveAPIError(
+                    409, "conflict", f"is {record.state.value}; stop it first or use --force"
+                )
+        record = await client.delete(worker_id)
+        print(f"{record.id} removed", flush=True)
+        return record
+
+    _, failed = await _each(args.ids, remove, "removed")
+    return FAILED if failed else OK
+
+
+async def cmd_restart(client: HiveClient, args: argparse.Namespace) -> int:
+    record = await client.restart(args.id)
+    if args.no_wait:
+        if args.json:
+            _print_json(record)
+        else:
+            print(f"{record.id} {record.state.value} (pid {record.pid})")
+        return OK
+    record = await _wait_ready(client, record, None, Progress())
+    return await _report_start(client, record, args.json)
+
+
+async def cmd_logs(client: HiveClient, args: argparse.Namespace) -> int:
+    if args.tail < 0:
+        raise UsageError("-n must be 0 or more")
+    if not args.follow:
+        sys.stdout.write(await client.logs(args.id, tail=args.tail))
+        return OK
+    out = sys.stdout.buffer
+    async for chunk in client.follow_logs(args.id, tail=args.tail):
+        out.write(chunk)
+        out.flush()
+    return OK
