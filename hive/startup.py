@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hive.config import Config
+from hive.tlsfiles import TLSFileError, load_ca, load_chain
 
 log = logging.getLogger("hive")
 
@@ -109,11 +110,12 @@ def server_tls(
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(str(config.tls_cert_file), str(config.tls_key_file))
+        key = None if config.tls_key_file is None else str(config.tls_key_file)
+        load_chain(context, str(config.tls_cert_file), key, "tls_cert_file", "tls_key_file")
         if config.tls_client_ca_file is not None:
-            context.load_verify_locations(str(config.tls_client_ca_file))
+            load_ca(context, str(config.tls_client_ca_file), "tls_client_ca_file")
             context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
+    except TLSFileError as exc:
         raise StartupError(f"cannot use the TLS files: {exc}") from None
     if on_failure is not None:
         context.sslobject_class = _reporting(on_failure)

@@ -32,6 +32,7 @@ from hive.client import (
     local_config,
 )
 from hive.config import find_config_path
+from hive.tlsfiles import TLSFileError, client_context
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -118,14 +119,29 @@ def _refused(target: Target, exc: HiveAPIError) -> str:
     return f"hive refused the token from {target.token_from} ({exc.message}); {fix}"
 
 
+def _tls_files(args: argparse.Namespace, url: str) -> dict[str, str | None]:
+    """``--ca/--cert/--key`` (else ``HIVE_CA``...), each checked here so that a file that cannot
+    be used is a usage error naming it, the way it was given."""
+    tls: dict[str, str | None] = {}
+    said: dict[str, str] = {}
+    for name in ("ca", "cert", "key"):
+        flag, env = getattr(args, name, None), os.environ.get(f"HIVE_{name.upper()}")
+        tls[name] = flag or env or None
+        said[name] = f"HIVE_{name.upper()}" if env and not flag else f"--{name}"
+    if tls["key"] and not tls["cert"]:
+        raise UsageError(f"{said['key']} is the key of a client certificate: give --cert too")
+    if url.startswith("https://") and (tls["ca"] or tls["cert"]):
+        try:
+            client_context(
+                tls["ca"], tls["cert"], tls["key"], (said["ca"], said["cert"], said["key"])
+            )
+        except TLSFileError as exc:
+            raise UsageError(str(exc)) from None
+    return tls
+
+
 async def _run(args: argparse.Namespace, target: Target) -> int:
-    tls = {
-        name: getattr(args, name, None) or os.environ.get(f"HIVE_{name.upper()}") or None
-        for name in ("ca", "cert", "key")
-    }
-    for name, path in tls.items():
-        if path is not None and not os.path.isfile(path):
-            raise UsageError(f"--{name} {path!r}: no such file")
+    tls = _tls_files(args, target.url)
     async with HiveClient(
         target.url, target.token, ca_file=tls["ca"], cert_file=tls["cert"], key_file=tls["key"]
     ) as client:

@@ -28,6 +28,7 @@ import aiohttp
 from hive.client.sse import SSEParser
 from hive.config import Config, ConfigError, load_config
 from hive.models import ApplyResult, Devices, Health, Node, SpawnRequest, Worker, WorkerList
+from hive.tlsfiles import client_context
 
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=None)
 
@@ -129,15 +130,14 @@ class HiveClient:
         key_file: str | None = None,
     ) -> None:
         """``ca_file``: the CA that signed hive's certificate (``https://``; default: the
-        system's); ``cert_file``/``key_file``: this client's certificate, for mutual TLS."""
+        system's); ``cert_file``/``key_file``: this client's certificate, for mutual TLS. A file
+        that cannot be used is a :class:`hive.tlsfiles.TLSFileError` (a ValueError) naming it."""
         self.url = check_url(url or default_url())
         self.token = token if token is not None else default_token()
         self._tls: ssl.SSLContext | None = None
         self._ca_file = ca_file
         if self.url.startswith("https://") and (ca_file or cert_file):
-            self._tls = ssl.create_default_context(cafile=ca_file)
-            if cert_file:
-                self._tls.load_cert_chain(cert_file, key_file)
+            self._tls = client_context(ca_file, cert_file or None, key_file)
         if self.url.startswith("unix://"):
             self._socket: str | None = self.url.removeprefix("unix://")
             self._base = "http://hive"
