@@ -271,10 +271,7 @@ class RouterSync:
             if state.state != "gone":
                 self._status(job.worker_id, router, "removal pending")
                 return False
-            router.known.pop(url, None)
-            self._status(job.worker_id, router, "removed")
-            self._count_job(router, "removed")
-            log.info("worker %s removed from %s", job.worker_id, router.config.url)
+            self._removed(router, url, job.worker_id)
             return True
         if state.state == "registered":
             router.failures.pop(url, None)
@@ -286,6 +283,12 @@ class RouterSync:
         reason = state.message if state.state == "failed" else "the router lost the job"
         self._failed(router, job.worker_id, url, reason)
         return True
+
+    def _removed(self, router: _Router, url: str, worker_id: str) -> None:
+        router.known.pop(url, None)
+        self._status(worker_id, router, "removed")
+        self._count_job(router, "removed")
+        log.info("worker %s removed from %s", worker_id, router.config.url)
 
     def _failed(self, router: _Router, worker_id: str, url: str, reason: str) -> None:
         failures = router.failures.get(url, 0) + 1
@@ -321,6 +324,9 @@ class RouterSync:
         try:
             await router.client.remove(router_id)
         except RouterError as exc:
+            if exc.status == 404:  # WORKER_NOT_FOUND: the router no longer has it
+                self._removed(router, url, worker.id)
+                return
             self._status(worker.id, router, f"removal pending: {exc}")
             router.wake.set()
             return
@@ -365,6 +371,16 @@ class RouterSync:
             router.wake.clear()
             await within(router.wake.wait(), delay)
 
+    def _settle_removals(self, router: _Router, present: dict[str, str]) -> None:
+        """A removal that was refused or unanswered is done once the router no longer lists
+        the worker (and no job for its URL is under way)."""
+        for worker in self.registry.list():
+            status = worker.routers.get(router.config.url, "")
+            url = self.url_of(router, worker)
+            gone = url not in present and url not in router.jobs
+            if gone and status.startswith("removal pending"):
+                self._removed(router, url, worker.id)
+
     async def reconcile(self, router: _Router) -> None:
         """Make the router hold exactly this hive's ready workers (leaving others' alone)."""
         listed = await router.client.list()
@@ -374,8 +390,13 @@ class RouterSync:
         for url, router_id in present.items():
             if url not in wanted and url not in router.jobs:
                 self._count_request(router, "remove")
-                await router.client.remove(router_id)
+                try:
+                    await router.client.remove(router_id)
+                except RouterError as exc:
+                    if exc.status != 404:  # 404: gone since the list, nothing to remove
+                        raise
                 log.info("reconcile: removing %s from %s", url, router.config.url)
+        self._settle_removals(router, present)
         for url, worker in wanted.items():
             if url in present:
                 if url not in router.jobs and worker.routers.get(router.config.url) != "registered":

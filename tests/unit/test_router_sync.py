@@ -13,6 +13,7 @@ socket.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -52,6 +53,8 @@ class FakeRouter:
         self.removal: list[JobState] = [JobState("gone")]
         #: The next registrations refused or unreachable, in order.
         self.add_errors: list[RouterError] = []
+        #: The next removals' errors, in order (a 404 drops the entry, as the router has none).
+        self.remove_errors: list[RouterError] = []
         self._ids = itertools.count(1)
         FakeRouter.made.append(self)
 
@@ -84,6 +87,11 @@ class FakeRouter:
 
     async def remove(self, router_id: str) -> None:
         self.calls.append(("remove", router_id))
+        if self.remove_errors:
+            error = self.remove_errors.pop(0)
+            if error.status == 404:
+                self.listed.pop(router_id, None)
+            raise error
         self.removing[router_id] = list(self.removal)
         if self.removal[0].state == "gone":
             self.listed.pop(router_id, None)
@@ -325,6 +333,53 @@ async def test_a_forgotten_worker_is_removed(registry: Registry, router: FakeRou
     await async_wait_for(lambda: router.asked("remove") == [router_id], timeout=5)
     await passes(router)
     assert router.listed == {}
+
+
+def not_found(router_id: str) -> RouterError:
+    """What the client raises for sglang-router's answer to a DELETE of a worker it lacks."""
+    body = f'{{"error":"Worker {router_id} not found","code":"WORKER_NOT_FOUND"}}'
+    return RouterError(f"DELETE /workers/{router_id}: HTTP 404: {body}", 404)
+
+
+async def test_a_404_to_the_removal_means_removed(registry: Registry, router: FakeRouter) -> None:
+    """The router dropped the worker itself (its own health check) before hive asked: its
+    WORKER_NOT_FOUND is the removal done, not a removal pending for ever (issue 27)."""
+    router_id = await registered(registry, router, "w", 18001)
+    seen = statuses(registry, "w")
+    router.remove_errors.append(not_found(router_id))
+    registry.attempt_ended("w", State.FAILED, exit_code=-9, error="killed by SIGKILL")
+    await async_wait_for(lambda: router.asked("remove") == [router_id], timeout=5)
+    await passes(router)
+    assert status(registry, "w")() == "removed"
+    assert seen == ["removed"]
+
+
+async def test_a_removal_unanswered_is_removed_once_the_router_lists_it_no_more(
+    registry: Registry, router: FakeRouter
+) -> None:
+    router_id = await registered(registry, router, "w", 18001)
+    seen = statuses(registry, "w")
+    router.remove_errors.append(RouterError(f"DELETE /workers/{router_id}: Connection reset"))
+    registry.attempt_ended("w", State.FAILED, exit_code=-9, error="killed by SIGKILL")
+    # The reconcile loop removes what the router still lists of a failed worker...
+    await async_wait_for(lambda: router.listed == {}, timeout=5, what="removed by reconcile")
+    # ...and says so once the router lists it no more.
+    await async_wait_for(lambda: status(registry, "w")() == "removed", timeout=5)
+    assert router.asked("remove") == [router_id, router_id]
+    assert seen[0].startswith("removal pending: DELETE") and seen[-1] == "removed"
+
+
+async def test_a_404_to_reconciles_removal_is_not_an_unreachable_router(
+    registry: Registry, router: FakeRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry listed, then gone before reconcile's DELETE (the router's own health check):
+    nothing to remove, and the router was reachable all along."""
+    router.listed["dead"] = "http://127.0.0.1:18050"
+    router.remove_errors.append(not_found("dead"))
+    with caplog.at_level(logging.WARNING, logger="hive"):
+        await async_wait_for(lambda: router.asked("remove") == ["dead"], timeout=5)
+        await passes(router)
+    assert not [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
 
 
 # -- reconcile -----------------------------------------------------------------------------------
