@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from hive.config import BackendConfig
 from hive.host.descriptors import OUT_OF_DESCRIPTORS
-from hive.timeouts import sleep_to_tick
+from hive.timeouts import TICK, sleep_to_tick
 from hive.workers.connections import Connections, HttpError
 from hive.workers.engine_load import Load, LoadError, parse
 from hive.workers.listener import RECHECK
@@ -242,22 +242,29 @@ class WorkerProbes:
         (its own word wins); runs until cancelled.
 
         Every ``load.period`` while the engine runs requests or the figure moves; each read that
-        finds it idle as before doubles the wait, up to the backend's ``liveness_period``: an
-        idle engine costs one request a liveness period (which also proves it alive), a busy
-        one is followed closely. A request that starts on an idle engine is seen within that
-        wait.
+        finds it idle as before doubles the wait, up to the backend's ``liveness_period`` less
+        the tick the sleep may add: an idle engine costs one request a liveness period (which
+        also proves it alive), a busy one is followed closely, and a request that starts on an
+        idle engine is seen within a liveness period (and the read's own time). A read the
+        engine did not answer (in time, or readably) is tried again after ``load.period``: an
+        engine too busy to answer is the one to follow closely, and keeping the idle wait
+        would leave it ``ready`` for a liveness period after each such read.
         """
         if backend.load is None:
             await asyncio.Event().wait()
         assert backend.load is not None
         fastest = backend.load.period
-        slowest = max(fastest, backend.liveness_period)
+        # Less the tick the sleep may add: a request on an idle engine is seen within a period.
+        slowest = max(fastest, backend.liveness_period - TICK)
         wait: float = fastest
         last: Load | None = None
         while True:
-            if not heartbeating() and (load := await self.read_load(backend)) is not None:
-                report(load)
-                moving = load != last or load.in_flight > 0
-                wait = fastest if moving else min(wait * 2, slowest)
-                last = load
+            if not heartbeating():
+                if (load := await self.read_load(backend)) is None:
+                    wait = fastest
+                else:
+                    report(load)
+                    moving = load != last or load.in_flight > 0
+                    wait = fastest if moving else min(wait * 2, slowest)
+                    last = load
             await sleep_to_tick(wait)
