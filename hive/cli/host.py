@@ -4,37 +4,57 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from pydantic import ValidationError
 
 from hive.cli import tables
 from hive.cli.args import FAILED, OK, err
 from hive.cli.args import print_json as _print_json
-from hive.client import HiveClient
+from hive.client import HiveClient, HiveConnectionError
+from hive.client.client import CLOSED_MID_STREAM
 from hive.config import Config, ConfigError, find_config_path, load_config
 from hive.validation import field_errors
 
 
 async def cmd_events(client: HiveClient, args: argparse.Namespace) -> int:
-    async for event in client.events(args.since):
-        if args.json:
-            print(json.dumps(event), flush=True)
-        elif event.get("reset"):
-            print("(the events missed are not held: the current state follows)", flush=True)
-        else:
-            worker = event["worker"]
-            if event.get("snapshot"):  # the current state, after a reset
-                change, detail = f"is {event['to']}", ""
-            elif "changed" in event:  # a change of fields, the state as it was
-                change = f"{event['to']}: {', '.join(event['changed']) or 'changed'}"
-                shown = event["changed"][:1] == ["error"] and worker["error"]
-                detail = f"  {worker['error']}" if shown else ""
-            else:
-                change = f"{event['from'] or '-'} -> {event['to'] or 'forgotten'}"
-                failed = event["to"] == "failed" and worker["error"]
-                detail = f"  {worker['error']}" if failed else ""
-            print(f"{event['seq']:>6}  {event['at']}  {event['id']}  {change}{detail}", flush=True)
+    """Each event a line until hive goes away: then a sentence with the ``--since`` that picks
+    up where this left off, exit 1 (not a reconnection: a script sees hive went away)."""
+    last: str | None = args.since
+    try:
+        async for event in client.events(args.since):
+            last = event.get("event_id") or last
+            _print_event(event, args.json)
+    except HiveConnectionError as exc:
+        if last is None and exc.reason != CLOSED_MID_STREAM:  # never reached: main says so
+            raise
+        since = f"hive events --since {last}" if last else "hive events"
+        err(
+            f"hive went away while following its events ({exc.reason}); pick up where this "
+            f"left off with: {since}"
+        )
+        return FAILED
     return OK
+
+
+def _print_event(event: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(event), flush=True)
+    elif event.get("reset"):
+        print("(the events missed are not held: the current state follows)", flush=True)
+    else:
+        worker = event["worker"]
+        if event.get("snapshot"):  # the current state, after a reset
+            change, detail = f"is {event['to']}", ""
+        elif "changed" in event:  # a change of fields, the state as it was
+            change = f"{event['to']}: {', '.join(event['changed']) or 'changed'}"
+            shown = event["changed"][:1] == ["error"] and worker["error"]
+            detail = f"  {worker['error']}" if shown else ""
+        else:
+            change = f"{event['from'] or '-'} -> {event['to'] or 'forgotten'}"
+            failed = event["to"] == "failed" and worker["error"]
+            detail = f"  {worker['error']}" if failed else ""
+        print(f"{event['seq']:>6}  {event['at']}  {event['id']}  {change}{detail}", flush=True)
 
 
 async def cmd_devices(client: HiveClient, args: argparse.Namespace) -> int:

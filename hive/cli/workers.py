@@ -15,6 +15,7 @@ from hive.cli import tables
 from hive.cli.args import FAILED, OK, UsageError, err
 from hive.cli.args import print_json as _print_json
 from hive.client import HiveAPIError, HiveClient, HiveClientError, HiveConnectionError
+from hive.client.client import CLOSED_MID_STREAM
 from hive.models import LIVE_STATES, MARKER, SpawnRequest, State, Worker
 from hive.validation import field_errors
 
@@ -272,7 +273,18 @@ async def cmd_logs(client: HiveClient, args: argparse.Namespace) -> int:
         sys.stdout.write(await client.logs(args.id, tail=args.tail))
         return OK
     out = sys.stdout.buffer
-    async for chunk in client.follow_logs(args.id, tail=args.tail):
-        out.write(chunk)
-        out.flush()
+    answered = False
+    try:
+        async for chunk in client.follow_logs(args.id, tail=args.tail):
+            answered = True
+            out.write(chunk)
+            out.flush()
+    except HiveConnectionError as exc:
+        if not answered and exc.reason != CLOSED_MID_STREAM:  # never reached: main says so
+            raise
+        err(
+            f"hive went away while following {args.id}'s log ({exc.reason}); run it again once "
+            "hive is back: the worker may still be running"
+        )
+        return FAILED
     return OK

@@ -30,6 +30,9 @@ from hive.config import Config, ConfigError, load_config
 from hive.models import ApplyResult, Devices, Health, Node, SpawnRequest, Worker, WorkerList
 from hive.tlsfiles import client_context
 
+#: A :class:`HiveConnectionError`'s reason when a followed stream (logs, events) is cut.
+CLOSED_MID_STREAM = "the connection closed"
+
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=None)
 
 
@@ -320,6 +323,8 @@ class HiveClient:
                     yield chunk
         except aiohttp.ClientConnectionError as exc:
             raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None
+        except aiohttp.ClientPayloadError:  # hive stopped or died mid-stream
+            raise HiveConnectionError(self.url, CLOSED_MID_STREAM) from None
 
     async def events(self, last_event_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Follow ``/v1/events``: each change as ``{seq, at, id, from, to, worker}``, in order,
@@ -345,6 +350,8 @@ class HiveClient:
                             yield {"reset": True, **data} if event.event == "reset" else data
         except aiohttp.ClientConnectionError as exc:
             raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None
+        except aiohttp.ClientPayloadError:  # hive stopped or died mid-stream
+            raise HiveConnectionError(self.url, CLOSED_MID_STREAM) from None
 
 
 def _reason(exc: aiohttp.ClientConnectionError, url: str = "", ca_file: str | None = None) -> str:
