@@ -343,6 +343,15 @@ class FleetStatus(BaseModel):
     lease_ttl: int
     #: Workers etcd's desired set declares for this node.
     desired: int = 0
+    #: The node's name: ``held`` by this hive, ``taken`` by another hive's lease (``holder``
+    #: says whose: this hive then publishes nothing and runs no desired worker), or
+    #: ``pending`` (not known yet: etcd has not answered since the lease was granted).
+    claim: Literal["held", "taken", "pending"] = "pending"
+    holder: dict[str, Any] | None = None
+    #: The watch of the desired set: ``watching``, ``reading`` it whole, ``retrying`` after it
+    #: ended (``watch_error`` says why), or ``off`` (the name is not held).
+    watch: Literal["off", "reading", "watching", "retrying"] = "off"
+    watch_error: str | None = None
 
 
 class Node(BaseModel):

@@ -219,6 +219,11 @@ def node(n: Node) -> str:
             f"fleet    node {f.node}: etcd {state} for {since(f.since)}; "
             f"{f.desired} desired worker(s), lease {f.lease_ttl}s"
         )
+        if f.claim == "taken" and f.holder is not None:
+            who = f"{f.holder.get('hostname')} at {f.holder.get('api_url')}"
+            lines.append(f"         name held by another hive ({who}): not joined, running alone")
+        elif f.watch == "retrying":
+            lines.append(f"         desired set: watch ended ({f.watch_error}), reading it again")
     if n.api_url or n.socket:
         where = " and ".join(x for x in (n.api_url, n.socket and f"unix socket {n.socket}") if x)
         lines.append(f"api      {where}")

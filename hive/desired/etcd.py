@@ -4,7 +4,12 @@ The maintained Python etcd clients are synchronous gRPC wrappers or abandoned; t
 of every etcd server (3.4 and later), speaks JSON over HTTP/1.1, and needs nothing but the
 aiohttp hive already runs on. Keys and values travel base64-encoded, as the gateway wants.
 What hive needs: leases (grant, keep alive, revoke), put and delete (in transactions of up to
-100 operations), a range over a prefix with its revision, and a watch from a revision.
+100 operations, optionally only while a key is under a given lease), a key created only if it is
+absent, a range over a prefix with its revision, and a watch from a revision.
+
+Keys are bytes in etcd. Here they are ``str``, decoded from UTF-8 with ``surrogateescape``: a
+key that is not UTF-8 still comes through, and goes back to etcd as the same bytes, but
+:func:`readable` says it is not text, so that a caller can skip it rather than fail on it.
 """
 
 from __future__ import annotations
@@ -22,15 +27,38 @@ from hive.errors import Compacted, EtcdError
 
 #: etcd refuses transactions of more than 128 operations by default.
 TXN_OPS = 100
+#: The longest watch message read (one line of the gateway's stream); etcd sends all the events
+#: of up to 1,000 revisions in one, which after a while away can be many megabytes. Past this
+#: the watch ends, and its caller reads the whole set instead.
+MAX_WATCH_MESSAGE = 64 * 1024 * 1024
 
 
 def _b64(text: str | bytes) -> str:
-    data = text.encode() if isinstance(text, str) else text
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
     return base64.b64encode(data).decode()
 
 
 def _unb64(text: str | None) -> bytes:
     return base64.b64decode(text or "")
+
+
+def _key(raw: str | None) -> str:
+    """A key as etcd sent it (base64), as text; bytes that are not UTF-8 kept as surrogates."""
+    return _unb64(raw).decode("utf-8", "surrogateescape")
+
+
+def readable(key: str) -> bool:
+    """Whether ``key`` is text (UTF-8 in etcd), not bytes kept as surrogates."""
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(key: str) -> str:
+    """``key`` for a log line: bytes that are not UTF-8 as ``\\xff``."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def prefix_end(prefix: str) -> str:
@@ -113,10 +141,40 @@ class Etcd:
     async def delete(self, key: str) -> None:
         await self.txn([delete_op(key)])
 
-    async def txn(self, ops: list[dict[str, Any]]) -> None:
-        """Apply ``ops`` (from :func:`put_op` and :func:`delete_op`), 100 to a transaction."""
+    async def txn(self, ops: list[dict[str, Any]], held: tuple[str, int] | None = None) -> bool:
+        """Apply ``ops`` (from :func:`put_op` and :func:`delete_op`), 100 to a transaction.
+
+        With ``held`` (a key and a lease), each transaction applies only while that key is
+        under that lease: False, and nothing more applied, when it was not."""
+        compare = []
+        if held is not None:
+            key, lease = held
+            compare = [{"key": _b64(key), "target": "LEASE", "result": "EQUAL", "lease": lease}]
         for start in range(0, len(ops), TXN_OPS):
-            await self.call("/v3/kv/txn", {"success": ops[start : start + TXN_OPS]})
+            body = {"compare": compare, "success": ops[start : start + TXN_OPS]}
+            data = await self.call("/v3/kv/txn", body)
+            if compare and not data.get("succeeded"):
+                return False
+        return True
+
+    async def create(self, key: str, value: str, lease: int) -> tuple[bool, bytes, int]:
+        """Put ``key`` under ``lease`` only if no one has it, in one transaction: whether it was
+        created, and else the value and lease it has (``b""`` and 0 if it went meanwhile)."""
+        data = await self.call(
+            "/v3/kv/txn",
+            {
+                "compare": [
+                    {"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": 0}
+                ],
+                "success": [put_op(key, value, lease)],
+                "failure": [{"request_range": {"key": _b64(key)}}],
+            },
+        )
+        if data.get("succeeded"):
+            return True, value.encode(), lease
+        responses = data.get("responses") or [{}]
+        kvs = responses[0].get("response_range", {}).get("kvs") or [{}]
+        return False, _unb64(kvs[0].get("value")), int(kvs[0].get("lease", 0) or 0)
 
     async def range(self, prefix: str) -> tuple[int, dict[str, bytes]]:
         """Every key under ``prefix`` and its value, with the revision they are at."""
@@ -124,14 +182,16 @@ class Etcd:
             "/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))}
         )
         revision = int(data.get("header", {}).get("revision", 0))
-        kvs = {_unb64(kv["key"]).decode(): _unb64(kv.get("value")) for kv in data.get("kvs", [])}
+        kvs = {_key(kv["key"]): _unb64(kv.get("value")) for kv in data.get("kvs", [])}
         return revision, kvs
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
         """Each batch of changes under ``prefix`` from ``start_revision`` on, as etcd sends them.
 
-        Ends (raises :class:`EtcdError`) when the connection drops; :class:`Compacted` when
-        ``start_revision`` is older than what etcd keeps."""
+        Ends (raises :class:`EtcdError`) when the connection drops, etcd cancels the watch or a
+        message is over :data:`MAX_WATCH_MESSAGE`; :class:`Compacted` when ``start_revision`` is
+        older than what etcd keeps. Messages are read whole, however long (aiohttp's own line
+        reader stops at 128 KiB with a ``ValueError``)."""
         body = {
             "create_request": {
                 "key": _b64(prefix),
@@ -144,7 +204,7 @@ class Etcd:
             async with self._http().post(url, json=body) as response:
                 if response.status >= 400:
                     raise EtcdError(f"{url}: HTTP {response.status}")
-                async for line in response.content:
+                async for line in _lines(response.content, url):
                     if not line.strip():
                         continue
                     result = json.loads(line).get("result", {})
@@ -155,16 +215,32 @@ class Etcd:
                     events = [_event(e) for e in result.get("events", [])]
                     if events:
                         yield events
-        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise EtcdError(f"watch of {url}: {type(exc).__name__}: {exc}") from None
         raise EtcdError(f"watch of {url}: the connection ended")
+
+
+async def _lines(content: aiohttp.StreamReader, url: str) -> AsyncIterator[bytes]:
+    """The stream's lines, each whole, however long (up to :data:`MAX_WATCH_MESSAGE`)."""
+    buffer = bytearray()
+    while chunk := await content.readany():
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            buffer += chunk[start : end + 1]
+            yield bytes(buffer)
+            buffer.clear()
+            start = end + 1
+        buffer += chunk[start:]
+        if len(buffer) > MAX_WATCH_MESSAGE:
+            raise EtcdError(f"watch of {url}: a message over {MAX_WATCH_MESSAGE} bytes")
+    if buffer:
+        yield bytes(buffer)
 
 
 def _event(raw: dict[str, Any]) -> Event:
     kv = raw.get("kv", {})
     kind = "delete" if raw.get("type") == "DELETE" else "put"
-    key = _unb64(kv.get("key")).decode()
-    return Event(kind, key, _unb64(kv.get("value")), int(kv.get("mod_revision", 0)))
+    return Event(kind, _key(kv.get("key")), _unb64(kv.get("value")), int(kv.get("mod_revision", 0)))
 
 
 def put_op(key: str, value: str, lease: int | None = None) -> dict[str, Any]:

@@ -1,24 +1,29 @@
-"""This hive as a node of a fleet in etcd: a lease, its status for all to watch, and the
-workers the fleet wants on it.
+"""This hive as a node of a fleet in etcd: a lease, the node's name claimed under it, its
+status for all to watch, and the workers the fleet wants on it.
 
 Keys, under ``prefix`` (``/hive`` by default), as docs/fleet-etcd.md gives them:
 
 - ``{prefix}/nodes/{node}``: the node (name, version, API URL, devices, worker counts), under
-  this hive's lease;
+  this hive's lease. It is also the claim on the name: created only if absent, in one etcd
+  transaction, and every later write is made only while it is still under this hive's lease;
 - ``{prefix}/workers/{node}/{id}``: each worker record (less the figures that change with every
   heartbeat or usage refresh), under the lease;
 - ``{prefix}/desired/{node}/{id}``: what an orchestrator wants here, one declared worker (a spawn
   request with an ``id``) a key. Not under a lease: it outlives this hive.
 
 The lease is renewed every third of its TTL; a hive that dies leaves the fleet view when it
-expires, one that stops cleanly revokes it at once. Writes are coalesced: a record is written
-when it changes (at most every 0.1 s), and everything is compared again every 10 s. The desired
-set is read whole, then watched from the revision read; hive applies it as ``hive apply
---prune`` would for that set alone (workers declared elsewhere are never pruned by it). While
-etcd cannot be reached nothing changes on the host: workers run on, the API answers, and
-``/v1/node`` and ``hive_fleet_connected`` say so; when it comes back the lease is granted again
-if it expired, everything is republished, and the watch resumes where it stopped (or reads the
-whole set again if etcd compacted that revision).
+expires, one that stops cleanly revokes it at once. A lease found gone at renewal (hive was
+paused or cut off for longer than the TTL) is logged and counted, and a new one granted. A hive
+that finds its node's name held by another hive's lease does not join: it says who holds it,
+publishes nothing, runs no desired worker, keeps serving its host alone, and tries the name
+again at each renewal, so it takes over once the holder stops. Writes are coalesced: a record is
+written when it changes (at most every 0.1 s), and everything is compared again every 10 s. The
+desired set is kept by :class:`~hive.desired.watch.DesiredWatch` (read whole, then watched; any
+end of the watch reads it again); hive applies it as ``hive apply --prune`` would for that set
+alone (workers declared elsewhere are never pruned by it). While etcd cannot be reached nothing
+changes on the host: workers run on, the API answers, and ``/v1/node`` and
+``hive_fleet_connected`` say so; when it comes back the lease is granted again if it expired,
+the name claimed again, everything republished, and the desired set read again.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ import socket
 import ssl
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from hive.config import FleetConfig
 from hive.desired.declared import parse_workers
 from hive.desired.etcd import Etcd, delete_op, put_op
 from hive.desired.reconcile import Reconciler
-from hive.errors import Compacted, DeclarationError, EtcdError
+from hive.desired.watch import DesiredWatch
+from hive.errors import DeclarationError, EtcdError
 from hive.models import FleetStatus, Worker
 from hive.state.registry import Change, Registry, now
 
@@ -69,11 +75,11 @@ def node_name(config: FleetConfig) -> str:
 
 
 class Fleet:
-    """The lease, the publisher and the desired-state watch of one node.
+    """The lease, the claim on the node's name, the publisher and the desired set of one node.
 
-    About 300 lines: three loops that share one connection state (the lease they write under,
-    whether etcd answers, the revision seen), kept in one object so that a reconnect is one
-    decision, made once.
+    About 300 lines: loops that share one connection state (the lease they write under, whether
+    the name is held, whether etcd answers), kept in one object so that a reconnect or a lost
+    claim is one decision, made once.
     """
 
     def __init__(
@@ -97,44 +103,52 @@ class Fleet:
         self.connected = False
         self.error: str | None = None
         self.since: datetime = now()
-        self.revision: int | None = None
-        #: Figures for the metrics: leases etcd no longer had at renewal, watches that ended.
+        #: ``held``: this hive has the node's name; ``taken``: another hive's lease has it
+        #: (``holder`` says whose); ``pending``: not known yet.
+        self.claim: Literal["held", "taken", "pending"] = "pending"
+        self.holder: dict[str, Any] | None = None
+        #: Figures for the metrics: leases etcd no longer had at renewal.
         self.lease_losses = 0
-        self.watch_restarts = 0
+        self.watch = DesiredWatch(self.etcd, self.desired_prefix, self._desired_changed_now)
+        self._renewed: float | None = None  # loop time of the last renewal that etcd took
         self._published: dict[str, bytes] = {}  # key -> the value etcd holds from us
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._desired: dict[str, bytes] = {}
+        self._renew_now = asyncio.Event()
         self._desired_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe: Callable[[], None] | None = None
+
+    @property
+    def watch_restarts(self) -> int:
+        return self.watch.restarts
 
     # -- life -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._unsubscribe = self.registry.subscribe(self._on_change)
         self._dirty.update(self.registry.ids())
         self._tasks = [
             asyncio.create_task(self._lease_loop(), name="hive-fleet-lease"),
             asyncio.create_task(self._publish_loop(), name="hive-fleet-publish"),
-            asyncio.create_task(self._watch_loop(), name="hive-fleet-watch"),
             asyncio.create_task(self._reconcile_loop(), name="hive-fleet-reconcile"),
         ]
         log.info("fleet: node %s in etcd at %s", self.node, ", ".join(self.config.endpoints))
 
     async def close(self) -> None:
-        """Stop the loops and revoke the lease: this node leaves the fleet view at once."""
+        """Stop the loops and revoke the lease: this node leaves the fleet view at once (a name
+        another hive holds is not this hive's to give up)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.watch.stop()
         if self.lease is not None:
             with contextlib.suppress(EtcdError):
                 await self.etcd.revoke(self.lease)
-                log.info("fleet: lease revoked, node %s left the fleet", self.node)
+                if self.claim == "held":
+                    log.info("fleet: lease revoked, node %s left the fleet", self.node)
         await self.etcd.close()
 
     def status(self) -> FleetStatus:
@@ -144,7 +158,11 @@ class Fleet:
             error=self.error,
             since=self.since,
             lease_ttl=self.config.lease_ttl,
-            desired=len(self._desired),
+            desired=len(self.watch.desired),
+            claim=self.claim,
+            holder=self.holder,
+            watch=self.watch.state,
+            watch_error=self.watch.error,
         )
 
     def _state(self, connected: bool, error: str | None = None) -> None:
@@ -152,29 +170,93 @@ class Fleet:
             self.since = now()
             if connected:
                 log.info("fleet: etcd answers again")
+                # The watch may have hung on a connection that went away with etcd.
+                self.watch.restart("etcd answers again")
             else:
                 log.warning("fleet: etcd unreachable, workers keep running: %s", error)
         self.connected, self.error = connected, error
 
-    # -- the lease -----------------------------------------------------------------------------
+    # -- the lease and the name ----------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
         ttl = self.config.lease_ttl
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 if self.lease is None:
                     self.lease = await self.etcd.grant(ttl)
-                    self._published.clear()  # a new lease: everything is written again
-                    self._dirty.update(self.registry.ids())
-                    self._wake.set()
+                    self._renewed = loop.time()
+                    await self._unclaimed()  # a new lease: the name is claimed under it
                 elif await self.etcd.keepalive(self.lease) == 0:
-                    log.warning("fleet: lease %x expired; granting a new one", self.lease)
-                    self.lease = None
+                    self._lease_lost(loop.time(), ttl)
                     continue
+                else:
+                    self._renewed = loop.time()
+                if self.claim != "held":
+                    await self._claim()
                 self._state(True)
             except EtcdError as exc:
                 self._state(False, str(exc))
-            await asyncio.sleep(ttl / 3)
+            self._renew_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renew_now.wait(), ttl / 3)
+
+    def _lease_lost(self, at: float, ttl: int) -> None:
+        away = at - self._renewed if self._renewed is not None else float("nan")
+        self.lease_losses += 1
+        log.warning(
+            "fleet: lease %x was gone when hive renewed it, %.1f s after its last renewal "
+            "(lease_ttl %d s: hive was paused or cut off from etcd that long); node %s and its "
+            "workers left the fleet view meanwhile; granting a new lease",
+            self.lease,
+            away,
+            ttl,
+            self.node,
+        )
+        self.lease = None
+
+    async def _claim(self) -> None:
+        """Create the node's key under this lease if no one has it; else say who does."""
+        assert self.lease is not None
+        value = json.dumps(self.node_value(), sort_keys=True, default=str)
+        created, held, lease = await self.etcd.create(self.node_key, value, self.lease)
+        if created or lease == self.lease:
+            if self.claim != "held":
+                log.info("fleet: node name %s claimed under lease %x", self.node, self.lease)
+            self.claim, self.holder = "held", None
+            self._published = {self.node_key: value.encode()} if created else {}
+            self._dirty.update(self.registry.ids())
+            self._wake.set()
+            self.watch.start()
+            return
+        if not held:  # its holder left meanwhile: try again at once
+            self._renew_now.set()
+            return
+        try:
+            holder = json.loads(held)
+        except ValueError:
+            holder = {}
+        holder = {k: holder.get(k) for k in ("hostname", "api_url", "started_at", "version")}
+        if self.claim != "taken" or holder != self.holder:
+            log.error(
+                "fleet: node name %s is held by another hive (%s at %s, up since %s, lease %x): "
+                "this hive does not join the fleet; its workers run on here alone, and it takes "
+                "the name when that hive leaves. Give each hive its own [fleet] node",
+                self.node,
+                holder.get("hostname"),
+                holder.get("api_url"),
+                holder.get("started_at"),
+                lease,
+            )
+        self.claim, self.holder = "taken", holder
+        await self.watch.stop()
+
+    async def _unclaimed(self) -> None:
+        """The name is no longer known to be this hive's: publish and watch nothing until it
+        is claimed again."""
+        self.claim = "pending"
+        self._published.clear()
+        await self.watch.stop()
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -188,7 +270,7 @@ class Fleet:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 10.0)
             self._wake.clear()
-            if self.lease is None:
+            if self.lease is None or self.claim != "held":
                 continue
             if not self._dirty:  # the periodic pass: compare everything
                 self._dirty.update(self.registry.ids())
@@ -224,9 +306,17 @@ class Fleet:
             elif self._published.get(key) != record:
                 ops.append(put_op(key, record.decode(), self.lease))
                 written[key] = record
-        if not ops:
+        if not ops or self.lease is None:
             return
-        await self.etcd.txn(ops)
+        if not await self.etcd.txn(ops, held=(self.node_key, self.lease)):
+            log.warning(
+                "fleet: node %s's key is no longer under this hive's lease; claiming it again",
+                self.node,
+            )
+            self._dirty |= dirty
+            await self._unclaimed()
+            self._renew_now.set()
+            return
         for key, value in written.items():
             if value is None:
                 self._published.pop(key, None)
@@ -241,35 +331,16 @@ class Fleet:
 
     # -- desired state -------------------------------------------------------------------------
 
-    async def _watch_loop(self) -> None:
-        while True:
-            try:
-                if self.revision is None:
-                    revision, kvs = await self.etcd.range(self.desired_prefix)
-                    self._desired = {k.removeprefix(self.desired_prefix): v for k, v in kvs.items()}
-                    self.revision = revision
-                    self._desired_changed.set()
-                async for events in self.etcd.watch(self.desired_prefix, self.revision + 1):
-                    for event in events:
-                        worker_id = event.key.removeprefix(self.desired_prefix)
-                        if event.kind == "delete":
-                            self._desired.pop(worker_id, None)
-                        else:
-                            self._desired[worker_id] = event.value
-                        self.revision = max(self.revision, event.revision)
-                    self._desired_changed.set()
-            except Compacted as exc:
-                log.warning("fleet: %s; reading the desired set again", exc)
-                self.revision = None
-            except EtcdError as exc:
-                self._state(False, str(exc))
-                await asyncio.sleep(1.0)
+    def _desired_changed_now(self) -> None:
+        self._desired_changed.set()
 
     async def _reconcile_loop(self) -> None:
         while True:
             await self._desired_changed.wait()
             await asyncio.sleep(0.1)  # a burst of writes is one pass
             self._desired_changed.clear()
+            if self.claim != "held":  # another hive has the name: its desired set is not ours
+                continue
             try:
                 await self._reconcile()
             except Exception:  # a pass that failed must not end the loop: the next one retries
@@ -277,7 +348,7 @@ class Fleet:
 
     def _parse_desired(self) -> list[Any]:
         items = []
-        for worker_id, raw in sorted(self._desired.items()):
+        for worker_id, raw in sorted(self.watch.desired.items()):
             where = self.desired_prefix + worker_id
             try:
                 spec = json.loads(raw)
