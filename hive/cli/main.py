@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from hive.cli import host, workers
-from hive.cli.args import FAILED, OK, USAGE, UsageError, err
+from hive.cli import completion, host, output, workers
+from hive.cli.args import FAILED, OK, USAGE, Parser, UsageError, err
 from hive.cli.declared import cmd_apply, cmd_diff, cmd_replace
 from hive.cli.fleet import cmd_fleet
 from hive.cli.parser import build_parser
@@ -43,6 +44,7 @@ COMMANDS: dict[str, Callable[[HiveClient, argparse.Namespace], Awaitable[int]]] 
     "show": workers.cmd_show,
     "stop": workers.cmd_stop,
     "rm": workers.cmd_rm,
+    "start": workers.cmd_start,
     "restart": workers.cmd_restart,
     "logs": workers.cmd_logs,
     "events": host.cmd_events,
@@ -148,6 +150,20 @@ async def _run(args: argparse.Namespace, target: Target) -> int:
         return await COMMANDS[args.command](client, args)
 
 
+#: Other names of commands, as ``ls`` for ``list``.
+ALIASES = {"ls": "list"}
+
+
+def _parser_for(parser: Parser, args: argparse.Namespace) -> Parser:
+    """The parser of the (sub)command ``args`` came through: ``hive fleet apply``'s for it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                return _parser_for(action.choices[chosen], args)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first ``--`` of ``hive spawn`` goes to the worker untouched.
@@ -155,10 +171,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    args.command = ALIASES.get(args.command, args.command)
+    if unknown:  # told by the subcommand's parser: its usage, the nearest flag it takes
+        _parser_for(parser, args).unknown(unknown)
     if extra and args.command not in ("spawn", "replace"):
-        build_parser().error("arguments after -- are only for hive spawn and hive replace")
+        parser.error("arguments after -- are only for hive spawn and hive replace")
     args.extra = extra
+    output.apply(args)
+    if args.command == "completion":
+        with contextlib.suppress(BrokenPipeError):
+            print(completion.script(args.shell, parser))
+        return OK
     if args.command == "serve":
         client_only = ("url", "token", "ca", "cert", "key")
         if any(getattr(args, name, None) is not None for name in client_only):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from hive import __version__
 from hive.cli.args import Parser, _cpus, _pair, _positive
 from hive.cli.declared import add_commands
 from hive.cli.fleet import add_commands as add_fleet_commands
+from hive.cli.output import add_option
 from hive.models import State
 from hive.validation import FIELD_SENTENCES
 
@@ -48,8 +50,17 @@ def build_parser() -> Parser:
         dest="command", required=True, metavar="COMMAND", parser_class=Parser
     )
 
-    def command(name: str, help: str, *, client: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def command(
+        name: str, help: str, *, client: bool = True, aliases: Sequence[str] = ()
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            aliases=list(aliases),
+            epilog=EXAMPLES.get(name),
+            formatter_class=HelpFormatter,
+        )
         if client:
             _globals(p, top=False)
         return p
@@ -84,7 +95,7 @@ def build_parser() -> Parser:
     p.add_argument(
         "--restart", choices=["no", "on-failure", "always"], help="default: the config's"
     )
-    p.add_argument("--id", help=f"its id, which {FIELD_SENTENCES['id'].removeprefix('must ')}")
+    p.add_argument("--id", help=f"its id, which {FIELD_SENTENCES['id']}")
     p.add_argument("--no-register", action="store_true", help="keep it out of the routers")
     p.add_argument(
         "--role",
@@ -100,7 +111,10 @@ def build_parser() -> Parser:
     p.add_argument("--timeout", type=_positive, help="give up waiting after this many seconds")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    p = command("list", "list workers")
+    p.after_dashes = "[-- ARGS...]"  # type: ignore[attr-defined]
+    p.usage = "hive spawn MODEL [options] [-- ARGS...]"
+
+    p = command("list", "list workers", aliases=["ls"])
     p.add_argument("--state", choices=[s.value for s in State], help="only workers in this state")
     p.add_argument("--model", help="only workers of this model")
     p.add_argument("--device", help="only workers on this device (CPU-n, GPU-n or a UUID)")
@@ -113,6 +127,7 @@ def build_parser() -> Parser:
         help="only workers with this label (repeat: all of them)",
     )
     p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.add_argument("-q", "--quiet", action="store_true", help="only the ids, one a line")
 
     p = command("show", "show one worker")
     p.add_argument("id", help="the worker's id")
@@ -127,6 +142,11 @@ def build_parser() -> Parser:
     p = command("rm", "forget stopped or failed workers")
     p.add_argument("ids", nargs="+", metavar="ID", help="the workers to forget")
     p.add_argument("--force", action="store_true", help="stop running ones first")
+
+    p = command("start", "start a stopped or failed worker and wait until it is ready")
+    p.add_argument("id", help="the worker's id")
+    p.add_argument("--no-wait", action="store_true", help="return once the process is started")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = command("restart", "stop a worker if running and start it again")
     p.add_argument("id", help="the worker's id")
@@ -160,4 +180,55 @@ def build_parser() -> Parser:
     )  # fmt: skip
     add_commands(command, JSON_HELP)
     add_fleet_commands(command, JSON_HELP)
+
+    p = command("completion", "print a shell's completion script for hive", client=False)
+    p.add_argument("shell", choices=["bash", "zsh", "fish"], help="the shell")
+    _add_output_options(parser)
     return parser
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``-o json|wide|yaml`` on every (sub)command that takes ``--json``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # an alias is the same parser
+                _add_output_options(sub)
+    if "--json" in parser._option_string_actions and "-o" not in parser._option_string_actions:
+        add_option(parser)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; each flag's default shown when it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+#: ``--help``'s examples, by command.
+EXAMPLES = {
+    "spawn": _examples(
+        "hive spawn ./models/tiny.gguf --backend llama --cpus 4",
+        "hive spawn Qwen/Qwen2.5-0.5B --device GPU-0 --label team=search -- --max-model-len 4096",
+        "hive spawn m --device cpu --no-wait --json",
+    ),
+    "list": _examples(
+        "hive list --state failed", "hive ls -o wide", "hive list -q | xargs hive stop"
+    ),
+    "stop": _examples("hive stop chat-1 chat-2", "hive stop --all --timeout 30"),
+    "start": _examples("hive start chat-1"),
+    "logs": _examples("hive logs chat-1 -n 50", "hive logs -f chat-1"),
+    "events": _examples("hive events", "hive events --json --since 3f2a9c-41"),
+    "completion": _examples(
+        "source <(hive completion bash)",
+        'hive completion zsh > "${fpath[1]}/_hive"',
+        "hive completion fish > ~/.config/fish/completions/hive.fish",
+    ),
+}

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hive.cli import tables
+from hive.cli import output, tables
 from hive.cli.args import FAILED, OK, UsageError, err
 from hive.cli.args import print_json as _print_json
 from hive.client import HiveAPIError, HiveClient, HiveClientError, HiveConnectionError
@@ -160,10 +160,13 @@ async def cmd_list(client: HiveClient, args: argparse.Namespace) -> int:
         _print_json(
             {"workers": [r.model_dump(mode="json") for r in records], "total": len(records)}
         )
+    elif args.quiet:
+        for record in records:
+            print(record.id)
     elif records:
-        print(tables.workers(records))
+        print(output.workers_wide(records) if args.wide else tables.workers(records))
     else:
-        print("no workers")
+        err("no workers")  # on stderr: stdout stays a table (or nothing) for a pipe
     return OK
 
 
@@ -228,7 +231,12 @@ async def cmd_stop(client: HiveClient, args: argparse.Namespace) -> int:
 
     async def stop(worker_id: str) -> Worker:
         record = await client.stop(worker_id, timeout=args.timeout, wait=True)
-        if not args.json:
+        if args.json:
+            return record
+        if record.state == State.FAILED:  # not "the stop failed": it was down already
+            why = f" ({record.error})" if record.error else ""
+            print(f"{record.id} stopped: it had failed{why}; hive will not restart it", flush=True)
+        else:
             print(f"{record.id} {record.state.value}", flush=True)
         return record
 
@@ -252,6 +260,19 @@ async def cmd_rm(client: HiveClient, args: argparse.Namespace) -> int:
 
     _, failed = await _each(args.ids, remove, "removed")
     return FAILED if failed else OK
+
+
+async def cmd_start(client: HiveClient, args: argparse.Namespace) -> int:
+    """Start a stopped or failed worker (``restart`` of one that is down); one that is running
+    is left as it is, as ``systemctl start`` does."""
+    record = await client.get(args.id)
+    if record.state in LIVE_STATES and record.desired == "running":
+        if args.json:
+            _print_json(record)
+        else:
+            print(f"{record.id} is already {record.state.value}")
+        return OK
+    return await cmd_restart(client, args)
 
 
 async def cmd_restart(client: HiveClient, args: argparse.Namespace) -> int:

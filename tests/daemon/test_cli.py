@@ -95,7 +95,8 @@ def test_no_wait_restart_and_stop_all(hive: Hive) -> None:
     states = {w["id"]: w["state"] for w in json.loads(ok(hive.cli("list", "--json")))["workers"]}
     assert states["cli-b"] == "stopped" and states["cli-c"] == "stopped"
     ok(hive.cli("rm", "cli-b", "cli-c"))
-    assert "no workers" in ok(hive.cli("list"))
+    empty = hive.cli("list")
+    assert (empty.returncode, empty.stdout, empty.stderr) == (0, "", "hive: no workers\n")
 
 
 def test_rm_refuses_a_running_worker_without_force(hive: Hive) -> None:
@@ -339,3 +340,31 @@ def test_an_interrupted_follow_leaves_no_error_in_hive_log(hive: Hive) -> None:
     ok(hive.cli("rm", "followed"))
     after = hive.log()[len(before) :]
     assert "Traceback" not in after and "Cannot write" not in after, after
+
+
+def test_kubectl_habits_quiet_wide_yaml_start_and_a_failed_stop(hive: Hive) -> None:
+    ok(hive.cli("spawn", "m", "--id", "hab-a", "--label", "team=x"))
+    result = hive.cli(
+        "spawn", "m", "--id", "hab-dies", "--restart", "no", "--", "--fail-after", "0"
+    )
+    failed(result)
+    assert sorted(ok(hive.cli("ls", "-q")).split()) == ["hab-a", "hab-dies"]
+
+    header, *rows = ok(hive.cli("list", "-o", "wide")).splitlines()
+    assert header.split()[-7:] == ["CPU", "RSS", "GPUS", "GPU", "MEM", "LABELS", "ERROR"]
+    dies = next(row for row in rows if row.startswith("hab-dies"))
+    assert "exited with code 3" in dies
+    assert "team=x" in next(row for row in rows if row.startswith("hab-a"))
+
+    yaml_text = ok(hive.cli("show", "hab-a", "-o", "yaml"))
+    assert "id: hab-a\n" in yaml_text and "labels:\n  team: x\n" in yaml_text
+    assert json.loads(ok(hive.cli("show", "hab-a", "-o", "json")))["id"] == "hab-a"
+
+    out = ok(hive.cli("stop", "hab-dies"))  # not "hab-dies failed", which reads as the stop
+    assert out.startswith("hab-dies stopped: it had failed (exited with code 3"), out
+    assert out.rstrip().endswith("; hive will not restart it"), out
+
+    assert ok(hive.cli("start", "hab-a")) == "hab-a is already ready\n"
+    ok(hive.cli("stop", "hab-a"))
+    assert "hab-a ready" in ok(hive.cli("start", "hab-a"))
+    ok(hive.cli("rm", "--force", "hab-a", "hab-dies"))
