@@ -11,7 +11,6 @@ alternate screen, the cursor and the terminal's mode restored). Without a termin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -30,28 +29,19 @@ ENTER, LEAVE = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l"
 HOME_CLEAR = "\x1b[H\x1b[2J"
 
 
-def frame(
-    node: Node,
-    devices: Devices | None,
-    workers: Iterable[Worker],
-    width: int,
-    height: int | None = None,
-    note: str = "",
-    live: bool = False,
-) -> list[str]:
-    """The lines of one screen, each cut to ``width`` (and as many as ``height`` allows)."""
-    records = sorted(workers, key=lambda w: w.id)
-    counts: dict[str, int] = {}
-    for w in records:
-        counts[w.state.value] = counts.get(w.state.value, 0) + 1
-    summary = ", ".join(f"{counts[s.value]} {s.value}" for s in State if s.value in counts)
-    now = datetime.now(UTC)
-    head = f"hive {node.version} on {node.hostname} · {len(records)} workers"
-    head += f": {summary}" if summary else ""
-    head += f" · {now:%H:%M:%S}" + (f" · {note}" if note else "") + ("  (q quits)" if live else "")
-    lines = [head, ""]
-    if devices is not None:
-        lines += [*tables.devices(devices).splitlines(), ""]
+#: Which workers come first: the ones that need a look.
+_FIRST = {State.FAILED: 0, State.STARTING: 1}
+
+#: Columns given up, in this order, when the table is wider than the terminal; CPU, RSS and
+#: ERROR stay (the error cut to what is left of the line).
+_DROPPED_FIRST = ["MODEL", "AGE", "RESTARTS", "PID", "DEVICE"]
+
+#: The least room the ERROR column keeps before another column is given up.
+_ERROR_ROOM = 16
+
+
+def _worker_rows(workers: list[Worker], now: datetime) -> tuple[list[str], list[list[str]]]:
+    headers = ["ID", "MODEL", "STATE", "DEVICE", "PID", "AGE", "RESTARTS", "CPU", "RSS", "ERROR"]
     rows = [
         [
             w.id,
@@ -63,12 +53,70 @@ def frame(
             str(w.restarts),
             f"{w.cpu_percent:.0f}%" if w.cpu_percent is not None else "-",
             tables.size(w.rss_bytes),
-            w.error or "",
+            tables.escape(w.error or ""),
         ]
-        for w in records
+        for w in workers
     ]
-    headers = ["ID", "MODEL", "STATE", "DEVICE", "PID", "AGE", "RESTARTS", "CPU", "RSS", "ERROR"]
-    lines += tables.table(headers, rows).splitlines()
+    return headers, rows
+
+
+def _fit(headers: list[str], rows: list[list[str]], width: int) -> list[str]:
+    """The table with the columns it can afford at ``width``: MODEL, AGE... go before the
+    ERROR column has less than :data:`_ERROR_ROOM` characters."""
+    keep = list(range(len(headers)))
+    for name in _DROPPED_FIRST:
+        shown = [headers[i] for i in keep[:-1]]
+        widths = [max(len(r[i]) for r in [headers, *rows]) for i in keep[:-1]]
+        if sum(widths) + 2 * len(shown) + _ERROR_ROOM <= width:
+            break
+        keep.remove(headers.index(name))
+    table = tables.table([headers[i] for i in keep], [[r[i] for i in keep] for r in rows])
+    return table.splitlines()
+
+
+def frame(
+    node: Node,
+    devices: Devices | None,
+    workers: Iterable[Worker],
+    width: int,
+    height: int | None = None,
+    note: str = "",
+    live: bool = False,
+    stale_since: datetime | None = None,
+) -> list[str]:
+    """The lines of one screen, each cut to ``width`` (and as many as ``height`` allows, the
+    last saying how many workers did not fit). Failed and starting workers come first. With
+    ``stale_since`` (hive unreachable since then) every figure is marked as stale."""
+    records = sorted(workers, key=lambda w: (_FIRST.get(w.state, 2), w.id))
+    counts: dict[str, int] = {}
+    for w in records:
+        counts[w.state.value] = counts.get(w.state.value, 0) + 1
+    summary = ", ".join(f"{counts[s.value]} {s.value}" for s in State if s.value in counts)
+    now = datetime.now(UTC)
+    head = f"hive {node.version} on {node.hostname} · {len(records)} workers"
+    head += f": {summary}" if summary else ""
+    if stale_since is not None:
+        note = f"hive unreachable since {stale_since.astimezone():%H:%M:%S}" + (
+            f" ({note})" if note else ""
+        )
+    head += f" · {now:%H:%M:%S}" + (f" · {note}" if note else "") + ("  (q quits)" if live else "")
+    lines = [head, ""]
+    stale = (
+        []
+        if stale_since is None
+        else [f"STALE: as of {stale_since.astimezone():%H:%M:%S}, before hive went away"]
+    )
+    if devices is not None:
+        lines += [*stale, *tables.devices(devices).splitlines(), ""]
+    headers, rows = _worker_rows(records, now)
+    table = _fit(headers, rows, width)
+    lines += [*stale, table[0]]
+    body = table[1:]
+    if height is not None and len(lines) + len(body) > height:
+        room = max(height - len(lines) - 1, 0)
+        hidden = len(body) - room
+        body = [*body[:room], f"+{hidden} more (a taller terminal shows them; hive list has all)"]
+    lines += body
     lines = [line[:width] for line in lines]
     return lines if height is None else lines[:height]
 
@@ -84,6 +132,7 @@ class Top:
         self.node: Node | None = None
         self.devices: Devices | None = None
         self.note = ""
+        self.stale_since: datetime | None = None  # hive unreachable since then
         self._dirty = asyncio.Event()
         self._quit = asyncio.Event()
         self.code = 0
@@ -112,6 +161,7 @@ class Top:
             size.lines,
             self.note,
             True,
+            self.stale_since,
         )
         self.out.write(HOME_CLEAR + "\r\n".join(lines))
         self.out.flush()
@@ -129,19 +179,22 @@ class Top:
                             self.workers.pop(event["id"], None)
                         else:
                             self.workers[event["id"]] = Worker.model_validate(event["worker"])
-                    self.note = ""
+                    self.note, self.stale_since = "", None
                     self.redraw()
             except HiveConnectionError as exc:
-                self.note = f"hive unreachable ({exc.reason}); retrying"
+                self.stale_since = self.stale_since or datetime.now(UTC)
+                self.note = f"{exc.reason}; retrying"
                 self.redraw()
             await asyncio.sleep(1.0)
 
     async def _poll_devices(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            with contextlib.suppress(HiveConnectionError):
+            try:
                 self.devices = await self.client.devices()
-                self.redraw()
+            except HiveConnectionError:
+                self.stale_since = self.stale_since or datetime.now(UTC)
+            self.redraw()
 
     async def _redraw(self) -> None:
         while True:

@@ -131,3 +131,20 @@ def test_top_without_a_terminal_prints_one_frame(hive: Hive) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("hive ")
     assert "ID  MODEL  STATE" in result.stdout and "\x1b[" not in result.stdout
+
+
+def test_top_says_at_once_that_hive_went_away() -> None:
+    """Before, a SIGKILLed hive left the last frame up with a frozen clock for 35 s and more
+    (the cut stream was an error top did not catch); now the next frame says so. 20 s is a
+    generous bound for "the next frame", well under the old 35 s."""
+    with running_hive() as daemon:
+        term = Terminal(daemon)
+        try:
+            wait_for(lambda: "workers" in term.screen(), what="the first frame")
+            daemon.kill()
+            wait_for(lambda: "hive unreachable since" in term.screen(), timeout=20)
+            assert "STALE: as of" in term.screen()
+            term.press(b"q")
+            assert term.ended() == 0
+        finally:
+            term.close()
