@@ -170,8 +170,9 @@ class Fleet:
             self.since = now()
             if connected:
                 log.info("fleet: etcd answers again")
-                # The watch may have hung on a connection that went away with etcd.
-                self.watch.restart("etcd answers again")
+                if self.error is not None:  # it was unreachable, not just not yet asked
+                    # The watch may hang on a connection that went away with etcd.
+                    self.watch.restart("etcd answers again")
             else:
                 log.warning("fleet: etcd unreachable, workers keep running: %s", error)
         self.connected, self.error = connected, error

@@ -198,3 +198,15 @@ def test_an_expired_certificate_has_its_own_sentence_and_hive_counts_the_handsha
         assert "TLS handshake failed on the API's port: the client says a certificate has " in (
             hive.log()
         )
+
+
+def test_under_tls_the_only_cookie_a_log_in_sets_is_secure(tls_hive: Hive, certs: Path) -> None:
+    right = requests.post(
+        f"https://127.0.0.1:{tls_hive.port}/login",
+        data={"token": tls_hive.token},
+        verify=str(certs / "ca.pem"),
+        timeout=10,
+    )
+    assert right.status_code == 200 and right.json()["session"]
+    cookies = right.raw.headers.getlist("Set-Cookie")
+    assert cookies and all("Secure" in c and "Max-Age=0" in c for c in cookies), cookies
