@@ -6,9 +6,10 @@ the worker's cgroup into the root cgroup, ask for ``GET /v1/workers``:
 - ``orphan``: double-forked and ``setsid()``, so that it re-parents away from the worker (to hive
   when hive is the child subreaper, else to init).
 
-Each waits for ``$ROGUE_DIR/<id>/go`` (written by the test once the worker is ready), then writes
-``$ROGUE_DIR/<id>/<name>.json``: the status hive answered, its cgroup and its environment's size. The
-worker itself then runs the demo worker. Run as ``rogue_worker.py --probe NAME SOCKET DIR``.
+Each waits for ``$ROGUE_DIR/<id>/go`` (written by the test once the worker is ready), then
+writes ``$ROGUE_DIR/<id>/<name>.json``: the status hive answered, its cgroup and its
+environment's size. The worker itself then runs the demo worker. Run as
+``rogue_worker.py --probe NAME SOCKET DIR``.
 """
 
 import contextlib
