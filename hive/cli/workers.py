@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,7 +35,8 @@ class Progress:
     def show(self, text: str) -> None:
         line = f"{text} ({tables.duration(time.monotonic() - self.start)})"
         if self.tty:
-            sys.stderr.write("\r\x1b[2K" + line[:200])
+            width = shutil.get_terminal_size().columns - 1  # one line, however narrow
+            sys.stderr.write("\r\x1b[2K" + line[: max(width, 20)])
             sys.stderr.flush()
         elif text != self.last:
             print(line, file=sys.stderr)
@@ -148,7 +150,16 @@ async def cmd_spawn(client: HiveClient, args: argparse.Namespace) -> int:
         else:
             print(f"{record.id} starting at {record.url} on {record.device} (pid {record.pid})")
         return OK
-    record = await _wait_ready(client, record, args.timeout, Progress())
+    progress = Progress()
+    try:
+        record = await _wait_ready(client, record, args.timeout, progress)
+    except asyncio.CancelledError:  # Ctrl-C: main exits 130; the worker is hive's, not ours
+        progress.done()
+        err(
+            f"stopped waiting; {record.id} keeps starting: follow it with hive logs -f "
+            f"{record.id}, or stop it with hive stop {record.id}"
+        )
+        raise
     return await _report_start(client, record, args.json)
 
 

@@ -5,6 +5,7 @@ of aiohttp's ``ClientPayloadError``."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -55,3 +56,31 @@ def test_follow_commands_say_hive_went_away(tmp_path: Path) -> None:
             "hive: hive went away while following w's log (the connection closed); "
             "run it again once hive is back: the worker may still be running\n"
         )
+
+
+def test_ctrl_c_during_spawn_says_the_worker_keeps_starting(tmp_path: Path) -> None:
+    with running_hive() as hive:
+        env = {**hive.env, "HIVE_URL": f"unix://{hive.socket}"}
+        err = tmp_path / "spawn.err"
+        with err.open("wb") as e:
+            spawn = subprocess.Popen(
+                [*hive.cli_command(), "spawn", "m", "--id", "slow", "--", "--load-seconds", "120"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=e,
+            )
+        try:
+            wait_for(lambda: "slow starting" in err.read_text(), what="spawn's progress")
+            spawn.send_signal(signal.SIGINT)
+            assert spawn.wait(30) == 130
+        finally:
+            if spawn.poll() is None:
+                spawn.kill()
+                spawn.wait()
+        assert err.read_text().splitlines()[-1] == (
+            "hive: stopped waiting; slow keeps starting: follow it with hive logs -f slow, "
+            "or stop it with hive stop slow"
+        )
+        shown = hive.cli("show", "slow", "--json")
+        assert json.loads(shown.stdout)["state"] == "starting"
+        assert hive.cli("rm", "--force", "slow").returncode == 0
