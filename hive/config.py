@@ -18,6 +18,15 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hive.addresses import http_url
+from hive.engine_config import (
+    DEMO_PHASES,
+    LLAMA_SERVER_PHASES,
+    SGLANG_PHASES,
+    VLLM_PHASES,
+    VLLM_PROGRESS,
+    LoadConfig,
+    PhasePattern,
+)
 from hive.errors import ConfigError, UnknownBackend
 from hive.validation import field_errors
 
@@ -53,37 +62,6 @@ def runtime_dir() -> Path:
 
 def default_config_path() -> Path:
     return config_dir() / "hive.toml"
-
-
-class LoadConfig(BaseModel):
-    """Where an engine says how many requests it runs, and how to read it
-    (:mod:`hive.workers.engine_load`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-    #: ``llama-server``: its ``/slots``; ``sglang``: its ``/get_load``; ``prometheus``: the sum of
-    #: the ``running`` (and ``waiting``) metrics in a Prometheus text page such as ``/metrics``.
-    format: Literal["llama-server", "sglang", "prometheus"]
-    running: list[str] = []
-    waiting: list[str] = []
-    #: Seconds between reads while the worker is ready or busy and sends no heartbeats.
-    period: Annotated[float, Field(gt=0)] = 2.0
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise ValueError("must start with '/'")
-        return path
-
-    @model_validator(mode="after")
-    def _metrics_named(self) -> LoadConfig:
-        if self.format == "prometheus" and not self.running:
-            raise ValueError("running: name the metric(s) of running requests for prometheus")
-        if self.format != "prometheus" and (self.running or self.waiting):
-            raise ValueError('running and waiting are for format = "prometheus" only')
-        return self
 
 
 class BackendConfig(BaseModel):
@@ -128,6 +106,14 @@ class BackendConfig(BaseModel):
     group: Annotated[str, Field(min_length=1)] | None = None
     #: Where its workers start (absolute; default: each its own, ``<state_dir>/work/<id>``).
     cwd: str | None = None
+    #: A worker with requests in flight whose engine's progress (``load.progress``, a
+    #: llama-server's slots) stands still this long is ``failed`` (``stalled: ...``); 0: never.
+    stall_timeout: Annotated[float, Field(ge=0)] = 60.0
+    #: Every this many seconds, an idle worker is asked for a one-token generation
+    #: (``POST /v1/completions``), failed as stalled if none comes within ``stall_timeout``.
+    deep_probe_period: Annotated[float, Field(gt=0)] | None = None
+    #: The log lines that end the engine's start-up phases, in the record's ``startup``.
+    startup_phases: list[PhasePattern] = []
 
     def read_api_key(self) -> str | None:
         """The key this backend's engines expect: ``api_key``, or the first line of
@@ -225,6 +211,7 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
             "decode": ["--role", "decode"],
         },
         "load": {"path": "/v1/loads?include=core", "format": "sglang"},
+        "startup_phases": DEMO_PHASES,
         "health_path": "/health",
         "startup_timeout": 120,
         "gpu": "optional",
@@ -242,7 +229,9 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
             "format": "prometheus",
             "running": ["vllm:num_requests_running"],
             "waiting": ["vllm:num_requests_waiting"],
+            "progress": VLLM_PROGRESS,
         },
+        "startup_phases": VLLM_PHASES,
         "health_path": "/health",
         "startup_timeout": 1200,
         "gpu": True,
@@ -257,6 +246,7 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
         ],
         "share_args": ["--mem-fraction-static", "{gpu_memory_fraction}"],
         "load": {"path": "/v1/loads?include=core", "format": "sglang"},
+        "startup_phases": SGLANG_PHASES,
         # Its /health otherwise runs a one-token generation, which waits behind running work.
         "env": {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"},
         "role_args": {
@@ -278,6 +268,7 @@ BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
             "--threads", "{ncpus}",
         ],
         "load": {"path": "/slots", "format": "llama-server"},
+        "startup_phases": LLAMA_SERVER_PHASES,
         "health_path": "/health",
         "startup_timeout": 600,
         "gpu": "optional",

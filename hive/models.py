@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from hive.config import RestartPolicy
+from hive.engine_config import StartupPhase
 
 
 class State(StrEnum):
@@ -250,6 +251,8 @@ class Worker(BaseModel):
     replacement: str | None = None
     #: On a successor (its id is ``<id>~<generation>`` until it takes over): the id it replaces.
     replacing: str | None = None
+    #: Where the current attempt's start-up went, phase by phase (:mod:`hive.workers.phases`).
+    startup: list[StartupPhase] = []
 
 
 def successor_id(worker_id: str, generation: int) -> str:

@@ -105,6 +105,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="run a child process (like vLLM's EngineCore) that takes S seconds to exit on "
         "SIGTERM; when it dies, the worker exits with code 0, as vLLM does",
     )
+    parser.add_argument(
+        "--stall-after",
+        type=non_negative,
+        default=None,
+        metavar="S",
+        help="S seconds after loading, freeze every generation for good while /health still "
+        "answers (a stuck engine; its /metrics counters stop)",
+    )
     args = parser.parse_args(argv)
     if args.bootstrap_port is not None and args.role != "prefill":
         parser.error("--bootstrap-port is for --role prefill only")
@@ -122,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         health_status=args.health_status,
         health_waits_for_idle=args.health_waits_for_idle,
         child_exit_seconds=args.child_exit_seconds,
+        stall_after=args.stall_after,
     )
 
 

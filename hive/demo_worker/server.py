@@ -25,6 +25,7 @@ from hive.demo_worker import disaggregation
 from hive.demo_worker.affinity import cpu_affinity, thread_affinities
 from hive.demo_worker.heartbeat import heartbeat, heartbeat_target
 from hive.demo_worker.http import errors_as_json
+from hive.demo_worker.metrics import metrics_route
 from hive.demo_worker.model import MAX_TOTAL_TOKENS, Completion, count_tokens, words_for
 from hive.demo_worker.openai import OpenAIRoutes
 from hive.demo_worker.output import quiet_aiohttp_logs, say, warn
@@ -57,6 +58,9 @@ class Options:
     child_exit_seconds: float | None = None
     #: Bind the port only once loaded, as vLLM does: nothing answers on it while loading.
     listen_after_load: bool = False
+    #: Seconds after loading when generation freezes for good (requests stay in flight, the
+    #: counters of ``/metrics`` stand still, ``/health`` answers): a stuck engine. None: never.
+    stall_after: float | None = None
 
 
 class DemoWorker:
@@ -76,6 +80,11 @@ class DemoWorker:
         self.idle.set()
         self.stopping = asyncio.Event()
         self.exit_code = 0
+        #: Work done so far (``/metrics``): tokens generated, and steps (each think).
+        self.tokens_generated = 0
+        self.steps = 0
+        #: Set (``--stall-after``): every generation waits for ever from now on.
+        self.frozen = asyncio.Event()
         self.created = int(time.time())
 
     # -- the model -------------------------------------------------------------------------------
@@ -114,9 +123,16 @@ class DemoWorker:
                 self.idle.set()
 
     async def think(self, tokens: int = 1, of: int = 1) -> None:
-        """Wait the part ``tokens``/``of`` of the per-generation latency."""
+        """Wait the part ``tokens``/``of`` of the per-generation latency (for ever once
+        frozen), and count it as a step that generated ``tokens``."""
+        if self.frozen.is_set():
+            await self.stopping.wait()
         if self.options.latency_ms > 0:
             await asyncio.sleep(self.options.latency_ms / 1000 * tokens / max(of, 1))
+        if self.frozen.is_set():
+            await self.stopping.wait()
+        self.steps += 1
+        self.tokens_generated += tokens
 
     async def stream(self, completion: Completion) -> AsyncIterator[str]:
         """The pieces of ``completion``, spread over the per-generation latency."""
@@ -137,6 +153,7 @@ class DemoWorker:
             web.get("/server_info", self.server_info),
             *SGLangRoutes(self).routes(),
             *OpenAIRoutes(self).routes(),
+            metrics_route(self),
         ]
 
     async def health(self, request: web.Request) -> web.Response:
@@ -194,12 +211,19 @@ class DemoWorker:
     # -- life ------------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Pretend to load the model, then say so on stdout (benchmarks read that line)."""
+        """Pretend to load the model, then say so on stdout (benchmarks read the ``ready_at``
+        line; hive's start-up phases the ``model loaded`` one)."""
         if self.options.load_seconds > 0:
             await asyncio.sleep(self.options.load_seconds)
+        say(f"demo worker: model loaded in {self.options.load_seconds:g} s")
         self.loaded.set()
         self.changed.set()
         say(f"ready_at={time.time():.6f} port={self.options.port}")
+        if self.options.stall_after is not None:
+            await asyncio.sleep(self.options.stall_after)
+            self.frozen.set()
+            stall_after = self.options.stall_after
+            warn(f"demo worker: generation frozen at {time.time():.6f} ({stall_after:g} s loaded)")
 
     async def fail_later(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -153,6 +153,13 @@ class Metrics:
             buckets=_STARTUP,
             registry=self.prometheus,
         )
+        self.startup_phases = Histogram(
+            "hive_startup_phase_seconds",
+            "Where start-ups that reached ready went, phase by phase (the record's startup).",
+            ["backend", "phase"],
+            buckets=_STARTUP,
+            registry=self.prometheus,
+        )
         self.crash_detection = Histogram(
             "hive_crash_detection_seconds",
             "From the kernel reporting a worker's exit to its record being failed.",
@@ -235,6 +242,7 @@ class Metrics:
         self._records.gpus = gpus
 
     def _on_change(self, change: Change) -> None:
+        self._observe_startup(change)
         if change.fields_only:
             return
         w = change.worker
@@ -244,6 +252,21 @@ class Metrics:
                 self.spawn_ready.labels(w.backend).observe(max(0.0, seconds))
         elif change.to == State.FAILED:
             self.failures.labels(w.backend).inc()
+
+    def _observe_startup(self, change: Change) -> None:
+        """A start-up's phases up to ``probe`` once it has them all, ``register`` once known."""
+        after = change.worker.startup
+        if not after or change.to is None:
+            return
+        before = change.before.startup if change.before is not None else []
+        names = {p.phase for p in before}
+        new = []
+        if after[-1].phase in ("probe", "register") and "probe" not in names:
+            new = [p for p in after if p.phase != "register"]
+        if after[-1].phase == "register" and "register" not in names:
+            new.append(after[-1])
+        for phase in new:
+            self.startup_phases.labels(change.worker.backend, phase.phase).observe(phase.seconds)
 
     def close(self) -> None:
         self._unsubscribe()

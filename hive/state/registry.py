@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from hive.models import DOWN_STATES, LIVE_STATES, Desired, Entry, SpawnRequest, State, Worker
+from hive.models import (
+    DOWN_STATES,
+    LIVE_STATES,
+    Desired,
+    Entry,
+    SpawnRequest,
+    StartupPhase,
+    State,
+    Worker,
+)
 from hive.state.records import (
     _ENDED,
     Builder,
@@ -65,6 +74,7 @@ class Registry(Records):
             ready_at=None,
             stopped_at=None,
             last_heartbeat_at=None,
+            startup=[],
             **_ENDED,
         )
 
@@ -79,6 +89,14 @@ class Registry(Records):
             if self._entry(worker_id).record.state != State.STARTING:
                 return None
             return self.transition(worker_id, State.READY, ready_at=now(), error=None)
+
+    def startup_phases(self, worker_id: str, phases: list[StartupPhase]) -> Worker | None:
+        """Where the current attempt's start-up went so far; None if the worker is gone."""
+        with self._lock:
+            if worker_id not in self._entries:
+                return None
+            record = self._entries[worker_id].record
+            return self.update(worker_id, startup=_registered(record, record.routers, phases))
 
     def not_ready_because(self, worker_id: str, error: str) -> Worker | None:
         """A ``starting`` worker's probe passed, but it is not ready: ``error`` says why
@@ -219,7 +237,9 @@ class Registry(Records):
             entry = self._entries.get(worker_id)
             if entry is None:
                 return None
-            return self.update(worker_id, routers={**entry.record.routers, router_url: status})
+            routers = {**entry.record.routers, router_url: status}
+            startup = _registered(entry.record, routers, entry.record.startup)
+            return self.update(worker_id, routers=routers, startup=startup)
 
     def record_usage(self, figures: Mapping[str, Figures]) -> None:
         """Per-worker figures from one refresh, under one lock; unknown ids are skipped, and
@@ -239,3 +259,15 @@ class Registry(Records):
                         "gpu_memory_used_mib": usage.gpu_memory_used_mib,
                     }
             self.update_many(changes)
+
+
+def _registered(
+    record: Worker, routers: dict[str, str], phases: list[StartupPhase]
+) -> list[StartupPhase]:
+    """``phases`` with ``register`` (ready to registered with every router) added, once every
+    router registered the worker and its start-up up to ready is known."""
+    done = routers and all(status == "registered" for status in routers.values())
+    if not done or not phases or record.ready_at is None or phases[-1].phase != "probe":
+        return phases
+    seconds = max(0.0, (now() - record.ready_at).total_seconds())
+    return [*phases, StartupPhase(phase="register", seconds=round(seconds, 3))]

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hive.config import LoadConfig
+from hive.engine_config import LoadConfig
 
 
 class LoadError(ValueError):
@@ -29,6 +29,9 @@ class Load:
 
     running: int
     waiting: int = 0
+    #: What the engine has done so far (counters, its slots' tasks and token counts), compared
+    #: only for change: a busy engine whose progress stands still is stalled. None: not said.
+    progress: tuple[float, ...] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -49,10 +52,28 @@ def parse(config: LoadConfig, body: bytes) -> Load:
 
 
 def _llama_slots(data: Any, path: str) -> Load:
-    """llama-server's ``GET /slots``: a list of slots, each with ``is_processing``."""
+    """llama-server's ``GET /slots``: a list of slots, each with ``is_processing``; a busy
+    slot's progress is its task and the tokens it decoded and took in so far (``n_decoded`` in
+    ``next_token`` since 2025, beside it before)."""
     if not isinstance(data, list) or not all(isinstance(s, dict) for s in data):
         raise LoadError(f"{path} did not answer a list of slots")
-    return Load(running=sum(1 for slot in data if slot.get("is_processing") is True))
+    busy = [slot for slot in data if slot.get("is_processing") is True]
+    progress: list[float] = []
+    for slot in busy:
+        tokens = slot.get("next_token")
+        first = tokens[0] if isinstance(tokens, list) and tokens else tokens
+        decoded = first.get("n_decoded") if isinstance(first, dict) else slot.get("n_decoded")
+        figures = (
+            slot.get("id"),
+            slot.get("id_task"),
+            decoded,
+            slot.get("n_prompt_tokens_processed"),
+        )
+        if not isinstance(decoded, int | float):
+            progress = []
+            break  # a version that does not say: no progress, rather than a false stall
+        progress += [f if isinstance(f, int | float) else -1 for f in figures]
+    return Load(running=len(busy), progress=tuple(progress) if progress or not busy else None)
 
 
 def _sglang_load(data: Any, path: str) -> Load:
@@ -78,7 +99,7 @@ def _sglang_load(data: Any, path: str) -> Load:
 
 def _prometheus(text: str, config: LoadConfig) -> Load:
     """Sum the samples of the named metrics (every label set) in Prometheus' text format."""
-    sums = dict.fromkeys([*config.running, *config.waiting], 0.0)
+    sums = dict.fromkeys([*config.running, *config.waiting, *config.progress], 0.0)
     seen: set[str] = set()
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -98,7 +119,9 @@ def _prometheus(text: str, config: LoadConfig) -> Load:
     if not seen.intersection(config.running):
         names = ", ".join(config.running)
         raise LoadError(f"{config.path} has no sample of {names}")
+    progress = [name for name in config.progress if name in seen]
     return Load(
         running=round(sum(sums[n] for n in config.running)),
         waiting=round(sum(sums[n] for n in config.waiting)),
+        progress=tuple(sums[n] for n in progress) if progress else None,
     )

@@ -25,6 +25,8 @@ from hive.timeouts import TICK, sleep_to_tick
 from hive.workers.connections import Connections, HttpError
 from hive.workers.engine_load import Load, LoadError, parse
 from hive.workers.listener import RECHECK
+from hive.workers.progress import ProgressWatch
+from hive.workers.stall import LoopWatch
 
 #: Seconds a probe or load read waits for its answer.
 _TIMEOUT = 2.0
@@ -145,11 +147,14 @@ class WorkerProbes:
         port: Callable[[], int],
         heartbeat_age: Callable[[], float | None],
         away: Callable[[float], float] = lambda since: 0.0,
+        progress: ProgressWatch | None = None,
     ) -> None:
         self._prober = prober
         self._port = port
         self._heartbeat_age = heartbeat_age
         self._away = away
+        #: Whether the engine progresses while it holds requests, from every load read.
+        self.progress = progress if progress is not None else ProgressWatch(LoopWatch())
         self.last: ProbeResult | None = None
         #: The engine's last load report, and when (``time.monotonic()``) a read last succeeded.
         self.load: Load | None = None
@@ -163,9 +168,13 @@ class WorkerProbes:
     def url(self, backend: BackendConfig) -> str | None:
         return self._url(backend.health_path)
 
+    def port(self) -> int:
+        return self._port()
+
     def reset(self) -> None:
         """A new attempt: nothing it was told before holds."""
         self.last = self.load = self.load_read_at = self._key = None
+        self.progress.reset()
 
     async def until_ready(
         self,
@@ -224,12 +233,15 @@ class WorkerProbes:
                 self._key = ""  # unreadable: the read goes without, and says 401 if it must
         result, body = await self._prober.get(url, self._key)
         if not result.ok:
+            self.progress.seen(None, time.monotonic(), result.detail, blind=result.hive_side)
             return None
         try:
             load = parse(config, body)
-        except LoadError:
+        except LoadError as exc:
+            self.progress.seen(None, time.monotonic(), str(exc))
             return None
         self.load, self.load_read_at = load, time.monotonic()
+        self.progress.seen(load, self.load_read_at)
         return load
 
     async def follow_load(

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import time
+from asyncio import FIRST_COMPLETED
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -40,7 +41,9 @@ from hive.workers.engine_load import Load
 from hive.workers.launch import build_launch
 from hive.workers.listener import listener_check
 from hive.workers.logs import Logs
+from hive.workers.phases import StartupClock
 from hive.workers.probes import Prober, WorkerProbes
+from hive.workers.progress import ProgressWatch, until_stalled
 from hive.workers.reservations import Reservations
 from hive.workers.restart import Backoff, Outcome, next_delay
 from hive.workers.stall import HangTimer, LoopWatch
@@ -120,7 +123,9 @@ class WorkerRun:
             lambda: registry.get(self.id).port,
             lambda: _age(registry.get(self.id).last_heartbeat_at),
             deps.watch.away_since,
+            ProgressWatch(deps.watch),
         )
+        self._startup = StartupClock(lambda phases: registry.startup_phases(self.id, phases))
 
     # -- what the supervisor asks of a run ------------------------------------------------------
 
@@ -145,6 +150,7 @@ class WorkerRun:
             return {**reserved, "containment": deps.containment.kind}
 
         deps.registry.begin_attempt(self.id, reserve, entry.record.restarts + restarts_delta)
+        self._startup.begin()
 
     async def start(self) -> None:
         """Start the process of a record in ``starting``, and the task that watches it."""
@@ -183,6 +189,8 @@ class WorkerRun:
 
     def heard(self) -> None:
         """A heartbeat arrived: the worker lives and serves (the registry made it ready)."""
+        if not self._ready.is_set():
+            self._startup.ready()
         self._ready.set()
         self.arm_hang_timer()
 
@@ -253,6 +261,8 @@ class WorkerRun:
         )
         attempt = entry.record.restarts + 1
         deps.logs.mark(self.id, f"attempt {attempt}: {' '.join(launch.argv)}")
+        age, path = _age(entry.record.created_at) or 0.0, deps.logs.path(self.id)
+        self._startup.launch(age, path, backend.startup_phases, shared=self._log_shared())
         try:
             deps.containment.prepare(self.key)
         except OSError as exc:
@@ -306,8 +316,10 @@ class WorkerRun:
             if not self._ready.is_set():
                 ready = asyncio.ensure_future(self._ready.wait())
                 probe = asyncio.ensure_future(self._probe_until_ready(backend))
+                phases = asyncio.ensure_future(self._startup.follow())
                 done = await deps.watch.first([*waits, ready], backend.startup_timeout)
                 probe.cancel()
+                phases.cancel()
                 ready.cancel()
                 if not done:
                     error = f"not ready after {backend.startup_timeout:g}s (startup_timeout)"
@@ -323,16 +335,20 @@ class WorkerRun:
                 load = asyncio.ensure_future(
                     self._probes.follow_load(backend, self._heartbeating, self._report_load)
                 )
-                await asyncio.wait([*waits, hung, live], return_when=asyncio.FIRST_COMPLETED)
-                hung.cancel()
-                live.cancel()
-                load.cancel()
+                model = entry.record.model
+                stalled = asyncio.ensure_future(
+                    until_stalled(self._probes, backend, self._heartbeating, lambda: model)
+                )
+                await asyncio.wait([*waits, hung, live, stalled], return_when=FIRST_COMPLETED)
+                for task in (hung, live, load, stalled):
+                    task.cancel()
                 if not exited.done() and not stop.done():
                     if hung.done():
                         timeout = deps.config.heartbeat_timeout
                         return await self._fail_and_kill(f"hung: no heartbeat for {timeout:g}s")
-                    if live.done() and not live.cancelled() and live.result():
-                        return await self._fail_and_kill(live.result())
+                    for check in (live, stalled):
+                        if check.done() and not check.cancelled() and check.result():
+                            return await self._fail_and_kill(check.result())
             if stop.done():
                 return await self._stop_process()
             return await self._exited()
@@ -355,6 +371,7 @@ class WorkerRun:
         (:mod:`hive.workers.listener`); then the worker is ready."""
         check = listener_check(self) if backend.listener_check else None
         if await self._probes.until_ready(backend, check):
+            self._startup.ready()
             self.deps.registry.became_ready(self.id)
             self._ready.set()
 
@@ -363,6 +380,7 @@ class WorkerRun:
     def _entered(self, pid: int) -> None:
         """On the spawning thread, the instant the process exists: into its containment, and
         the OOM kills its cgroup counted so far (what this attempt adds is its own)."""
+        self._startup.exec()
         self.deps.containment.enter(self.key, pid)
         self._attempt = cause.Attempt(
             pid, time.monotonic(), self.deps.containment.oom_kills(self.key)
