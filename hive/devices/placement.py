@@ -112,6 +112,7 @@ class Placer:
                 f"device: {device} has no GPU for the gpus or gpu_memory_mib requested"
             )
         if explicit_gpu or (device == "auto" and (backend.gpu is True or gpu_fields)):
+            self._some_gpu(spec, backend_name, backend)
             return self._place_gpu(spec, entries, worker_id)
         if device == "auto" and backend.gpu == "optional":
             try:
@@ -165,13 +166,37 @@ class Placer:
                 return node.index
         return -1
 
+    def _some_gpu(self, spec: SpawnRequest, backend_name: str, backend: BackendConfig) -> None:
+        """Raise NoCapacity when the host has no GPU at all, saying what asked for one (never
+        the worker's id, which the user may not have given) and how to run on the CPU."""
+        snapshot = self._gpus()
+        if snapshot.gpus:
+            return
+        reason = snapshot.error or "no GPU on this host"
+        if spec.device == "gpu" or spec.device.startswith("GPU-"):
+            if backend.gpu is True:
+                raise NoCapacity(f"device: no GPU available ({reason})")
+            raise NoCapacity(
+                f"device: no GPU available ({reason}); use --device cpu to run it on the CPU"
+            )
+        if backend.gpu is True:
+            raise NoCapacity(
+                f"device: backend {backend_name!r} needs a GPU, and there is no GPU available "
+                f"({reason})"
+            )
+        field = "gpus" if spec.gpus is not None else "gpu_memory_mib"
+        raise NoCapacity(
+            f"{field}: no GPU available ({reason}); to run it on the CPU, use --device cpu "
+            "without --gpus or --gpu-memory-mib"
+        )
+
     def _place_gpu(
         self, spec: SpawnRequest, entries: Mapping[str, Entry], worker_id: str
     ) -> Placement:
         snapshot = self._gpus()
         if not snapshot.gpus:
             reason = snapshot.error or "no GPU on this host"
-            raise NoCapacity(f"no GPU available for {worker_id!r}: {reason}")
+            raise NoCapacity(f"device: no GPU available ({reason})")
         use = self._gpu_use(entries, worker_id)
         wanted_n = spec.gpus or 1
         if spec.device not in ("gpu", "auto"):
