@@ -326,6 +326,9 @@ class Config(BaseModel):
     restart_delay_max: Annotated[float, Field(gt=0)] = 60.0
     restart_reset_after: Annotated[float, Field(ge=0)] = 600.0
     max_restarts: Annotated[int, Field(ge=0)] | None = None
+    #: Host memory (MiB) workers may reserve in total. Default: the host's memory less a
+    #: reserve for the system (:func:`hive.devices.host_memory.default_budget`).
+    host_memory_mib: Annotated[int, Field(ge=1)] | None = None
     #: How workers are held: ``cgroup`` (v2, one per worker), ``tags`` (environment tag and
     #: subreaper), or ``auto`` (a cgroup where hive can write one, else tags).
     containment: Literal["auto", "cgroup", "tags"] = "auto"

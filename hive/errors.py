@@ -17,6 +17,7 @@
   x CapacityError ........... the host has no room for it now
     + NoCapacity ............ what workers hold is taken: cores, GPUs, GPU memory, ports
       - NoFreePort .......... every port of ``port_range`` is held
+      - NoMemory ............ the host memory (``host_memory_mib``) a worker needs is held
     + NoDiskRoom ............ ``state_dir`` is full
   x StateError .............. hive cannot keep its own state
     + JournalError .......... the journal could not be written
@@ -154,6 +155,40 @@ class NoFreePort(NoCapacity):
     def __init__(self, low: int, high: int) -> None:
         super().__init__(f"no free port in port_range {low}-{high}")
         self.low, self.high = low, high
+
+
+class NoMemory(NoCapacity):
+    """The host memory a worker needs (``needed_mib``) is more than is free of what workers
+    may reserve (``budget_mib``, config ``host_memory_mib``); ``held`` says which workers hold
+    the rest, and how much each."""
+
+    def __init__(
+        self, worker_id: str, needed_mib: int, source: str, budget_mib: int, held: dict[str, int]
+    ) -> None:
+        free = budget_mib - sum(held.values())
+        holders = ", ".join(f"{w} {mib} MiB" for w, mib in sorted(held.items(), key=_largest))
+        super().__init__(
+            f"memory: {worker_id!r} needs {needed_mib} MiB of host memory ({source}), "
+            f"{max(free, 0)} MiB of host_memory_mib {budget_mib} MiB are free"
+            + (f"; held by {holders}" if holders else "")
+        )
+        self.worker_id, self.needed_mib, self.source = worker_id, needed_mib, source
+        self.budget_mib, self.held, self.free_mib = budget_mib, held, max(free, 0)
+
+    @property
+    def figures(self) -> dict[str, object]:
+        """The figures as the API answers them beside the message."""
+        return {
+            "needed_mib": self.needed_mib,
+            "source": self.source,
+            "free_mib": self.free_mib,
+            "host_memory_mib": self.budget_mib,
+            "held": self.held,
+        }
+
+
+def _largest(item: tuple[str, int]) -> tuple[int, str]:
+    return -item[1], item[0]
 
 
 class NoDiskRoom(CapacityError):

@@ -132,6 +132,8 @@ class SpawnRequest(BaseModel):
         None
     )
     gpu_memory_mib: Annotated[int, Field(ge=1), NotBool] | None = None
+    #: Host memory to reserve (MiB); none: what hive learned or estimates (docs/behaviour.md).
+    memory_mib: Annotated[int, Field(ge=1), NotBool] | None = None
     port: Annotated[int, Field(ge=1024, le=65535), NotBool] | None = None
     args: list[Text] = []
     env: dict[str, Text] = Field(
@@ -253,6 +255,15 @@ class Worker(BaseModel):
     replacing: str | None = None
     #: Where the current attempt's start-up went, phase by phase (:mod:`hive.workers.phases`).
     startup: list[StartupPhase] = []
+    #: Memory hive reserves for the worker (MiB): host, and per GPU where it shares its GPUs;
+    #: where the figures come from; the current attempt's measured peaks (GPU: all its GPUs).
+    memory_mib: int | None = None
+    gpu_memory_mib: int | None = None
+    memory_source: Literal["declared", "learned", "estimated"] | None = None
+    memory_peak_mib: int | None = None
+    gpu_memory_peak_mib: int | None = None
+    #: The reservation still counts: the worker runs, or its memory is not back yet.
+    memory_held: bool = False
 
 
 def successor_id(worker_id: str, generation: int) -> str:
@@ -392,6 +403,8 @@ class ErrorDetail(BaseModel):
     message: str
     worker: Worker | None = None
     fields: list[dict[str, Any]] | None = None
+    #: A refusal for want of host memory: needed, free, budget and who holds the rest.
+    memory: dict[str, Any] | None = None
 
 
 class ErrorBody(BaseModel):

@@ -49,30 +49,46 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write(path: Path, seed: int = 0, context: int = N_CTX) -> Path:
+def write(
+    path: Path,
+    seed: int = 0,
+    context: int = N_CTX,
+    *,
+    layers: int = N_LAYERS,
+    embd: int = N_EMBD,
+    heads: int = N_HEAD,
+    kv_heads: int | None = None,
+    ff: int = N_FF,
+    f16: bool = False,
+) -> Path:
     """Write the model to ``path``; returns it. ``context``: the context length it says it was
     trained for, which llama-server takes as each slot's context (a larger one lets a request
-    generate for longer)."""
+    generate for longer). The shape may be made larger (the memory figures want weights and a
+    KV cache that stand out of llama-server's own few MiB): ``kv_heads`` below ``heads`` is
+    grouped-query attention; ``f16`` stores the matrices as f16 (the norms stay f32)."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = vocabulary()
+    kv_heads = kv_heads or heads
+    head = embd // heads
+    dtype = np.float16 if f16 else np.float32
 
     def weight(*shape: int) -> np.ndarray:
         # numpy (rows, cols) is GGUF (cols, rows): llama.cpp's {n_in, n_out} for a matmul.
-        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        return (rng.standard_normal(shape) * 0.02).astype(dtype)
 
     def ones(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("hive tiny test model")
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     writer.add_context_length(context)
-    writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYERS)
-    writer.add_feed_forward_length(N_FF)
-    writer.add_head_count(N_HEAD)
-    writer.add_head_count_kv(N_HEAD)
-    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_embedding_length(embd)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("llama")
@@ -86,17 +102,19 @@ def write(path: Path, seed: int = 0, context: int = N_CTX) -> Path:
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 
-    writer.add_tensor("token_embd.weight", weight(len(tokens), N_EMBD))
-    for i in range(N_LAYERS):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones(N_EMBD))
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            writer.add_tensor(f"blk.{i}.{name}.weight", weight(N_EMBD, N_EMBD))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones(N_EMBD))
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(N_FF, N_EMBD))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(N_FF, N_EMBD))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(N_EMBD, N_FF))
-    writer.add_tensor("output_norm.weight", ones(N_EMBD))
-    writer.add_tensor("output.weight", weight(len(tokens), N_EMBD))
+    writer.add_tensor("token_embd.weight", weight(len(tokens), embd))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones(embd))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(embd, embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_heads * head, embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_heads * head, embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(embd, embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones(embd))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(ff, embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ff, embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(embd, ff))
+    writer.add_tensor("output_norm.weight", ones(embd))
+    writer.add_tensor("output.weight", weight(len(tokens), embd))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -18,13 +18,14 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from hive.api.errors import HTTP_CODES, wire
 from hive.api.keys import CONTEXT, LIMITER, SESSIONS
-from hive.errors import HiveError, InvalidRequest, NotAuthenticated, NotPermitted
+from hive.errors import HiveError, InvalidRequest, NoMemory, NotAuthenticated, NotPermitted
 from hive.models import ErrorBody, ErrorCode, ErrorDetail, Worker
 from hive.validation import field_errors
 from hive.workers.peers import worker_of_peer
@@ -43,11 +44,14 @@ def error_response(
     message: str,
     worker: Worker | None = None,
     fields: list[dict[str, str]] | None = None,
+    memory: dict[str, Any] | None = None,
 ) -> web.Response:
-    body = ErrorBody(error=ErrorDetail(code=code, message=message, worker=worker, fields=fields))
-    # Leave out ``worker`` and ``fields`` when absent, but keep a record's null fields: a worker
-    # in an error has every field of §4, as everywhere else.
-    unset = {name for name in ("worker", "fields") if getattr(body.error, name) is None}
+    detail = ErrorDetail(code=code, message=message, worker=worker, fields=fields, memory=memory)
+    body = ErrorBody(error=detail)
+    # Leave out ``worker``, ``fields`` and ``memory`` when absent, but keep a record's null
+    # fields: a worker in an error has every field of §4, as everywhere else.
+    absent = ("worker", "fields", "memory")
+    unset = {name for name in absent if getattr(body.error, name) is None}
     text = body.model_dump_json(exclude={"error": unset})
     return web.json_response(text=text, status=status)
 
@@ -56,7 +60,8 @@ def answer(error: HiveError, fields: list[dict[str, str]] | None = None) -> web.
     """The error as the API answers it: the status and code its cause has (see
     :mod:`hive.api.errors`), its message, and its worker when it has one."""
     status, code = wire(type(error))
-    return error_response(status, code, error.message, error.worker, fields)
+    memory = error.figures if isinstance(error, NoMemory) else None
+    return error_response(status, code, error.message, error.worker, fields, memory)
 
 
 def validation_message(exc: ValidationError) -> tuple[str, list[dict[str, str]]]:

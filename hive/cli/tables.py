@@ -126,6 +126,7 @@ def worker(w: Worker) -> str:
         ("rss", size(w.rss_bytes)),
         ("cpu", _opt(w.cpu_percent, "%")),
         ("gpu memory", _opt(w.gpu_memory_used_mib, " MiB")),
+        ("memory", _memory(w)),
         ("labels", ", ".join(f"{k}={v}" for k, v in w.labels.items()) or "-"),
         ("role", w.role),
         ("bootstrap port", _opt(w.bootstrap_port)),
@@ -154,6 +155,25 @@ def _startup(w: Worker) -> str:
         text = f"so far: {text}"
     after = [p for p in w.startup if p.phase == "register"]
     return text + "".join(f"; register {p.seconds:.2f}s" for p in after)
+
+
+def _memory(w: Worker) -> str:
+    """``812 MiB reserved (learned), peak 790 MiB; GPU 4096 MiB reserved per GPU, peak 3900
+    MiB``, and whether a stopped worker's reservation waits for its memory to be back."""
+    if w.memory_mib is not None:
+        text = f"{w.memory_mib} MiB reserved ({w.memory_source})"
+    else:
+        text = "none reserved"
+    if w.memory_peak_mib is not None:
+        text += f", peak {w.memory_peak_mib} MiB"
+    if w.gpus:
+        share = w.gpu_memory_mib
+        text += f"; GPU {share} MiB reserved per GPU" if share else "; GPUs held whole"
+        if w.gpu_memory_peak_mib is not None:
+            text += f", peak {w.gpu_memory_peak_mib} MiB"
+    if w.memory_held and w.state.value in ("stopped", "failed") and w.next_restart_at is None:
+        text += "; still held: its memory is not back yet"
+    return text
 
 
 def _cores(cores: Sequence[int]) -> str:

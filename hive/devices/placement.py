@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from hive.config import BackendConfig
 from hive.devices.cpu import CpuNode
 from hive.devices.gpu import GpuInfo, GpuSnapshot
+from hive.devices.host_memory import holds_memory
 from hive.errors import NoCapacity
 from hive.models import Entry, SpawnRequest, holds_resources
 
@@ -87,6 +88,10 @@ class Placer:
         ]
         return min(totals) if totals else None
 
+    def snapshot(self) -> GpuSnapshot:
+        """The latest GPU snapshot."""
+        return self._gpus()
+
     @property
     def usable_cores(self) -> list[int]:
         return sorted(c for node in self.nodes for c in node.cores)
@@ -98,11 +103,16 @@ class Placer:
         backend: BackendConfig,
         entries: Mapping[str, Entry],
         worker_id: str,
+        gpu_memory_mib: int | None = None,
     ) -> Placement:
+        """Where the worker runs. ``gpu_memory_mib`` stands in for a share the request does not
+        declare (learned or estimated: :mod:`hive.workers.memory_need`), so it shares a GPU."""
+        gpu_fields = spec.gpus is not None or spec.gpu_memory_mib is not None
+        if gpu_memory_mib is not None and spec.gpu_memory_mib is None:
+            spec = spec.model_copy(update={"gpu_memory_mib": gpu_memory_mib})
         device = spec.device
         explicit_gpu = device == "gpu" or device.startswith("GPU-")
         explicit_cpu = device == "cpu" or device.startswith("CPU-")
-        gpu_fields = spec.gpus is not None or spec.gpu_memory_mib is not None
         if explicit_gpu and backend.gpu is False:
             raise NoCapacity(f"device: backend {backend_name!r} runs on CPU only")
         if explicit_cpu and backend.gpu is True:
@@ -126,14 +136,16 @@ class Placer:
     def _gpu_use(self, entries: Mapping[str, Entry], worker_id: str) -> dict[str, _GpuUse]:
         use: dict[str, _GpuUse] = {}
         for other_id, entry in entries.items():
-            if other_id == worker_id or not holds_resources(entry.record):
+            if other_id == worker_id or not holds_memory(entry.record):
                 continue
+            # What it reserved: its declared share, or the figure that stood in for one.
+            share = entry.record.gpu_memory_mib or entry.spec.gpu_memory_mib
             for uuid in entry.record.gpus:
                 held = use.setdefault(uuid, _GpuUse())
-                if entry.spec.gpu_memory_mib is None:
+                if share is None:
                     held.whole.append(other_id)
                 else:
-                    held.shared[other_id] = entry.spec.gpu_memory_mib
+                    held.shared[other_id] = share
         return use
 
     def _foreign_mib(self, gpu: GpuInfo) -> int:
@@ -153,9 +165,10 @@ class Placer:
             if held.shared:
                 return -1, f"{gpu.id} is shared by {', '.join(held.shared)}"
             return free, f"{gpu.id}: {free}/{total} MiB free"
+        holders = "".join(f", {w} {mib}" for w, mib in sorted(held.shared.items()))
         detail = (
-            f"{gpu.id}: {free}/{total} MiB free ({held.declared} declared by hive's workers, "
-            f"{foreign} used by other processes), {wanted} MiB requested"
+            f"{gpu.id}: {free}/{total} MiB free ({held.declared} declared by hive's workers"
+            f"{holders}; {foreign} used by other processes), {wanted} MiB requested"
         )
         return (free - wanted if free >= wanted else -1), detail
 

@@ -6,8 +6,8 @@ may both call in; no method does I/O or waits while holding it. Records are froz
 models: a change swaps in a new record, so a record handed out is a consistent snapshot.
 
 Every change is told: a record appearing, changing state, changing any field but the hot ones
-(:data:`HOT_FIELDS`: the heartbeat time, the in-flight count and the usage figures, which change
-many times a second and which nobody waits on), and being forgotten. Changes get a sequence
+(:data:`HOT_FIELDS`: the heartbeat time, the in-flight count, the usage figures and the memory
+peaks, which change often and which nobody waits on), and being forgotten. Changes get a sequence
 number under the lock and are delivered in that order, in one place: on the event loop the
 registry was bound to (:meth:`Records.bind`), one hop per change whatever the number of
 subscribers, so a subscriber runs on the loop, never under the lock, and may act at once. Without
@@ -85,8 +85,11 @@ _FIELDS = frozenset(Worker.model_fields) - {"state"}
 #: Fields that change often and that nobody waits on: a write that changes only these is not
 #: told to subscribers (it is still stored, and read by the list, the record and the metrics).
 HOT_FIELDS = frozenset(
-    {"last_heartbeat_at", "in_flight", "rss_bytes", "cpu_percent", "gpu_memory_used_mib"}
-)
+    {
+        "last_heartbeat_at", "in_flight", "rss_bytes", "cpu_percent", "gpu_memory_used_mib",
+        "memory_peak_mib", "gpu_memory_peak_mib",
+    }
+)  # fmt: skip
 #: What a worker whose process is gone shows: no pid, nothing in flight, no usage figures.
 _ENDED: dict[str, Any] = {
     "pid": None,

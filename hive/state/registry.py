@@ -260,6 +260,30 @@ class Registry(Records):
                     }
             self.update_many(changes)
 
+    def memory_peaks(self, peaks: Mapping[str, tuple[int | None, int | None]]) -> None:
+        """The current attempts' measured peaks (host MiB, GPU MiB), for workers still live:
+        hot fields, stored without a change told (:mod:`hive.workers.memory`)."""
+        with self._lock:
+            self.update_many(
+                {
+                    worker_id: {"memory_peak_mib": host, "gpu_memory_peak_mib": gpu}
+                    for worker_id, (host, gpu) in peaks.items()
+                    if worker_id in self._entries
+                    and self._entries[worker_id].record.state in LIVE_STATES
+                }
+            )
+
+    def memory_released(self, worker_id: str) -> Worker | None:
+        """The worker's memory is back (or hive stopped waiting): its reservation no longer
+        counts. None if the worker is gone or runs again."""
+        with self._lock:
+            entry = self._entries.get(worker_id)
+            if entry is None or entry.record.state in LIVE_STATES:
+                return None
+            if not entry.record.memory_held:
+                return entry.record
+            return self.update(worker_id, memory_held=False)
+
 
 def _registered(
     record: Worker, routers: dict[str, str], phases: list[StartupPhase]

@@ -41,6 +41,7 @@ from hive.workers.engine_load import Load
 from hive.workers.launch import build_launch
 from hive.workers.listener import listener_check
 from hive.workers.logs import Logs
+from hive.workers.memory import MemoryWatch
 from hive.workers.phases import StartupClock
 from hive.workers.probes import Prober, WorkerProbes
 from hive.workers.progress import ProgressWatch, until_stalled
@@ -83,6 +84,8 @@ class Deps:
     #: How long hive itself did not run: every deadline of a worker leaves that out.
     watch: LoopWatch = field(default_factory=LoopWatch)
     closing: bool = False
+    #: Each attempt's memory peaks, and its reservation held until its memory is back.
+    memory: MemoryWatch | None = None
 
     def backend(self, name: str) -> BackendConfig | None:
         """A record's backend; None once a reload took it out of the configuration."""
@@ -207,6 +210,7 @@ class WorkerRun:
                     outcome = await self._supervise()
                 else:
                     outcome = Outcome.UNRUNNABLE if self._unrunnable else Outcome.FAILED
+            await self._attempt_over()
             decision = next_delay(
                 outcome, deps.registry.get(self.id), deps.config, self._backoff, time.monotonic()
             )
@@ -233,6 +237,21 @@ class WorkerRun:
                 outcome = Outcome.FAILED
                 continue
             await self._launch()
+
+    async def _attempt_over(self) -> None:
+        """Learn the attempt's memory (if it became ready), and hold its reservation until the
+        memory is back (:mod:`hive.workers.memory`), bounded by ``stop_timeout``."""
+        deps = self.deps
+        if deps.memory is None:
+            return
+        await self.swept()
+        leader = self.process.pid if self.process is not None else None
+        backend = deps.backend(deps.registry.get(self.id).backend)
+        bound = None if deps.closing else deps.config.stop_timeout
+        ready = self._ready.is_set()
+        if note := await deps.memory.attempt_over(self.id, self.key, leader, ready, backend, bound):
+            deps.logs.mark(self.id, note)
+            log.warning("worker %s: %s", self.id, note)
 
     def _reset_attempt(self) -> None:
         self.process = None
@@ -505,6 +524,8 @@ class WorkerRun:
         deps = self.deps
         await self._drain()
         timeout = self._stop_timeout if self._stop_timeout is not None else deps.config.stop_timeout
+        if deps.memory is not None:  # its last peak, before it is signalled
+            await deps.memory.sample(self.id)
         gone = await self._end_tree(timeout)
         code = self.process.returncode
         deps.logs.mark(self.id, f"stopped: {describe_exit(code)}")

@@ -34,12 +34,14 @@ from hive.models import (
     successor_id,
 )
 from hive.state.journal import Journal, JournalError
+from hive.state.memory_metrics import MemoryCollector
 from hive.state.metrics import Metrics
 from hive.state.registry import Registry
 from hive.upstream.router_sync import RouterSync
 from hive.workers.housekeeping import Housekeeping
 from hive.workers.launch import forget_workdir
 from hive.workers.logs import Logs
+from hive.workers.memory import Memory
 from hive.workers.ports import PortPool, ephemeral_overlap
 from hive.workers.probes import Prober
 from hive.workers.reservations import Reservations
@@ -81,20 +83,31 @@ class Supervisor:
         if (overlap := ephemeral_overlap(*config.port_range)) is not None:
             log.warning("%s", overlap)
         self.containment = containment
+        self.memory = Memory(
+            lambda: self._deps.config, registry, containment, placer.snapshot, config.state_path
+        )
+        reservations = Reservations(
+            placer, ports, config.worker_host, self.memory.sizing, self.memory.budget
+        )
         self._deps = Deps(
             config=config,
             registry=registry,
             spawner=Spawner(),
             logs=logs,
             prober=Prober(),
-            reservations=Reservations(placer, ports, config.worker_host),
+            reservations=reservations,
             api_url=api_url,
             containment=self.containment,
             journal=journal,
             upstream=upstream,
             metrics=metrics,
             watch=LoopWatch(metrics),
+            memory=self.memory.watch,
         )
+        if metrics is not None:
+            metrics.prometheus.register(
+                MemoryCollector(registry, self.memory.budget, self.memory.watch.cost)
+            )
         self._runs: dict[str, WorkerRun] = {}
         self._room = Room(logs.directory, config.state_path)
         self.housekeeping = Housekeeping(self)
@@ -116,6 +129,7 @@ class Supervisor:
         return self._deps.watch
 
     async def start(self) -> None:
+        await self.memory.start()
         self._deps.watch.start()
         await self._deps.prober.start()
         self.logs.start_keeper()
@@ -141,6 +155,7 @@ class Supervisor:
         await self.logs.stop_keeper()
         self._deps.spawner.close()
         self._deps.watch.close()
+        await self.memory.close()
 
     async def _end_leftovers(self, timeout: float = 10.0) -> None:
         """``on_exit = "stop"``: nothing of hive's is left running, whatever failed on the way
@@ -216,6 +231,7 @@ class Supervisor:
             replacing, generation = successor
             record_id = successor_id(replacing, generation)
         reservations = self._deps.reservations
+        await self.memory.prepare(spec, backend_name, backend)
 
         def build(entries: Mapping[str, Entry]) -> dict[str, Any]:
             if record_id in entries or (successor is None and _successor_of(worker_id, entries)):
@@ -307,9 +323,11 @@ class Supervisor:
             return None
         key = process_key(self.registry.get(worker_id))
         end_strays(self.containment, key, self.containment.members(key))
-        return self.registry.attempt_ended(
+        record = self.registry.attempt_ended(
             worker_id, State.STOPPED, exit_code=None, error="no process was being watched"
         )
+        self.registry.memory_released(worker_id)  # what ran is ended: nothing waits for it
+        return record
 
     async def restart(self, worker_id: str) -> Worker:
         """Stop the worker if it runs, then start it again (the same id, port when free)."""

@@ -60,6 +60,8 @@ class Takeover:
                 )
             elif adoption.resume:
                 run.resume_failed()
+            else:  # its process is gone, and no lifecycle will wait for its memory
+                registry.memory_released(record.id)
         for stray in decided.strays:
             log.warning(
                 "ending %d stray process(es) of worker %s (%s): %s",

@@ -163,7 +163,9 @@ async def test_tensor_parallel_takes_two(gpu_hive: GpuHive) -> None:
 
 async def test_worker_gpu_memory_rss_and_cpu_are_measured(gpu_hive: GpuHive) -> None:
     async with gpu_hive.hive.session() as s:
-        status, w = await spawn(s, id="measured", device="GPU-0")
+        # A model of its own: what it is seen to use is learned, and would stand in for the
+        # GPU share of later spawns of model "m" (docs/behaviour.md), which take GPUs whole here.
+        status, w = await spawn(s, id="measured", device="GPU-0", model="measured")
         assert status == 200
         gpu_hive.set(gpus(), [FakeProc(0, w["pid"], 1234)])
         try:
