@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from hive.cli import tables
 from hive.cli.args import OK, UsageError, print_json
@@ -63,6 +64,13 @@ def _where(args: argparse.Namespace) -> tuple[list[str], str]:
         raise UsageError(
             "no etcd to read: pass --etcd URL, set HIVE_ETCD, or give the config a [fleet] table"
         )
+    given = "--etcd" if args.etcd else "HIVE_ETCD" if os.environ.get("HIVE_ETCD") else "[fleet]"
+    for url in endpoints:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(
+                f"{given} {url!r} is not an etcd URL: use http://HOST:PORT or https://HOST:PORT"
+            )
     return endpoints, (prefix or "/hive").rstrip("/")
 
 
