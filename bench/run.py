@@ -28,6 +28,7 @@ from benchlib import TAG, EventStream, OtherLoad, bench_hive, log, remove_homes
 from figures.api import figures_api
 from figures.common import HIVE_MAIN_CONFIG, Figure, Popened, Settings, unavailable
 from figures.crash import crash_peers, figures_heartbeat_and_crash
+from figures.memory import figures_memory
 from figures.replace import figure_replace
 from figures.router import RouterDefaults, figure_router
 from figures.scale import figures_scale
@@ -140,6 +141,8 @@ async def bench(settings: Settings) -> dict[str, Any]:
                 return [await figure_replace(settings)]
 
             await guarded(figures, "8", "replace and drain under load", replace)
+        if "10" in settings.only:  # not by default: it needs llama-server (bench/README.md)
+            await guarded(figures, "10", "memory truth", lambda: figures_memory(settings))
         if "5" in settings.only:
             await guarded(figures, "5", "API", lambda: figures_api(settings, popened))
         if settings.only & {"6", "7"}:
