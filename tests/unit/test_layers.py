@@ -24,6 +24,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "hive.validation",
             "hive.timeouts",
             "hive.addresses",
+            "hive.engine_config",
+            "hive.tlsfiles",
         ),
     ),
     ("host", ("hive.host",)),
