@@ -26,6 +26,11 @@ from pydantic import (
 )
 
 from hive.config import RestartPolicy
+from hive.device_models import CpuDevice as CpuDevice
+from hive.device_models import Devices as Devices
+from hive.device_models import DeviceSummary
+from hive.device_models import GpuDevice as GpuDevice
+from hive.device_models import GpuProcess as GpuProcess
 from hive.engine_config import StartupPhase
 
 
@@ -298,51 +303,6 @@ class Heartbeat(BaseModel):
 
     state: Literal["ready", "busy"]
     in_flight: Annotated[int, Field(ge=0), NotBool] | None = None
-
-
-class CpuDevice(BaseModel):
-    id: str
-    cores: list[int]
-    memory_total_bytes: int | None
-    memory_available_bytes: int | None
-    load: float | None
-    workers: list[str] = []
-
-
-class GpuProcess(BaseModel):
-    pid: int
-    used_memory_mib: int | None
-
-
-class GpuDevice(BaseModel):
-    id: str
-    name: str | None
-    uuid: str
-    pci_bus_id: str | None
-    memory_total_mib: int | None
-    memory_used_mib: int | None
-    memory_free_mib: int | None
-    utilization_percent: int | None
-    temperature_c: int | None
-    power_w: float | None
-    cpu_affinity: list[int] = []
-    processes: list[GpuProcess] = []
-    healthy: bool = True
-    error: str | None = None
-    workers: list[str] = []
-
-
-class Devices(BaseModel):
-    cpus: list[CpuDevice]
-    gpus: list[GpuDevice]
-    gpu_error: str | None
-
-
-class DeviceSummary(BaseModel):
-    cpus: int
-    cores: int
-    gpus: int
-    gpu_error: str | None
 
 
 class FleetStatus(BaseModel):

@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "hive",
             "hive.config",
+            "hive.device_models",
             "hive.engine_config",
             "hive.errors",
             "hive.models",
