@@ -48,6 +48,20 @@ class HiveConnectionError(HiveClientError):
         self.url, self.reason = url, reason
 
 
+class HiveNotHiveError(HiveClientError):
+    """What answers at ``url`` is not hive: it sent an HTML page, or no JSON where hive always
+    sends it. One sentence, whatever the page held."""
+
+    def __init__(
+        self, url: str, request: str, status: int, what: str, expected: str = "JSON"
+    ) -> None:
+        super().__init__(
+            f"{url} is not hive: it answered {request} with {what} (HTTP {status}), "
+            f"where hive answers {expected}"
+        )
+        self.url, self.status = url, status
+
+
 class HiveURLError(HiveClientError, ValueError):
     """A URL that is not one of the forms hive answers on (see :data:`URL_FORMS`)."""
 
@@ -193,15 +207,26 @@ class HiveClient:
             async with self._http().request(
                 method, self._base + path, params=query, json=json
             ) as response:
-                if response.content_type == "application/json":
-                    body = await response.json()
-                else:
-                    body = await response.text()
+                body = await self._body(response, f"{method} {path}")
                 if response.status >= 400:
                     raise _api_error(response.status, body)
                 return response.status, body
         except aiohttp.ClientConnectionError as exc:
             raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None
+
+    async def _body(self, response: aiohttp.ClientResponse, request: str) -> Any:
+        """JSON, or text where hive sends text (logs); an HTML page, JSON that does not parse,
+        or an error without hive's JSON is :class:`HiveNotHiveError`."""
+        kind = response.content_type
+        if kind == "application/json":
+            try:
+                return await response.json()
+            except ValueError:
+                raise HiveNotHiveError(self.url, request, response.status, "broken JSON") from None
+        if kind == "text/html" or response.status >= 400:
+            what = "an HTML page" if kind == "text/html" else kind or "a body of no type"
+            raise HiveNotHiveError(self.url, request, response.status, what)
+        return await response.text()
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -312,12 +337,8 @@ class HiveClient:
             async with self._http().get(
                 url, params={"tail": str(tail), "follow": "true"}
             ) as response:
-                if response.status >= 400:
-                    body = (
-                        await response.json()
-                        if response.content_type == "application/json"
-                        else await response.text()
-                    )
+                if response.status >= 400 or response.content_type == "text/html":
+                    body = await self._body(response, f"GET {url.removeprefix(self._base)}")
                     raise _api_error(response.status, body)
                 async for chunk in response.content.iter_any():
                     yield chunk
@@ -341,7 +362,12 @@ class HiveClient:
         try:
             async with self._http().get(f"{self._base}/v1/events", headers=headers) as response:
                 if response.status >= 400:
-                    raise _api_error(response.status, await response.json())
+                    raise _api_error(response.status, await self._body(response, "GET /v1/events"))
+                if response.content_type != "text/event-stream":
+                    what = response.content_type or "a body of no type"
+                    raise HiveNotHiveError(
+                        self.url, "GET /v1/events", response.status, what, "an event stream"
+                    )
                 parser = SSEParser()
                 async for raw in response.content:
                     for event in parser.feed(raw):
