@@ -115,6 +115,7 @@ def field_errors(
     top: str,
     drop_type_tags: bool = True,
     model: type[BaseModel] | None = None,
+    unknown_first: bool = False,
 ) -> list[tuple[str, str]]:
     """Each bad field of ``exc``, in order, as (dotted field, sentence).
 
@@ -123,8 +124,11 @@ def field_errors(
     sentence. With ``drop_type_tags`` (the default) the field leaves out the names of union
     arms, so that ``cpus`` is ``cpus`` and not ``cpus.list[...]``. With ``model`` (the model
     that was validated), an unknown key comes with the nearest known one: ``did you mean``.
+    With ``unknown_first``, unknown keys come first: for a caller that says only the first
+    error, ``modl = "m"`` is the typo to fix, not the ``model`` it left out.
     """
     merged: dict[str, list[str]] = {}
+    unknown: set[str] = set()
     for item in exc.errors():
         parts = [str(p) for p in item["loc"]]
         if drop_type_tags:
@@ -138,10 +142,15 @@ def field_errors(
             field, message = general, FIELD_SENTENCES[general]
         elif item["type"] == "extra_forbidden" and model is not None and parts:
             message += _suggestion(parts[-1], _known_keys(model, parts[:-1]))
+        if item["type"] == "extra_forbidden":
+            unknown.add(field or top)
         merged.setdefault(field or top, [])
         if message not in merged[field or top]:
             merged[field or top].append(message)
-    return [(field, _join(field, messages)) for field, messages in merged.items()]
+    ordered = list(merged.items())
+    if unknown_first:
+        ordered.sort(key=lambda pair: pair[0] not in unknown)
+    return [(field, _join(field, messages)) for field, messages in ordered]
 
 
 def _join(field: str, messages: list[str]) -> str:

@@ -58,7 +58,8 @@ def parse_workers(items: Any, where: str, source: str) -> list[Declared]:
         try:
             spec = DeclaredWorker.model_validate(item)
         except ValidationError as exc:
-            field, message = field_errors(exc, top="(worker)", model=DeclaredWorker)[0]
+            errors = field_errors(exc, top="(worker)", model=DeclaredWorker, unknown_first=True)
+            field, message = errors[0]
             raise DeclarationError(f"{where}: {name}: {field}: {message}") from None
         if spec.id in seen:
             raise DeclarationError(f"{where}: {name}: id: declared twice")
