@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hive.cli import tables
-from hive.cli.args import OK, UsageError, print_json
+from hive.cli.args import OK, UsageError, err, print_json
 from hive.client import HiveClient, HiveClientError
 from hive.config import ConfigError, load_config
 from hive.desired.declared import read_paths
@@ -204,6 +204,13 @@ async def _apply(etcd: Etcd, prefix: str, args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     base = f"{prefix}/desired/{args.node}/"
     _, current = await etcd.range(base)
+    _, nodes = await etcd.range(f"{prefix}/nodes/")
+    names = sorted(key.removeprefix(f"{prefix}/nodes/") for key in nodes)
+    if args.node not in names:  # a typo, a hive that is down, or one that has not joined yet
+        err(
+            f"warning: no node {args.node!r} is up in the fleet (up: {', '.join(names) or 'none'}"
+            f"); its desired set is written, and runs when a hive of that name joins"
+        )
     wanted = {
         base + item.spec.id: json.dumps(
             item.spec.model_dump(mode="json", by_alias=True, exclude_unset=True), sort_keys=True
