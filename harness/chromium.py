@@ -3,7 +3,7 @@
 Debian's ``chromium`` is started headless on a free loopback port with a fresh profile, the
 flags that keep it off the network (this machine has none), and ``--no-sandbox`` as root. One
 page target is opened; :meth:`Browser.evaluate` runs JavaScript in it and returns the value,
-:meth:`Browser.screenshot` writes a PNG.
+:meth:`Browser.screenshot` writes a PNG (at the width :meth:`Browser.viewport` sets).
 """
 
 from __future__ import annotations
@@ -122,6 +122,16 @@ class Browser:
                 return None  # mid-navigation: the page is being replaced
 
         return await async_wait_for(holds, timeout=timeout, what=what or expression)
+
+    async def viewport(self, width: int, height: int = 900) -> None:
+        """Lay the page out as on a screen ``width`` CSS pixels wide (a phone: 390)."""
+        await self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=width < 600,
+        )
 
     async def screenshot(self, path: Path) -> Path:
         result = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
