@@ -21,11 +21,16 @@ async def cmd_events(client: HiveClient, args: argparse.Namespace) -> int:
     """Each event a line until hive goes away: then a sentence with the ``--since`` that picks
     up where this left off, exit 1 (not a reconnection: a script sees hive went away)."""
     last: str | None = args.since
+    lines = EventLines()
     try:
         async for event in client.events(args.since):
             last = event.get("event_id") or last
-            _print_event(event, args.json)
+            if args.json:
+                print(json.dumps(event), flush=True)
+            else:
+                lines.feed(event)
     except HiveConnectionError as exc:
+        lines.flush()
         if last is None and exc.reason != CLOSED_MID_STREAM:  # never reached: main says so
             raise
         since = f"hive events --since {last}" if last else "hive events"
@@ -37,24 +42,75 @@ async def cmd_events(client: HiveClient, args: argparse.Namespace) -> int:
     return OK
 
 
-def _print_event(event: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(event), flush=True)
-    elif event.get("reset"):
-        print("(the events missed are not held: the current state follows)", flush=True)
-    else:
-        worker = event["worker"]
-        if event.get("snapshot"):  # the current state, after a reset
-            change, detail = f"is {event['to']}", ""
-        elif "changed" in event:  # a change of fields, the state as it was
-            change = f"{event['to']}: {', '.join(event['changed']) or 'changed'}"
-            shown = event["changed"][:1] == ["error"] and worker["error"]
-            detail = f"  {worker['error']}" if shown else ""
+class EventLines:
+    """Events as lines. A replacement's hand-over is one line: the old worker's stop and end
+    while its successor serves (its record's ``replacement`` is set) are held, and the
+    successor's promotion (``renamed_to``) and its appearance under the id print as
+    ``ID  handed over to generation N (ID~N), ready``, where they read as an outage. Held lines
+    print as they were if the promotion never comes (the stream ends first)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, list[str]] = {}
+        self.appearing: set[str] = set()
+
+    def feed(self, event: dict[str, Any]) -> None:
+        worker_id, worker = event.get("id"), event.get("worker") or {}
+        if event.get("renamed_to"):
+            new = event["renamed_to"]
+            self.held.pop(new, None)
+            self.appearing.add(new)
+            state = worker.get("state", "?")
+            change = f"handed over to generation {worker.get('generation')} ({worker_id}), {state}"
+            print(f"{event['seq']:>6}  {event['at']}  {new}  {change}", flush=True)
+        elif event.get("from") is None and worker_id in self.appearing:
+            self.appearing.discard(worker_id)  # the successor under the id: said above
+        elif self._handing_over(event):
+            self.held.setdefault(worker_id, []).append(_event_line(event))
         else:
-            change = f"{event['from'] or '-'} -> {event['to'] or 'forgotten'}"
-            failed = event["to"] == "failed" and worker["error"]
-            detail = f"  {worker['error']}" if failed else ""
-        print(f"{event['seq']:>6}  {event['at']}  {event['id']}  {change}{detail}", flush=True)
+            if event.get("to") is None and worker.get("replacing") in self.held:
+                self._print(self.held.pop(worker["replacing"]))  # abandoned: it goes on
+            self._print(self.held.pop(worker_id, []))  # no longer replaced: what was held
+            self._print([_event_line(event)])
+
+    @staticmethod
+    def _handing_over(event: dict[str, Any]) -> bool:
+        """The old worker of a replacement is stopped, stops or ends (its successor serves by
+        then): any change of it once it is no longer wanted, or once it is down."""
+        worker = event.get("worker") or {}
+        ending = worker.get("desired") == "stopped" or event.get("to") in ("stopped", None)
+        return (
+            bool(worker.get("replacement"))
+            and ending
+            and "from" in event
+            and not (event.get("reset") or event.get("snapshot"))
+        )
+
+    @staticmethod
+    def _print(lines: list[str]) -> None:
+        for line in lines:
+            print(line, flush=True)
+
+    def flush(self) -> None:
+        for lines in self.held.values():
+            self._print(lines)
+        self.held.clear()
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    if event.get("reset"):
+        return "(the events missed are not held: the current state follows)"
+    worker = event["worker"]
+    if event.get("snapshot"):  # the current state, after a reset
+        change, detail = f"is {event['to']}", ""
+    elif "changed" in event:  # a change of fields, the state as it was
+        change = f"{event['to']}: {', '.join(event['changed']) or 'changed'}"
+        shown = event["changed"][:1] == ["error"] and worker["error"]
+        detail = f"  {worker['error']}" if shown else ""
+    else:
+        change = f"{event['from'] or '-'} -> {event['to'] or 'forgotten'}"
+        failed = event["to"] == "failed" and worker["error"]
+        detail = f"  {worker['error']}" if failed else ""
+    return f"{event['seq']:>6}  {event['at']}  {event['id']}  {change}{detail}"
 
 
 async def cmd_devices(client: HiveClient, args: argparse.Namespace) -> int:
