@@ -42,7 +42,7 @@ from hive.devices.host_memory import default_budget, host_total_mib
 from hive.host.containment import Cgroups, Containment
 from hive.models import LIVE_STATES, SpawnRequest, State, Worker, process_key
 from hive.state.memory_book import MemoryBook
-from hive.state.registry import Registry
+from hive.state.registry import Change, Registry
 from hive.workers.memory_need import Sizing
 
 log = logging.getLogger("hive.memory")
@@ -52,13 +52,18 @@ MIB = 1024 * 1024
 
 @dataclass
 class _Attempt:
-    """What the meter knows of one worker's current attempt."""
+    """What the meter knows of one worker's current attempt, kept up to date from the
+    registry's changes (so that a tick looks at no record)."""
 
     leader: int
+    key: str
+    #: Sampled every ``period``: it starts, or it is on a GPU; else every ``idle_period``.
+    often: bool = True
+    live: bool = True
     host_kib: int = 0
     gpu_mib: int = 0
     gpu_pids: set[int] = field(default_factory=set)
-    sampled_at: float = 0.0
+    due_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +75,12 @@ class _Due:
 
 class MemoryWatch:
     """Samples the peaks of running workers, learns them, and releases reservations once the
-    memory is back. The samples read ``/proc`` and cgroup files: always in a thread."""
+    memory is back. The samples read ``/proc`` and cgroup files: always in a thread. Which
+    workers run, and how often each is due, it hears from the registry's changes."""
 
-    #: Seconds between samples of a starting worker or one on a GPU; of every other one.
+    #: Seconds between samples of a starting worker or one on a GPU (NVML says what a process
+    #: uses now, not its peak: a peak between two samples is missed); of every other one, whose
+    #: peak the kernel keeps meanwhile (``VmHWM``, ``memory.peak``).
     period, idle_period = 1.0, 30.0
 
     def __init__(
@@ -88,6 +96,7 @@ class MemoryWatch:
         self.sizing = sizing
         self._attempts: dict[str, _Attempt] = {}
         self._task: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
         #: Samples taken and seconds spent in them, for the bench's figure of the cost.
         self.samples, self.sample_seconds = 0, 0.0
 
@@ -96,15 +105,37 @@ class MemoryWatch:
         return self.samples, self.sample_seconds
 
     def start(self) -> None:
+        for record in self.registry.list():
+            self._heard(record.id, record)
+        self._unsubscribe = self.registry.subscribe(self._on_change)
         self._task = asyncio.create_task(self._loop(), name="hive-memory")
 
     async def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     # -- sampling ------------------------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        if change.to is None:
+            self._attempts.pop(change.id, None)  # forgotten (a successor: it comes back)
+        else:
+            self._heard(change.id, change.worker)
+
+    def _heard(self, worker_id: str, record: Worker) -> None:
+        attempt = self._attempts.get(worker_id)
+        if record.state not in LIVE_STATES or record.pid is None:
+            if attempt is not None:
+                attempt.live = False  # kept: its GPU pids, for the wait until it is released
+            return
+        if attempt is None or attempt.leader != record.pid:
+            attempt = self._attempts[worker_id] = _Attempt(record.pid, process_key(record))
+        attempt.live = True
+        attempt.often = record.state == State.STARTING or bool(record.gpus)
 
     async def _loop(self) -> None:
         while True:
@@ -119,37 +150,18 @@ class MemoryWatch:
 
     def _due(self, at: float) -> list[_Due]:
         due: list[_Due] = []
-        live: set[str] = set()
-        for record in self.registry.list():
-            if record.state not in LIVE_STATES or record.pid is None:
-                continue
-            live.add(record.id)
-            attempt = self._attempts.get(record.id)
-            if attempt is None or attempt.leader != record.pid:
-                attempt = self._attempts[record.id] = _Attempt(record.pid)
-            if at - attempt.sampled_at >= self._period_of(record):
-                due.append(_Due(record.id, process_key(record), record.pid))
-        for gone in self._attempts.keys() - live:
-            if gone not in self.registry:
-                del self._attempts[gone]  # forgotten; a stopped one keeps its GPU pids
+        for worker_id, attempt in self._attempts.items():
+            if attempt.live and attempt.due_at <= at:
+                attempt.due_at = at + (self.period if attempt.often else self.idle_period)
+                due.append(_Due(worker_id, attempt.key, attempt.leader))
         return due
-
-    def _period_of(self, record: Worker) -> float:
-        """Every ``period`` while it starts, and always on a GPU (NVML says what a process uses
-        now, not its peak: a peak between two samples is missed); else the kernel keeps the
-        peak (``VmHWM``, ``memory.peak``), and ``idle_period`` is enough."""
-        if record.state == State.STARTING or record.gpus:
-            return self.period
-        return self.idle_period
 
     async def sample(self, worker_id: str) -> None:
         """Sample one worker now (before a stop signals it: its last peak)."""
         record = self.registry.get(worker_id)
         if record.pid is None or record.state not in LIVE_STATES:
             return
-        attempt = self._attempts.get(worker_id)
-        if attempt is None or attempt.leader != record.pid:
-            self._attempts[worker_id] = _Attempt(record.pid)
+        self._heard(worker_id, record)
         with contextlib.suppress(OSError, psutil.Error):
             await asyncio.to_thread(
                 self._sample, [_Due(worker_id, process_key(record), record.pid)]
@@ -165,7 +177,6 @@ class MemoryWatch:
                 on_gpu[process.pid] = on_gpu.get(process.pid, 0) + (process.used_memory_mib or 0)
         children = self._children() if not isinstance(self.containment, Cgroups) else None
         grew: dict[str, tuple[int | None, int | None]] = {}
-        at = time.monotonic()
         for item in due:
             attempt = self._attempts.get(item.worker_id)
             if attempt is None or attempt.leader != item.leader:
@@ -174,7 +185,6 @@ class MemoryWatch:
             gpu_pids = pids & on_gpu.keys()
             gpu_mib = sum(on_gpu[pid] for pid in gpu_pids)
             attempt.gpu_pids |= gpu_pids
-            attempt.sampled_at = at
             if host_kib > attempt.host_kib or gpu_mib > attempt.gpu_mib:
                 attempt.host_kib = max(attempt.host_kib, host_kib)
                 attempt.gpu_mib = max(attempt.gpu_mib, gpu_mib)
