@@ -8,6 +8,7 @@ file means every default. Directories come from platformdirs, so ``XDG_CONFIG_HO
 from __future__ import annotations
 
 import os
+import re
 import string
 import tomllib
 import warnings
@@ -15,7 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hive.addresses import http_url
 from hive.engine_config import (
@@ -170,6 +179,13 @@ class FleetConfig(BaseModel):
     #: Seconds this node's lease lives without a renewal: a dead hive's node and workers leave
     #: the fleet view this long after it died.
     lease_ttl: Annotated[int, Field(ge=2, le=3600)] = 10
+    #: What this node offers, for deployments' ``node_labels`` (published with the node).
+    labels: dict[str, str] = {}
+    #: Campaign to be the fleet's scheduler (one hive at a time is, elected through etcd).
+    schedule: StrictBool = True
+    #: Seconds a node may be gone from etcd (its lease expired) before the scheduler places its
+    #: replicas on other nodes.
+    reschedule_after: Annotated[float, Field(ge=0, le=86400)] = 60.0
     #: TLS towards etcd: the CA that signed etcd's certificate, and this client's own.
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -182,6 +198,18 @@ class FleetConfig(BaseModel):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"{url!r} must be an http:// or https:// URL")
         return endpoints
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", key):
+                raise ValueError(
+                    f"label key {key!r}: letters, digits, '.', '_', '/' and '-', at most 128"
+                )
+            if len(value) > 256 or any(c in value for c in "\x00\r\n"):
+                raise ValueError(f"label {key!r}: a value of at most 256 characters on one line")
+        return labels
 
     @field_validator("prefix")
     @classmethod

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hive.cli import tables
+from hive.cli import fleet_deploy, tables
 from hive.cli.args import OK, UsageError, err, print_json
 from hive.client import HiveClient, HiveClientError
 from hive.config import ConfigError, load_config
@@ -45,6 +45,7 @@ def add_commands(command: Command, json_help: str) -> None:
         "-f", "--file", dest="files", action="append", required=True, type=Path,
         metavar="FILE|DIR", help="a TOML file of [[workers]], or a directory of them (repeat)",
     )  # fmt: skip
+    fleet_deploy.add_commands(sub, json_help)
 
 
 def _where(args: argparse.Namespace) -> tuple[list[str], str]:
@@ -108,19 +109,27 @@ async def cmd_fleet(client: HiveClient, args: argparse.Namespace) -> int:
     try:
         if args.fleet_command == "apply":
             return await _apply(etcd, prefix, args)
+        if args.fleet_command in fleet_deploy.COMMANDS:
+            return await fleet_deploy.run(etcd, prefix, args)
         fleet = await _read(etcd, prefix)
+        view = await fleet_deploy.view_of(etcd, prefix) if args.fleet_command == "ls" else None
     except EtcdError as exc:
         raise HiveClientError(str(exc)) from None  # exit 1, the reason on one line
     finally:
         await etcd.close()
     if args.fleet_command == "ls":
-        return _ls(fleet, args.json)
+        assert view is not None
+        _ls(fleet, args.json, view[0].cordoned)
+        if not args.json and view[0].deployments:
+            print()
+            fleet_deploy.deployments(*view, False)
+        return OK
     if args.fleet_command == "show":
         return _show(fleet, args.node, args.json)
     return _devices(fleet, args.json)
 
 
-def _ls(fleet: dict[str, Any], as_json: bool) -> int:
+def _ls(fleet: dict[str, Any], as_json: bool, cordoned: dict[str, bool]) -> int:
     if as_json:
         print_json(
             {
@@ -133,9 +142,12 @@ def _ls(fleet: dict[str, Any], as_json: bool) -> int:
     for name, f in sorted(fleet.items()):
         node = f["node"] or {}
         gpus = len((node.get("devices") or {}).get("gpus") or [])
+        state = "up" if f["node"] is not None else "down"
+        if name in cordoned:
+            state += ",draining" if cordoned[name] else ",cordoned"
         rows.append([
             name,
-            "up" if f["node"] is not None else "down",
+            state,
             node.get("version", "-"),
             node.get("api_url") or "-",
             _counts(f["workers"]),

@@ -41,7 +41,9 @@ from typing import Any, Literal
 from hive.config import FleetConfig
 from hive.desired.declared import parse_workers
 from hive.desired.etcd import Etcd, delete_op, put_op
+from hive.desired.node_doc import publishing
 from hive.desired.reconcile import Reconciler
+from hive.desired.scheduler import Scheduler
 from hive.desired.watch import DesiredWatch
 from hive.errors import DeclarationError, EtcdError
 from hive.models import FleetStatus, Worker
@@ -49,11 +51,15 @@ from hive.state.registry import Change, Registry, now
 
 log = logging.getLogger("hive.fleet")
 
-#: Record fields left out of etcd: they change with each heartbeat or usage refresh, and the
-#: node's API has them live.
+#: Record fields left out of etcd: they change with each heartbeat or usage refresh (the peaks
+#: too, while a worker's use grows), and the node's API has them live. A node at rest writes
+#: nothing but its lease's keep-alives.
 VOLATILE = frozenset(
-    {"last_heartbeat_at", "in_flight", "rss_bytes", "cpu_percent", "gpu_memory_used_mib"}
-)
+    {
+        "last_heartbeat_at", "in_flight", "rss_bytes", "cpu_percent", "gpu_memory_used_mib",
+        "memory_peak_mib", "gpu_memory_peak_mib",
+    }
+)  # fmt: skip
 #: Source of the workers that etcd's desired set declares.
 ETCD_SOURCE = "etcd:"
 
@@ -93,8 +99,16 @@ class Fleet:
         self.node = node_name(config)
         self.registry = registry
         self.reconciler = reconciler
-        self.node_value = node_value
+        # Stable figures only, and what the scheduler places by (hive.desired.node_doc).
+        self.node_value = publishing(
+            node_value, registry, lambda: reconciler.supervisor.config, config
+        )
         self.etcd = Etcd(config.endpoints, ssl_context(config))
+        #: With ``schedule``: this hive campaigns to be the fleet's scheduler, under its lease.
+        self.scheduler: Scheduler | None = None
+        if config.schedule:
+            etcd = Etcd(config.endpoints, ssl_context(config))
+            self.scheduler = Scheduler(config, self.node, etcd, self._held_lease)
         prefix = config.prefix
         self.node_key = f"{prefix}/nodes/{self.node}"
         self.workers_prefix = f"{prefix}/workers/{self.node}/"
@@ -119,6 +133,10 @@ class Fleet:
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe: Callable[[], None] | None = None
 
+    def _held_lease(self) -> int | None:
+        """The lease, while this hive holds the node's name under it."""
+        return self.lease if self.claim == "held" else None
+
     @property
     def watch_restarts(self) -> int:
         return self.watch.restarts
@@ -133,6 +151,8 @@ class Fleet:
             asyncio.create_task(self._publish_loop(), name="hive-fleet-publish"),
             asyncio.create_task(self._reconcile_loop(), name="hive-fleet-reconcile"),
         ]
+        if self.scheduler is not None:
+            self.scheduler.start()
         log.info("fleet: node %s in etcd at %s", self.node, ", ".join(self.config.endpoints))
 
     async def close(self) -> None:
@@ -140,6 +160,8 @@ class Fleet:
         another hive holds is not this hive's to give up)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self.scheduler is not None:  # first: it writes nothing more; the revocation frees
+            await self.scheduler.close()  # its key for another hive at once
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
