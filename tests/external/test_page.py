@@ -269,7 +269,7 @@ async def test_figures_are_bars_of_the_workers_shares_and_fit_a_phone(
                 f"!!document.querySelector('{cells}')", what=f"bar-c's {column} bar"
             )
         # The CPU node's load has its unit, as the CLI's 100.0% has.
-        load = await browser.evaluate("document.querySelector('[data-cpu]').textContent")
+        load = await browser.evaluate("document.querySelector('#cpus .card').textContent")
         assert re.search(r"load \d+(\.\d)?%", load), load
 
         # A phone: nothing is wider than the screen; the worker table stacks.
@@ -315,7 +315,7 @@ async def _stale_after_sigkill(hive: Hive, browser: Browser) -> None:
     await hive.spawn({"model": "demo-cpu", "id": "st-a", "restart": "no"}, wait=True)
     await hive.spawn({"model": "demo-cpu", "id": "st-b", "restart": "no"}, wait=True)
     await _open(browser, hive)
-    cpu_card = "document.querySelector('[data-cpu]').textContent"
+    cpu_card = "document.querySelector('#cpus .card').textContent"
     await browser.until(f"{cpu_card}.includes('st-a')", what="st-a on the CPU card")
 
     # A stopped worker is off the CPU card's running workers, and the table says stopped.
@@ -325,6 +325,15 @@ async def _stale_after_sigkill(hive: Hive, browser: Browser) -> None:
     await browser.until(f"!{cpu_card}.includes('st-b')", what="st-b off the CPU card")
     banner = "document.getElementById('stale-banner')"
     assert await browser.evaluate(f"!{banner} || {banner}.hidden") is True
+
+    # Frozen (the connection held, nothing answered): stale too, and fresh once it answers.
+    hive.signal(signal.SIGSTOP)
+    try:
+        await browser.until(f"{banner} && !{banner}.hidden", what="the banner while hive is frozen")
+    finally:
+        hive.signal(signal.SIGCONT)
+    await browser.until(f"{banner}.hidden", what="the banner gone once hive answers")
+    assert await browser.evaluate("document.body.classList.contains('stale')") is False
 
     hive.kill()  # SIGKILL: no goodbye on the event stream, the connection just ends
     text = await browser.until(
@@ -344,3 +353,6 @@ async def _stale_after_sigkill(hive: Hive, browser: Browser) -> None:
         " '::after').content])"
     )
     assert labels and all(label == '"stale"' for label in labels), labels
+    shots = os.environ.get("HIVE_SCREENSHOTS")
+    path = await browser.screenshot((Path(shots) if shots else hive.home) / "status-page-stale.png")
+    assert path.stat().st_size > 10_000
