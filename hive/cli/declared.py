@@ -58,6 +58,7 @@ def add_commands(command: Command, json_help: str) -> None:
     p.add_argument("--gpus", type=int, metavar="N", help="how many GPUs")
     p.add_argument("--cpus", type=_cpus, help="a count of cores, or core ids like 0-3,8")
     p.add_argument("--gpu-memory", type=int, metavar="MIB", help="share a GPU: the MiB it may use")
+    p.add_argument("--memory", type=int, metavar="MIB", help="host memory to reserve")
     p.add_argument(
         "--env", type=_pair, action="append", default=[], metavar="K=V",
         help="its environment variables, all of them (repeat)",
@@ -149,6 +150,7 @@ async def cmd_replace(client: HiveClient, args: argparse.Namespace) -> int:
         ("gpus", args.gpus),
         ("cpus", args.cpus),
         ("gpu_memory_mib", args.gpu_memory),
+        ("memory_mib", args.memory),
         ("restart", args.restart),
     ):
         if value is not None:

@@ -80,6 +80,9 @@ def build_parser() -> Parser:
     p.add_argument("--gpus", type=int, metavar="N", help="how many GPUs (default 1 on a GPU)")
     p.add_argument("--cpus", type=_cpus, help="a count of cores, or core ids like 0-3,8")
     p.add_argument("--gpu-memory", type=int, metavar="MIB", help="share a GPU: the MiB it may use")
+    p.add_argument(
+        "--memory", type=int, metavar="MIB", help="host memory to reserve (default: as learned)"
+    )
     p.add_argument("--port", type=int, help="its port (default: one from port_range)")
     p.add_argument(
         "--label", type=_pair, action="append", default=[], metavar="K=V", help="a label (repeat)"

@@ -100,6 +100,7 @@ async def _report_start(client: HiveClient, record: Worker, as_json: bool) -> in
 _FLAGS = {
     "model": "MODEL",
     "gpu_memory_mib": "--gpu-memory",
+    "memory_mib": "--memory",
     "labels": "--label",
     "register": "--no-register",
     "args": "the arguments after --",
@@ -122,6 +123,7 @@ async def cmd_spawn(client: HiveClient, args: argparse.Namespace) -> int:
         ("gpus", args.gpus),
         ("cpus", args.cpus),
         ("gpu_memory_mib", args.gpu_memory),
+        ("memory_mib", args.memory),
         ("port", args.port),
         ("restart", args.restart),
         ("id", args.id),

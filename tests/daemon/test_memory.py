@@ -148,3 +148,14 @@ async def test_memory_mib_is_validated(hive: Hive) -> None:
             status, body = await _post(s, {"memory_mib": bad})
             assert status == 422, body
             assert "memory_mib" in body["error"]["message"]
+
+
+async def test_the_cli_declares_memory(hive: Hive) -> None:
+    spawned = hive.cli("spawn", "m", "--memory", "64", "--id", "by-cli", "--restart", "no")
+    assert spawned.returncode == 0, spawned.stderr
+    async with hive.session() as s:
+        assert (await record(s, "by-cli"))["memory_mib"] == 64
+        await _delete(s, "by-cli")
+    refused = hive.cli("spawn", "m", "--memory", "5000", "--id", "too-big")
+    assert refused.returncode == 1
+    assert "needs 5000 MiB of host memory (declared)" in refused.stderr
