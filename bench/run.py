@@ -28,6 +28,7 @@ from benchlib import TAG, EventStream, OtherLoad, bench_hive, log, remove_homes
 from figures.api import figures_api
 from figures.common import HIVE_MAIN_CONFIG, Figure, Popened, Settings, unavailable
 from figures.crash import crash_peers, figures_heartbeat_and_crash
+from figures.fleet import figures_fleet
 from figures.memory import figures_memory
 from figures.replace import figure_replace
 from figures.router import RouterDefaults, figure_router
@@ -147,6 +148,8 @@ async def bench(settings: Settings) -> dict[str, Any]:
             await guarded(figures, "5", "API", lambda: figures_api(settings, popened))
         if settings.only & {"6", "7"}:
             await guarded(figures, "6", "scale and overhead", lambda: figures_scale(settings))
+        if "9" in settings.only:
+            await guarded(figures, "9", "fleet scheduler", lambda: figures_fleet(settings))
 
         if peer is not None and peer_task is not None:
             peer.finishing.set()

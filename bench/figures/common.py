@@ -46,6 +46,8 @@ class Settings:
     router_peer_samples: int
     router_peer_stagger: float
     router_peer_cap: float
+    fleet: tuple[int, ...]
+    fleet_rest: float
     only: frozenset[str]
     out: Path
     pyspy: Path | None
@@ -54,7 +56,8 @@ class Settings:
     def from_env(cls) -> Settings:
         quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
         scale = os.environ.get("BENCH_SCALE", "") or ("20,50" if quick else "200,1000")
-        only = os.environ.get("BENCH_ONLY", "") or "1,2,3,4,5,6,7,8"
+        only = os.environ.get("BENCH_ONLY", "") or "1,2,3,4,5,6,7,8,9"
+        fleet = os.environ.get("BENCH_FLEET", "") or ("20,50" if quick else "100,300,1000")
         out = os.environ.get("BENCH_OUT", "") or str(
             BENCH / ("results-quick.json" if quick else "results.json")
         )
@@ -73,6 +76,8 @@ class Settings:
             router_peer_samples=_env_int("BENCH_ROUTER_PEER_SAMPLES", 3 if quick else 30),
             router_peer_stagger=_env_float("BENCH_ROUTER_PEER_STAGGER", 0 if quick else 60),
             router_peer_cap=_env_float("BENCH_ROUTER_PEER_CAP", 0 if quick else 240),
+            fleet=tuple(int(x) for x in fleet.split(",") if x.strip()),
+            fleet_rest=_env_float("BENCH_FLEET_REST", 10 if quick else 60),
             only=frozenset(x.strip() for x in only.split(",")),
             out=Path(out),
             pyspy=Path(pyspy).resolve() if pyspy else None,
