@@ -136,6 +136,10 @@ def _matches(
 class Records:
     """Worker records, the transition table, filters and ordered change notifications: the
     storage under one lock. :class:`Registry` adds the named operations hive writes through.
+
+    About 300 lines: every write under the lock (add, restore, transition, update, remove,
+    expire) and the delivery of what it changed read best beside each other, since the order
+    of sequence numbers and of delivery is one promise they keep together.
     """
 
     def __init__(self, retention: float = 3600.0) -> None:
