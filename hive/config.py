@@ -27,15 +27,7 @@ from pydantic import (
 )
 
 from hive.addresses import http_url
-from hive.engine_config import (
-    DEMO_PHASES,
-    LLAMA_SERVER_PHASES,
-    SGLANG_PHASES,
-    VLLM_PHASES,
-    VLLM_PROGRESS,
-    LoadConfig,
-    PhasePattern,
-)
+from hive.engine_config import BUILTIN_BACKENDS, LoadConfig, PhasePattern
 from hive.errors import ConfigError, UnknownBackend
 from hive.validation import field_errors
 
@@ -47,7 +39,7 @@ APP = "hive"
 #: Names a backend ``command`` may use as ``{placeholder}``.
 PLACEHOLDERS = frozenset(
     {
-        "model", "port", "host", "python", "id", "device", "gpus", "ncpus", "state_dir",
+        "model", "port", "host", "python", "id", "device", "gpus", "ncpus", "cpus", "state_dir",
         "bootstrap_port", "role", "gpu_memory_mib", "gpu_memory_fraction",
     }
 )  # fmt: skip
@@ -85,8 +77,14 @@ class BackendConfig(BaseModel):
     #: port is held by one of its own processes (:mod:`hive.workers.listener`); ``false`` for
     #: an engine whose port another process holds for it (a container engine's port proxy).
     listener_check: bool = True
-    gpu: bool | Literal["optional"] = "optional"
+    #: GPUs only (true), the CPU only (false), a GPU with room else the CPU ("optional"), or a
+    #: GPU whenever the host has one, else the CPU ("auto"): docs/configuration.md.
+    gpu: bool | Literal["optional", "auto"] = "optional"
     env: dict[str, str] = {}
+    #: Arguments (after ``role_args``) and environment (after ``env``, with placeholders) by
+    #: the kind of device the worker was placed on: how this engine runs there.
+    device_args: dict[Literal["cpu", "gpu"], list[str]] = {}
+    device_env: dict[Literal["cpu", "gpu"], dict[str, str]] = {}
     #: Once ready, the health path is probed every ``liveness_period`` seconds; this many
     #: failures in a row make the worker ``failed``.
     liveness_period: Annotated[float, Field(gt=0)] = 10.0
@@ -131,17 +129,24 @@ class BackendConfig(BaseModel):
             return Path(self.api_key_file).read_text().strip() or None
         return self.api_key
 
-    @field_validator("role_args")
+    @field_validator("role_args", "device_args")
     @classmethod
-    def _role_placeholders(cls, role_args: dict[str, list[str]]) -> dict[str, list[str]]:
-        for args in role_args.values():
+    def _role_placeholders(cls, table: dict[str, list[str]]) -> dict[str, list[str]]:
+        for args in table.values():
             cls._known_placeholders(args)
-        return role_args
+        return table
 
     @field_validator("share_args")
     @classmethod
     def _share_placeholders(cls, args: list[str]) -> list[str]:
         return cls._known_placeholders(args)
+
+    @field_validator("device_env")
+    @classmethod
+    def _env_placeholders(cls, table: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for env in table.values():
+            cls._known_placeholders(list(env.values()))
+        return table
 
     @field_validator("command")
     @classmethod
@@ -228,80 +233,6 @@ class RouterConfig(BaseModel):
     url: str
     api_key: str = ""
     advertise_host: str = "127.0.0.1"
-
-
-#: Backends every hive knows. A ``[backends.NAME]`` table in the file overrides them key by key.
-BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
-    "demo": {
-        "command": ["{python}", "-m", "hive.demo_worker", "--port", "{port}", "--model", "{model}"],
-        "role_args": {
-            "prefill": ["--role", "prefill", "--bootstrap-port", "{bootstrap_port}"],
-            "decode": ["--role", "decode"],
-        },
-        "load": {"path": "/v1/loads?include=core", "format": "sglang"},
-        "startup_phases": DEMO_PHASES,
-        "health_path": "/health",
-        "startup_timeout": 120,
-        "gpu": "optional",
-    },
-    "vllm": {
-        "command": [
-            "vllm", "serve", "{model}",
-            "--served-model-name", "{model}",
-            "--host", "{host}", "--port", "{port}",
-            "--tensor-parallel-size", "{gpus}",
-        ],
-        "share_args": ["--gpu-memory-utilization", "{gpu_memory_fraction}"],
-        "load": {
-            "path": "/metrics",
-            "format": "prometheus",
-            "running": ["vllm:num_requests_running"],
-            "waiting": ["vllm:num_requests_waiting"],
-            "progress": VLLM_PROGRESS,
-        },
-        "startup_phases": VLLM_PHASES,
-        "health_path": "/health",
-        "startup_timeout": 1200,
-        "gpu": True,
-    },
-    "sglang": {
-        "command": [
-            "{python}", "-m", "sglang.launch_server",
-            "--model-path", "{model}",
-            "--served-model-name", "{model}",
-            "--host", "{host}", "--port", "{port}",
-            "--tp-size", "{gpus}",
-        ],
-        "share_args": ["--mem-fraction-static", "{gpu_memory_fraction}"],
-        "load": {"path": "/v1/loads?include=core", "format": "sglang"},
-        "startup_phases": SGLANG_PHASES,
-        # Its /health otherwise runs a one-token generation, which waits behind running work.
-        "env": {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"},
-        "role_args": {
-            "prefill": [
-                "--disaggregation-mode", "prefill",
-                "--disaggregation-bootstrap-port", "{bootstrap_port}",
-            ],
-            "decode": ["--disaggregation-mode", "decode"],
-        },
-        "health_path": "/health",
-        "startup_timeout": 1200,
-        "gpu": True,
-    },
-    "llama-server": {
-        "command": [
-            "llama-server", "--model", "{model}",
-            "--alias", "{model}",
-            "--host", "{host}", "--port", "{port}",
-            "--threads", "{ncpus}",
-        ],
-        "load": {"path": "/slots", "format": "llama-server"},
-        "startup_phases": LLAMA_SERVER_PHASES,
-        "health_path": "/health",
-        "startup_timeout": 600,
-        "gpu": "optional",
-    },
-}  # fmt: skip
 
 
 def _listen(value: str) -> str:

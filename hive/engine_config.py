@@ -1,6 +1,7 @@
 """What hive reads of an engine, as a backend configures it: its load and progress
 (``[backends.NAME.load]``) and the log lines that end its start-up phases
-(``startup_phases``), with the built-in values for the engines hive knows.
+(``startup_phases``), with the built-in values for the engines hive knows, and the built-in
+backends themselves (``BUILTIN_BACKENDS``, the templates of docs/backends.md).
 
 Kept out of :mod:`hive.config` (which re-exports :class:`LoadConfig`) so that the engines'
 habits, which change with their versions, are found in one place.
@@ -9,7 +10,7 @@ habits, which change with their versions, are found in one place.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -130,3 +131,81 @@ VLLM_PROGRESS = [
     "vllm:prompt_tokens_total",
     "vllm:iteration_tokens_total_count",
 ]
+
+
+#: Backends every hive knows. A ``[backends.NAME]`` table in the file overrides them key by key.
+BUILTIN_BACKENDS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "command": ["{python}", "-m", "hive.demo_worker", "--port", "{port}", "--model", "{model}"],
+        "role_args": {
+            "prefill": ["--role", "prefill", "--bootstrap-port", "{bootstrap_port}"],
+            "decode": ["--role", "decode"],
+        },
+        "load": {"path": "/v1/loads?include=core", "format": "sglang"},
+        "startup_phases": DEMO_PHASES,
+        "health_path": "/health",
+        "startup_timeout": 120,
+        "gpu": "optional",
+    },
+    "vllm": {
+        "command": [
+            "vllm", "serve", "{model}",
+            "--served-model-name", "{model}",
+            "--host", "{host}", "--port", "{port}",
+        ],
+        "device_args": {"gpu": ["--tensor-parallel-size", "{gpus}"]},
+        # CPU build: a 4 GiB KV cache (unset: 92 % of the host's memory), threads on its cores.
+        "device_env": {
+            "cpu": {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "{cpus}"}
+        },
+        "share_args": ["--gpu-memory-utilization", "{gpu_memory_fraction}"],
+        "load": {
+            "path": "/metrics",
+            "format": "prometheus",
+            "running": ["vllm:num_requests_running"],
+            "waiting": ["vllm:num_requests_waiting"],
+            "progress": VLLM_PROGRESS,
+        },
+        "startup_phases": VLLM_PHASES,
+        "health_path": "/health",
+        "startup_timeout": 1200,
+        "gpu": "auto",
+    },
+    "sglang": {
+        "command": [
+            "{python}", "-m", "sglang.launch_server",
+            "--model-path", "{model}",
+            "--served-model-name", "{model}",
+            "--host", "{host}", "--port", "{port}",
+            "--tp-size", "{gpus}",
+        ],
+        "share_args": ["--mem-fraction-static", "{gpu_memory_fraction}"],
+        "load": {"path": "/v1/loads?include=core", "format": "sglang"},
+        "startup_phases": SGLANG_PHASES,
+        # Its /health otherwise runs a one-token generation, which waits behind running work.
+        "env": {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"},
+        "role_args": {
+            "prefill": [
+                "--disaggregation-mode", "prefill",
+                "--disaggregation-bootstrap-port", "{bootstrap_port}",
+            ],
+            "decode": ["--disaggregation-mode", "decode"],
+        },
+        "health_path": "/health",
+        "startup_timeout": 1200,
+        "gpu": True,
+    },
+    "llama-server": {
+        "command": [
+            "llama-server", "--model", "{model}",
+            "--alias", "{model}",
+            "--host", "{host}", "--port", "{port}",
+            "--threads", "{ncpus}",
+        ],
+        "load": {"path": "/slots", "format": "llama-server"},
+        "startup_phases": LLAMA_SERVER_PHASES,
+        "health_path": "/health",
+        "startup_timeout": 600,
+        "gpu": "optional",
+    },
+}  # fmt: skip

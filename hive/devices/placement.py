@@ -9,6 +9,10 @@ share a GPU while the declared sum fits in the GPU's memory minus what processes
 hive's workers already use. ``gpus: N`` picks N healthy GPUs with the most free memory,
 preferring GPUs on one NUMA node. A GPU worker without ``cpus`` runs on its GPUs' local cores
 (NVML's CPU affinity); with ``cpus`` it reserves cores, the GPUs' local ones first.
+
+Which kind of device, for ``device: auto``: the backend's ``gpu`` says. ``true``: a GPU;
+``false``: the CPU; ``"optional"``: a GPU with room, else the CPU; ``"auto"``: a GPU whenever the
+host has one (no room there is an error), the CPU on a host without any.
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ class Placer:
         if explicit_gpu or (device == "auto" and (backend.gpu is True or gpu_fields)):
             self._some_gpu(spec, backend_name, backend)
             return self._place_gpu(spec, entries, worker_id)
+        if device == "auto" and backend.gpu == "auto" and self._gpus().gpus:
+            return self._place_gpu(spec, entries, worker_id)  # "auto": the host has GPUs
         if device == "auto" and backend.gpu == "optional":
             try:
                 return self._place_gpu(spec, entries, worker_id)

@@ -40,6 +40,22 @@ def memory_fraction(share_mib: int | None, total_mib: int | None) -> str:
     return f"{math.floor(min(share_mib / total_mib, 1.0) * 1000) / 1000:.3f}"
 
 
+def cpulist(cores: list[int]) -> str:
+    """Core ids in the kernel's cpulist form, as taskset, numactl and vLLM read it: ``0-3,8``."""
+    spans: list[list[int]] = []
+    for core in sorted(set(cores)):
+        if spans and core == spans[-1][1] + 1:
+            spans[-1][1] = core
+        else:
+            spans.append([core, core])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def device_kind(record: Worker) -> str:
+    """``gpu`` for a worker given GPUs, else ``cpu``: which ``device_args``/``device_env`` apply."""
+    return "gpu" if record.gpus else "cpu"
+
+
 def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
@@ -66,6 +82,7 @@ def placeholders(
         "device": record.device,
         "gpus": str(len(record.gpus)),
         "ncpus": str(len(record.cpus)),
+        "cpus": cpulist(record.cpus),
         "state_dir": str(config.state_path),
         "role": record.role,
         "bootstrap_port": str(record.bootstrap_port or ""),
@@ -91,20 +108,26 @@ def build_launch(
 ) -> Launch:
     """argv, environment, log file and cores for the next attempt of ``entry``'s worker.
 
-    The environment is hive's own (less :data:`SCRUBBED_ENV`), then the backend's ``env``, then
-    the request's, then what hive tells every worker (``HIVE_*``, ``CUDA_VISIBLE_DEVICES``),
-    with the containment tag (``HIVE_INSTANCE``, ``HIVE_WORKER_ID``, ``HIVE_ATTEMPT``) that
-    every descendant inherits.
+    argv is the backend's ``command``, its ``role_args`` for the worker's role, its
+    ``device_args`` for the kind of device it was placed on, its ``share_args`` when it holds a
+    share of a GPU, then the request's ``args``. The environment is hive's own (less
+    :data:`SCRUBBED_ENV`), then the backend's ``env`` and its ``device_env`` for the device,
+    then the request's, then what hive tells every worker (``HIVE_*``,
+    ``CUDA_VISIBLE_DEVICES``), with the containment tag (``HIVE_INSTANCE``, ``HIVE_WORKER_ID``,
+    ``HIVE_ATTEMPT``) that every descendant inherits.
     """
     record, spec = entry.record, entry.spec
     values = placeholders(entry, config, gpu_total_mib, backend.venv)
+    kind = device_kind(record)
     command = [*backend.command, *backend.role_args.get(record.role, [])]
+    command += backend.device_args.get(kind, [])
     if values["gpu_memory_mib"]:
         command += backend.share_args
     argv = [arg.format_map(values) for arg in command] + list(spec.args)
     inherited = os.environ if environ is None else environ
     env = {k: v for k, v in inherited.items() if k not in SCRUBBED_ENV}
     env.update(backend.env)
+    env.update({k: v.format_map(values) for k, v in backend.device_env.get(kind, {}).items()})
     env.update(spec.env)
     env.update(
         {

@@ -173,13 +173,13 @@ def test_field_errors_of_the_whole_input_name_the_field_their_message_starts_wit
 
 
 def test_field_errors_keeps_or_drops_the_names_of_union_arms() -> None:
-    exc = _error(Config, {"backends": {"demo": {"gpu": 5}}})  # gpu: bool | "optional"
+    exc = _error(Config, {"backends": {"demo": {"gpu": 5}}})  # gpu: bool | "optional" | "auto"
     assert [field for field, _ in field_errors(exc, top="", drop_type_tags=False)] == [
         "backends.demo.gpu.bool",
-        "backends.demo.gpu.literal['optional']",
+        "backends.demo.gpu.literal['optional','auto']",
     ]
     assert field_errors(exc, top="") == [
-        ("backends.demo.gpu", "must be true or false, or 'optional'")
+        ("backends.demo.gpu", "must be true or false, or 'optional' or 'auto'")
     ]
     # A list index is part of the field, not a type tag.
     exc = _error(SpawnRequest, {"model": "m", "args": ["ok", "a\nb"]})
