@@ -83,6 +83,8 @@ def hive(vllm: Path, router: Router, tmp_path_factory: pytest.TempPathFactory) -
         # The built-in backend runs `vllm` by name: the installed one first on hive's PATH.
         "PATH": f"{vllm.parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
         "VLLM_CACHE_ROOT": str(cache),
+        # Each start leaves a vllm_dist_* file (its rendezvous) in the temp dir: not in /tmp.
+        "TMPDIR": str(cache),
         "VLLM_NO_USAGE_STATS": "1",
         "HF_HUB_OFFLINE": "1",
     }
