@@ -313,9 +313,8 @@ class WorkerRun:
             self._fail(error, None)
             self._unrunnable = exc.errno in _UNRUNNABLE
             return
+        # A change like any other: the journal hears it and writes the pid soon.
         deps.registry.attempt_started(self.id, self.process.pid)
-        if deps.journal is not None:
-            deps.journal.mark()  # the pid must reach the disk before anything else can happen
         log.info("worker %s started, pid %d", self.id, self.process.pid)
 
     async def _supervise(self) -> Outcome:

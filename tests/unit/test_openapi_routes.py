@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from hive.api.app import create_app
-from hive.api.routes import operations
+from hive.api.app import create_app, operations
 from hive.context import Context
 
 
