@@ -405,3 +405,10 @@ def _copy_data(source: int, target: int, start: int, end: int, base: int) -> Non
                 return
             os.pwrite(target, chunk, position - base)
             position += len(chunk)
+
+
+def shares_log(worker_id: str, ids: Iterable[str]) -> bool:
+    """True while another of ``ids`` writes in this worker's log: a replacement's successor
+    (``web~2`` writes on in ``web``'s log), or the worker it replaces."""
+    base = base_id(worker_id)
+    return any(other != worker_id and base_id(other) == base for other in ids)

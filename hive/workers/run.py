@@ -8,9 +8,8 @@ operations. Each attempt waits for the first of:
 - the worker becoming ready (its readiness probe answers 2xx, or it heartbeats ``ready``),
 - the startup timeout, a hang (no heartbeat for ``heartbeat_timeout``), a failed liveness probe,
 - a stop request (out of the routers first, then drained, then SIGTERM and SIGKILL).
-
-Then :func:`hive.workers.restart.next_delay` says whether and when the next attempt starts. This and
-the supervisor are the only code that touches worker processes.
+Then :func:`hive.workers.restart.next_delay` says whether and when the next attempt starts.
+This and the supervisor are the only code that touches worker processes.
 """
 
 from __future__ import annotations
@@ -21,33 +20,28 @@ import logging
 import os
 import time
 from asyncio import FIRST_COMPLETED
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from hive.config import BackendConfig, Config
+from hive.config import BackendConfig
 from hive.errors import CapacityError, PortTaken, UnknownBackend
-from hive.host.containment import Containment, ContainmentError, Group
-from hive.host.process import Process, Spawner, describe_exit, terminate
-from hive.models import State, base_id, process_key
-from hive.state.journal import Journal
-from hive.state.metrics import Metrics
-from hive.state.registry import Registry, now
+from hive.host.containment import ContainmentError, Group
+from hive.host.process import Process, describe_exit, terminate
+from hive.models import State, process_key
+from hive.state.registry import now
 from hive.timeouts import within
-from hive.upstream.router_sync import RouterSync
 from hive.workers import cause
+from hive.workers.deps import Deps
 from hive.workers.engine_load import Load
 from hive.workers.launch import build_launch
 from hive.workers.listener import listener_check
-from hive.workers.logs import Logs
-from hive.workers.memory import MemoryWatch
+from hive.workers.logs import shares_log
 from hive.workers.phases import StartupClock
-from hive.workers.probes import Prober, WorkerProbes
+from hive.workers.probes import WorkerProbes
 from hive.workers.progress import ProgressWatch, until_stalled
-from hive.workers.reservations import Reservations
 from hive.workers.restart import Backoff, Outcome, next_delay
-from hive.workers.stall import HangTimer, LoopWatch
+from hive.workers.stall import HangTimer
 
 log = logging.getLogger("hive.lifecycle")
 
@@ -61,38 +55,6 @@ def _age(at: datetime | None) -> float | None:
 _UNRUNNABLE = frozenset(
     {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR, errno.ELOOP}
 )
-
-
-@dataclass
-class Deps:
-    """What every worker's lifecycle shares; built once by the supervisor.
-
-    ``config`` is swapped on reload and ``closing`` set at shut-down, so runs read them here.
-    """
-
-    config: Config
-    registry: Registry
-    spawner: Spawner
-    logs: Logs
-    prober: Prober
-    reservations: Reservations
-    api_url: str
-    containment: Containment
-    journal: Journal | None = None
-    upstream: RouterSync | None = None
-    metrics: Metrics | None = None
-    #: How long hive itself did not run: every deadline of a worker leaves that out.
-    watch: LoopWatch = field(default_factory=LoopWatch)
-    closing: bool = False
-    #: Each attempt's memory peaks, and its reservation held until its memory is back.
-    memory: MemoryWatch | None = None
-
-    def backend(self, name: str) -> BackendConfig | None:
-        """A record's backend; None once a reload took it out of the configuration."""
-        try:
-            return self.config.backend(name)
-        except UnknownBackend:
-            return None
 
 
 class WorkerRun:
@@ -281,7 +243,9 @@ class WorkerRun:
         attempt = entry.record.restarts + 1
         deps.logs.mark(self.id, f"attempt {attempt}: {' '.join(launch.argv)}")
         age, path = _age(entry.record.created_at) or 0.0, deps.logs.path(self.id)
-        self._startup.launch(age, path, backend.startup_phases, shared=self._log_shared())
+        self._startup.launch(
+            age, path, backend.startup_phases, shared=shares_log(self.id, deps.registry.ids())
+        )
         try:
             deps.containment.prepare(self.key)
         except OSError as exc:
@@ -412,7 +376,7 @@ class WorkerRun:
         code = process.returncode
         path, kills = deps.logs.path(self.id), partial(deps.containment.oom_kills, self.key)
         oom, last = await asyncio.to_thread(cause.explain, self._attempt, code, path, kills)
-        if self._log_shared():  # its last lines may be another process's: none is quoted
+        if shares_log(self.id, deps.registry.ids()):  # its last lines may be another's: none quoted
             last = None
         wanted = deps.registry.get(self.id).desired == "running" and not self._stop.is_set()
         error = cause.error_of_exit(code, wanted, oom, last)
@@ -427,14 +391,6 @@ class WorkerRun:
             deps.metrics.crash_detection.observe(time.monotonic() - process.exited_at)
         self._sweep()
         return Outcome.FAILED
-
-    def _log_shared(self) -> bool:
-        """True while another process writes in this worker's log: a replacement's successor
-        (``web~2`` writes on in ``web``'s log), or the worker it replaces."""
-        base = base_id(self.id)
-        return any(
-            other != self.id and base_id(other) == base for other in self.deps.registry.ids()
-        )
 
     async def swept(self) -> None:
         """Until the last attempt's sweep is over (bounded: SIGTERM, 1 s, SIGKILL, 1 s) or a

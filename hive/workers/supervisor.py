@@ -38,6 +38,7 @@ from hive.state.memory_metrics import MemoryCollector
 from hive.state.metrics import Metrics
 from hive.state.registry import Registry
 from hive.upstream.router_sync import RouterSync
+from hive.workers.deps import Deps
 from hive.workers.housekeeping import Housekeeping
 from hive.workers.launch import forget_workdir
 from hive.workers.logs import Logs
@@ -46,7 +47,7 @@ from hive.workers.ports import PortPool, ephemeral_overlap
 from hive.workers.probes import Prober
 from hive.workers.reservations import Reservations
 from hive.workers.room import Room
-from hive.workers.run import Deps, WorkerRun
+from hive.workers.run import WorkerRun
 from hive.workers.stall import LoopWatch
 
 log = logging.getLogger("hive.supervisor")

@@ -26,11 +26,12 @@ from hive.models import SpawnRequest, State, Worker
 from hive.state.journal import Saved
 from hive.state.registry import Registry, now
 from hive.workers.adoption import GONE_ERROR, plan, reattach
+from hive.workers.deps import Deps
 from hive.workers.logs import Logs
 from hive.workers.ports import PortPool
 from hive.workers.probes import Prober
 from hive.workers.reservations import Reservations
-from hive.workers.run import Deps, WorkerRun
+from hive.workers.run import WorkerRun
 
 PY = sys.executable
 #: A worker that serves a health page on its port (the directory listing of /).
