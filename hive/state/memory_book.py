@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class MemoryBook:
         self.path = path
         self._entries: dict[str, dict[str, Any]] = {}
         self._writer: asyncio.Task[None] | None = None
+        self._write_lock = threading.Lock()
         self._changed: asyncio.Event | None = None
 
     # -- reading -------------------------------------------------------------------------------
@@ -110,7 +112,10 @@ class MemoryBook:
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
         if self._changed.is_set():
-            await asyncio.to_thread(self._write, self._snapshot())
+            try:
+                await asyncio.to_thread(self._write, self._snapshot())
+            except OSError as exc:  # shutdown goes on; the figures are learned again
+                log.warning("cannot write %s: %s", self.path, exc.strerror or exc)
 
     async def _write_loop(self) -> None:
         assert self._changed is not None
@@ -128,10 +133,12 @@ class MemoryBook:
         return json.dumps({"version": 1, "entries": self._entries}, indent=1).encode()
 
     def _write(self, data: bytes) -> None:
-        """Atomically: a temporary file, fsync, rename over the old one."""
-        partial = self.path.with_name(f".{self.path.name}.partial")
-        with open(partial, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        partial.replace(self.path)
+        """Atomically: a temporary file, fsync, rename over the old one. One write at a time:
+        a write cancelled at shutdown still runs in its thread while the last one starts."""
+        with self._write_lock:
+            partial = self.path.with_name(f".{self.path.name}.partial")
+            with open(partial, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            partial.replace(self.path)
