@@ -146,3 +146,15 @@ def test_no_import_cycle() -> None:
         if module not in state:
             walk(module, [module])
     assert cycles == []
+
+
+def test_no_caller_marks_the_journal() -> None:
+    """Issue 24: the journal hears every change from the registry; nobody pokes it by hand."""
+    callers = [
+        f"{module_name(p)}:{n}"
+        for p in ROOT.rglob("*.py")
+        if p.name != "journal.py"
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "journal.mark(" in line
+    ]
+    assert callers == []
