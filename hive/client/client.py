@@ -466,18 +466,3 @@ def _api_error(status: int, body: Any) -> HiveAPIError:
         worker = Worker.model_validate(error["worker"]) if error.get("worker") else None
         return HiveAPIError(status, error.get("code", "?"), error.get("message", ""), worker)
     return HiveAPIError(status, "http", f"HTTP {status}: {str(body)[:200]}")
-
-
-__all__ = [
-    "URL_FORMS",
-    "HiveAPIError",
-    "HiveClient",
-    "HiveClientError",
-    "HiveConnectionError",
-    "HiveURLError",
-    "check_url",
-    "default_token",
-    "default_url",
-    "default_url_from",
-    "local_config",
-]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,3 +100,14 @@ def snapshot(
             )
         )
     return devices
+
+
+def cpulist(cores: Iterable[int]) -> str:
+    """Core ids in the kernel's cpulist form, as taskset, numactl and vLLM read it: ``0-3,8``."""
+    spans: list[list[int]] = []
+    for core in sorted(set(cores)):
+        if spans and core == spans[-1][1] + 1:
+            spans[-1][1] = core
+        else:
+            spans.append([core, core])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

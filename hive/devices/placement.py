@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from hive.config import BackendConfig
-from hive.devices.cpu import CpuNode
+from hive.devices.cpu import CpuNode, cpulist
 from hive.devices.gpu import GpuInfo, GpuSnapshot
 from hive.devices.host_memory import holds_memory
 from hive.errors import NoCapacity
@@ -42,14 +42,8 @@ def _cores(cores: list[int] | tuple[int, ...]) -> str:
 
 
 def _ranges(cores: Iterable[int]) -> str:
-    """Core ids as a cpulist: ``0-3,8``."""
-    spans: list[list[int]] = []
-    for core in sorted(set(cores)):
-        if spans and core == spans[-1][1] + 1:
-            spans[-1][1] = core
-        else:
-            spans.append([core, core])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) or "none"
+    """Core ids as a cpulist (``0-3,8``), or ``none``."""
+    return cpulist(cores) or "none"
 
 
 def _no_such_cores(missing: list[int], usable: Iterable[int]) -> NoCapacity:

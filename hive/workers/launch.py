@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from hive.config import BackendConfig, Config
+from hive.devices.cpu import cpulist
 from hive.host.containment import ATTEMPT_ENV, INSTANCE_ENV, WORKER_ENV
 from hive.host.process import Launch
 from hive.models import Entry, Worker, base_id, process_key
@@ -38,17 +39,6 @@ def memory_fraction(share_mib: int | None, total_mib: int | None) -> str:
     if not share_mib or not total_mib:
         return ""
     return f"{math.floor(min(share_mib / total_mib, 1.0) * 1000) / 1000:.3f}"
-
-
-def cpulist(cores: list[int]) -> str:
-    """Core ids in the kernel's cpulist form, as taskset, numactl and vLLM read it: ``0-3,8``."""
-    spans: list[list[int]] = []
-    for core in sorted(set(cores)):
-        if spans and core == spans[-1][1] + 1:
-            spans[-1][1] = core
-        else:
-            spans.append([core, core])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def device_kind(record: Worker) -> str:

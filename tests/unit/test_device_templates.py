@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from hive.config import BackendConfig, Config, parse_config
-from hive.devices.cpu import CpuNode
+from hive.devices.cpu import CpuNode, cpulist
 from hive.devices.gpu import GpuInfo, GpuSnapshot
 from hive.devices.placement import Placer
 from hive.errors import ConfigError, NoCapacity
 from hive.models import Entry, SpawnRequest, State, Worker
 from hive.state.registry import now
-from hive.workers.launch import build_launch, cpulist
+from hive.workers.launch import build_launch
 
 NODES = [CpuNode("CPU-0", 0, (0, 1, 2, 3))]
 AUTO = BackendConfig(command=["x"], gpu="auto")
