@@ -374,11 +374,14 @@ class ErrorBody(BaseModel):
 
 
 def _replace_fields() -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for name, info in SpawnRequest.model_fields.items():
-        if name != "id":
-            fields[name] = (info.annotation | None, Field(None, alias=info.alias))
-    return fields
+    """Each spawn field but ``id``, left out by default, typed as the spawn request types it:
+    ``null`` only where that takes it (a pinned port cleared), so the schema says what the route
+    accepts (a null model was schema-valid and answered 422)."""
+    return {
+        name: (info.annotation, Field(None, alias=info.alias))
+        for name, info in SpawnRequest.model_fields.items()
+        if name != "id"
+    }
 
 
 class _Changes(BaseModel):

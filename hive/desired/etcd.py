@@ -14,6 +14,7 @@ key that is not UTF-8 still comes through, and goes back to etcd as the same byt
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
@@ -78,6 +79,10 @@ class Event:
     revision: int
 
 
+#: What an etcd member answers while its cluster elects a leader: worth trying again soon.
+_ELECTING = ("leader changed", "no leader")
+
+
 class Etcd:
     """One etcd cluster, by its client URLs (tried in turn until one answers)."""
 
@@ -100,24 +105,39 @@ class Etcd:
             await self._session.close()
 
     async def call(self, path: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-        """POST one gateway request, trying each endpoint from the one that last answered."""
-        errors = []
-        for i in range(len(self.endpoints)):
-            index = (self._current + i) % len(self.endpoints)
-            url = f"{self.endpoints[index]}{path}"
-            try:
-                async with self._http().post(
-                    url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
-                ) as response:
-                    data = await response.json(content_type=None)
-                    if response.status >= 400:
-                        message = data.get("message") or data.get("error") or response.reason
-                        raise EtcdError(f"{url}: {message}")
-                    self._current = index
-                    return dict(data)
-            except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
-                errors.append(f"{self.endpoints[index]}: {type(exc).__name__}: {exc}".rstrip(": "))
-        raise EtcdError("etcd unreachable: " + "; ".join(errors))
+        """POST one gateway request, trying each endpoint from the one that last answered.
+
+        A member that answers while its cluster elects a leader (``leader changed``, ``no
+        leader``) is passed over like one that does not answer, and the round is tried again
+        twice, a quarter and a half second later: the election takes about that long. Every
+        request hive sends is safe to send again (a put of the same value, a transaction whose
+        compare fails once applied, a lease that expires unused)."""
+        errors: list[str] = []
+        for round_ in range(3):
+            if round_:
+                await asyncio.sleep(0.25 * round_)
+            for i in range(len(self.endpoints)):
+                index = (self._current + i) % len(self.endpoints)
+                url = f"{self.endpoints[index]}{path}"
+                try:
+                    async with self._http().post(
+                        url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+                    ) as response:
+                        data = await response.json(content_type=None)
+                        if response.status >= 400:
+                            message = data.get("message") or data.get("error") or response.reason
+                            if any(word in str(message) for word in _ELECTING):
+                                errors.append(f"{url}: {message}")
+                                continue
+                            raise EtcdError(f"{url}: {message}")
+                        self._current = index
+                        return dict(data)
+                except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+                    what = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                    errors.append(f"{self.endpoints[index]}: {what}")
+            if not any(any(word in e for word in _ELECTING) for e in errors):
+                break  # nobody is electing: unreachable, and waiting will not help now
+        raise EtcdError("etcd unreachable: " + "; ".join(errors[-len(self.endpoints) :]))
 
     # -- leases ----------------------------------------------------------------------------------
 
