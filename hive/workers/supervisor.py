@@ -152,7 +152,9 @@ class Supervisor:
         await asyncio.gather(*(run.task for run in runs if run.task), return_exceptions=True)
         if not detach:
             await self._end_leftovers()
-            self.containment.close()
+        # Detached too: the empty worker cgroups go, and hive's own once nothing is left in it
+        # (a worker that runs on keeps its cgroup, and so the base stays).
+        self.containment.close()
         await self._deps.prober.close()
         await self.logs.stop_keeper()
         self._deps.spawner.close()
