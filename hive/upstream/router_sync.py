@@ -71,7 +71,7 @@ class _Router:
 class RouterSync:
     """One reconcile loop per router, plus immediate register/remove on registry changes.
 
-    About 300 lines: registration, removal, the jobs that follow both and the reconcile loop
+    About 340 lines: registration, removal, the jobs that follow both and the reconcile loop
     share one per-router state, kept in one class so that no two paths can post the same job.
     """
 

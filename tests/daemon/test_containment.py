@@ -17,29 +17,13 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
+from containments import KINDS
 from hivetest import Hive, record, running_hive, spawn_ready
 
 from harness.waits import async_wait_for, wait_for
-from hive.host.containment import Cgroups, instance_of
+from hive.host.containment import instance_of
 
 WORKERS = Path(__file__).parent.parent / "workers"
-
-
-def _cgroups_here() -> bool:
-    cgroups, _ = Cgroups.discover(f"probe-{os.getpid()}")
-    if cgroups is None:
-        return False
-    cgroups.close()
-    return True
-
-
-KINDS = [
-    pytest.param(
-        "cgroup",
-        marks=pytest.mark.skipif(not _cgroups_here(), reason="no writable cgroup v2 here"),
-    ),
-    "tags",
-]
 
 
 def escaping_config(kind: str, escapees: Path) -> str:

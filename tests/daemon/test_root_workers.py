@@ -12,31 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from containments import KINDS
 from hivetest import Hive
 
 from harness.waits import wait_for
-from hive.host.containment import Cgroups
 
 pytestmark = pytest.mark.timeout(120)
 
 WORKERS = Path(__file__).parent.parent / "workers"
-
-
-def _cgroups_here() -> bool:
-    cgroups, _ = Cgroups.discover(f"probe-{os.getpid()}")
-    if cgroups is None:
-        return False
-    cgroups.close()
-    return True
-
-
-KINDS = [
-    pytest.param(
-        "cgroup",
-        marks=pytest.mark.skipif(not _cgroups_here(), reason="no writable cgroup v2 here"),
-    ),
-    "tags",
-]
 
 
 @pytest.fixture(scope="module", params=KINDS)
