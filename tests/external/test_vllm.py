@@ -21,7 +21,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
@@ -33,12 +32,12 @@ import psutil
 import pytest
 from hivetest import TAG, Hive, record, running_hive
 from routers import Router, router_config
+from vllms import needs_vllm
 
 from harness.procs import tagged_processes
 from harness.waits import async_wait_for
-from hive.workers.launch import cpulist
+from hive.devices.cpu import cpulist
 
-VLLM = os.environ.get("HIVE_VLLM", "")
 WORKER = "vl"
 TESTS = Path(__file__).parent.parent
 #: A vLLM's processes: its API server, its EngineCore and the core's Worker (and
@@ -49,31 +48,8 @@ POLL = 0.2
 
 pytestmark = [
     pytest.mark.timeout(600),
-    pytest.mark.skipif(
-        not VLLM,
-        reason="HIVE_VLLM is unset: `make test` installs vLLM's CPU build and sets it "
-        "(or run `python engines/vllm.py install` and export the path it prints)",
-    ),
+    needs_vllm,
 ]
-
-
-@pytest.fixture(scope="module")
-def vllm() -> Path:
-    path = Path(VLLM)
-    # Set but wrong is a failure, not a skip: `make test` must always provide it.
-    assert path.name == "vllm", f"HIVE_VLLM={VLLM} is not a vllm command"
-    assert os.access(path, os.X_OK), f"HIVE_VLLM={VLLM} is not executable"
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(vllm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama, with a 4,096-token context so a request can run for many seconds."""
-    out = tmp_path_factory.mktemp("vllm") / "tiny"
-    writer = [str(vllm.parent / "python"), str(TESTS / "tiny_hf.py"), str(out)]
-    env = {**os.environ, **TAG.env, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([*writer, "--context", "4096"], check=True, timeout=300, env=env)
-    return out
 
 
 @pytest.fixture(scope="module")

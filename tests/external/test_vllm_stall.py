@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -25,12 +24,12 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from hivetest import TAG, Hive, record, running_hive
+from hivetest import Hive, record, running_hive
 from routers import Router, router_config
+from vllms import needs_vllm
 
 from harness.waits import async_wait_for
 
-VLLM = os.environ.get("HIVE_VLLM", "")
 WORKER = "vs"
 TESTS = Path(__file__).parent.parent
 STALL = 10.0  # stall_timeout: the engine's counters move every few ms while it works
@@ -39,30 +38,8 @@ POLL = 0.2  # the host has few cores, and vLLM needs them
 
 pytestmark = [
     pytest.mark.timeout(900),
-    pytest.mark.skipif(
-        not VLLM,
-        reason="HIVE_VLLM is unset: `make test` installs vLLM's CPU build and sets it "
-        "(or run `python engines/vllm.py install` and export the path it prints)",
-    ),
+    needs_vllm,
 ]
-
-
-@pytest.fixture(scope="module")
-def vllm() -> Path:
-    path = Path(VLLM)
-    assert path.name == "vllm", f"HIVE_VLLM={VLLM} is not a vllm command"
-    assert os.access(path, os.X_OK), f"HIVE_VLLM={VLLM} is not executable"
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(vllm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama (tests/tiny_hf.py), with a 4,096-token context: a stream runs long."""
-    out = tmp_path_factory.mktemp("vllm") / "tiny"
-    writer = [str(vllm.parent / "python"), str(TESTS / "tiny_hf.py"), str(out)]
-    env = {**os.environ, **TAG.env, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([*writer, "--context", "4096"], check=True, timeout=300, env=env)
-    return out
 
 
 @pytest.fixture(scope="module")
