@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from pydantic import ValidationError
 
-from hive.cli import tables
+from hive.cli import output, tables
 from hive.cli.args import FAILED, OK, err
 from hive.cli.args import print_json as _print_json
 from hive.client import HiveClient, HiveConnectionError
@@ -25,8 +24,8 @@ async def cmd_events(client: HiveClient, args: argparse.Namespace) -> int:
     try:
         async for event in client.events(args.since):
             last = event.get("event_id") or last
-            if args.json:
-                print(json.dumps(event), flush=True)
+            if args.json:  # -o json: a JSON line each; -o yaml: a YAML document each
+                print(output.dumps_item(event), flush=True)
             else:
                 lines.feed(event)
     except HiveConnectionError as exc:

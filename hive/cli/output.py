@@ -2,7 +2,8 @@
 
 ``-o json`` is ``--json``; ``-o yaml`` is the same data as YAML (written here: the API's data is
 plain JSON, so a small emitter does, with no dependency); ``-o wide`` is the table with more
-columns where a command has them (``list``: error, labels, GPUs, memory), else the table.
+columns where a command has them (``list``: error, labels, GPUs, memory), else the table. A
+stream (``hive events``) prints an item at a time: a JSON line each, or a YAML document each.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def dumps(data: Any) -> str:
     if _format["name"] == "yaml":
         return yaml(data)
     return json.dumps(data, indent=2, default=str)
+
+
+def dumps_item(data: Any) -> str:
+    """One item of a stream (``hive events``): a JSON line, or under ``-o yaml`` a YAML
+    document that begins with ``---``, so that the stream reads as YAML documents."""
+    if _format["name"] == "yaml":
+        return "---\n" + yaml(data)
+    return json.dumps(data)
 
 
 # -- YAML --------------------------------------------------------------------------------------
