@@ -7,7 +7,7 @@ Keys, under ``prefix`` (``/hive`` by default), as docs/fleet-etcd.md gives them:
   this hive's lease. It is also the claim on the name: created only if absent, in one etcd
   transaction, and every later write is made only while it is still under this hive's lease;
 - ``{prefix}/workers/{node}/{id}``: each worker record (less the figures that change with every
-  heartbeat or usage refresh), under the lease;
+  heartbeat or usage refresh, and ``busy`` said as ``ready``), under the lease;
 - ``{prefix}/desired/{node}/{id}``: what an orchestrator wants here, one declared worker (a spawn
   request with an ``id``) a key. Not under a lease: it outlives this hive.
 
@@ -41,12 +41,12 @@ from typing import Any, Literal
 from hive.config import FleetConfig
 from hive.desired.declared import parse_workers
 from hive.desired.etcd import Etcd, delete_op, put_op
-from hive.desired.node_doc import publishing
+from hive.desired.node_doc import published_state, publishing
 from hive.desired.reconcile import Reconciler
 from hive.desired.scheduler import Scheduler
 from hive.desired.watch import DesiredWatch
 from hive.errors import DeclarationError, EtcdError
-from hive.models import FleetStatus, Worker
+from hive.models import FleetStatus, State, Worker
 from hive.state.registry import Change, Registry, now
 
 log = logging.getLogger("hive.fleet")
@@ -350,6 +350,8 @@ class Fleet:
         if worker_id not in self.registry:
             return None
         record: Worker = self.registry.get(worker_id)
+        if record.state == State.BUSY:  # see published_state
+            record = record.model_copy(update={"state": published_state(record.state)})
         return record.model_dump_json(exclude=set(VOLATILE)).encode()
 
     # -- desired state -------------------------------------------------------------------------

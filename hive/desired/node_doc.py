@@ -1,7 +1,8 @@
 """What a node publishes about itself in ``{prefix}/nodes/{node}``: the figures that change only
 when its workers or devices do, and what the fleet's scheduler places by.
 
-A node at rest must write nothing but its lease's keep-alives, so the live figures of
+A node at rest must write nothing but its lease's keep-alives, and traffic alone must not make
+it write: so a busy worker counts as ready (:func:`published_state`), and the live figures of
 ``GET /v1/devices`` (a CPU node's load and available memory; a GPU's used and free memory,
 utilization, temperature, power and processes) are left out: the node's API has them. What stays
 is stable: the devices, their totals, health, and the workers on them; and ``fleet``:
@@ -22,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from hive.config import Config, FleetConfig
-from hive.models import Entry, holds_resources
+from hive.models import Entry, State, holds_resources
 
 #: Fields of ``GET /v1/devices`` that change from one read to the next.
 LIVE_CPU = ("load", "memory_available_bytes")
@@ -31,6 +32,14 @@ LIVE_GPU = (
     "processes",
 )  # fmt: skip
 MIB = 1 << 20
+
+
+def published_state(state: State) -> State:
+    """A worker's state as etcd has it: ``busy`` is ``ready``. Whether a worker holds a request
+    changes with each request (a demo worker says so at once, an engine at each read of its
+    load): published, every node under load would write at the pace of its traffic, and the
+    scheduler places and moves by ready-or-busy alone. The node's API has it live."""
+    return State.READY if state == State.BUSY else state
 
 
 class Entries(Protocol):
@@ -58,6 +67,10 @@ def node_document(
 ) -> dict[str, Any]:
     """The node's view (``node_value``: /v1/node with /v1/devices in full) as published."""
     doc = dict(value)
+    if isinstance(doc.get("workers"), dict):  # counts by state: busy ones count as ready
+        counts = dict(doc["workers"])
+        counts["ready"] = counts.get("ready", 0) + counts.pop("busy", 0)
+        doc["workers"] = counts
     devices = dict(doc.get("devices") or {})
     cpus = [{k: v for k, v in c.items() if k not in LIVE_CPU} for c in devices.get("cpus") or []]
     gpus = [{k: v for k, v in g.items() if k not in LIVE_GPU} for g in devices.get("gpus") or []]

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 from hivetest import TAG, Hive, running_hive
@@ -200,6 +201,60 @@ async def _desired_state(
     assert {k: w["pid"] for k, w in (await records(n1)).items()} == pids
     await n2.call("DELETE", "/v1/workers/kept")
     await n1.call("DELETE", "/v1/workers/local")
+
+
+async def test_a_busy_worker_writes_nothing_to_etcd(etcd: EtcdServer, router: Router) -> None:
+    """Whether a worker holds a request changes with each request: etcd says ``ready`` for a
+    busy worker (the node's API has it live), so traffic alone writes nothing to etcd. Before,
+    each flip between ready and busy rewrote the worker's key and the node's (its counts):
+    every node under load wrote at the pace of its requests."""
+    with running_hive(fleet_config(etcd, router, "n3")) as hive:
+        client = Etcd([etcd.url])
+        try:
+            await _busy_writes_nothing(etcd, router, hive, client)
+        finally:
+            await hive.close_http()
+            await client.close()
+
+
+async def _busy_writes_nothing(etcd: EtcdServer, router: Router, hive: Hive, client: Etcd) -> None:
+    await async_wait_for(lambda: node_up(etcd, "n3"), what="n3 in etcd")
+    held = await hive.spawn(
+        {"model": "m", "id": "held", "args": ["--latency-ms", "1500"]}, wait=True
+    )
+
+    async def settled() -> bool:  # ready, and registered with the router
+        record = (await published(etcd, "n3")).get("held") or {}
+        return record.get("state") == "ready" and record.get("routers") == {
+            router.url: "registered"
+        }
+
+    await async_wait_for(settled, what="held published, in the router")
+    before, _ = await client.range("/hive/nodes/n3")
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 4}}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        request = asyncio.create_task(http.post(f"{held['url']}/generate", json=body))
+        await async_wait_for(lambda: _state(hive, "held", "busy"), what="held busy")
+        assert (await published(etcd, "n3"))["held"]["state"] == "ready"
+        async with await request as answer:
+            assert answer.status == 200
+    await async_wait_for(lambda: _state(hive, "held", "ready"), what="held ready again")
+    await asyncio.sleep(0.5)  # what a flip would have written is written by now (0.1 s)
+    marker = "/hive/zz-marker"
+    await client.put(marker, "1")
+    written = []
+    async with asyncio.timeout(30):
+        async for events in client.watch("/hive/", before + 1):
+            written += [e.key for e in events if e.key != marker]
+            if any(e.key == marker for e in events):
+                break
+    await client.delete(marker)
+    assert written == [], f"a busy worker wrote to etcd: {written}"
+    await hive.call("DELETE", "/v1/workers/held")
+
+
+async def _state(hive: Hive, worker_id: str, state: str) -> bool:
+    return bool((await records(hive))[worker_id]["state"] == state)
 
 
 def _iso(text: str) -> float:

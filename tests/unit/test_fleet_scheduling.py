@@ -303,6 +303,7 @@ def test_a_node_publishes_stable_figures_and_its_room() -> None:
 
     value = {
         "hostname": "h",
+        "workers": {"starting": 0, "ready": 1, "busy": 2, "stopped": 1},
         "devices": {
             "cpus": [{"id": "CPU-0", "cores": [0, 1, 2, 3], "memory_total_bytes": 8 << 30,
                       "memory_available_bytes": 123, "load": 0.7, "workers": []}],
@@ -320,6 +321,7 @@ def test_a_node_publishes_stable_figures_and_its_room() -> None:
     }
     fleet = FleetConfig(endpoints=["http://e"], labels={"zone": "b"})
     doc = node_document(value, entries, Config(), fleet)
+    assert doc["workers"] == {"starting": 0, "ready": 3, "stopped": 1}  # busy counts as ready
     assert "load" not in doc["devices"]["cpus"][0]
     assert "memory_available_bytes" not in doc["devices"]["cpus"][0]
     assert "memory_used_mib" not in doc["devices"]["gpus"][0]
