@@ -1,9 +1,11 @@
 """``hive serve``: build the context, serve the API, and shut down in order.
 
-Start-up: configuration, token, registry, devices, supervisor, then the API on TCP and on the
-unix socket (mode 0600). Shut-down on SIGTERM or SIGINT: refuse new spawns, stop every worker
-(``on_exit = "stop"``) or leave them running (``"detach"``), close the API, remove the socket,
-exit 0.
+Start-up: configuration, token, the state_dir's lock, the TLS files, the TCP port and the unix
+socket's path (what can fail, before hive makes anything: its cgroup), registry, devices,
+supervisor, then the API on TCP and on the unix socket (mode 0600). A start that fails closes
+what it opened and removes what it made. Shut-down on SIGTERM or SIGINT: refuse new spawns,
+stop every worker (``on_exit = "stop"``) or leave them running (``"detach"``), close the API,
+remove the socket, exit 0.
 """
 
 from __future__ import annotations
@@ -35,19 +37,12 @@ from hive.desired.reconcile import DeclaredFiles, Reconciler
 from hive.devices import cpu
 from hive.devices.gpu import GpuMonitor
 from hive.devices.placement import Placer
-from hive.host.containment import Cgroups
+from hive.host.containment import Cgroups, Containment
 from hive.host.containment import choose as choose_containment
-from hive.host.descriptors import Shortage, raise_limit
+from hive.host.descriptors import raise_limit
 from hive.host.notify import Notifier
 from hive.models import State
-from hive.startup import (
-    HandshakeFailures,
-    StartupError,
-    claim_socket,
-    load_token,
-    server_tls,
-    warn_root_workers,
-)
+from hive.startup import StartupError, load_token, warn_root_workers
 from hive.state.events import EventHub
 from hive.state.journal import Journal
 from hive.state.metrics import Metrics
@@ -124,6 +119,8 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._lock_fd: int | None = None
+        self._ports = listeners.Ports(config, self._handshake_failed)
+        self._containment: Containment | None = None
         self._upstream: RouterSync | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -135,26 +132,29 @@ class Daemon:
     async def run(self) -> None:
         """``hive serve``, in named phases: build the context, adopt what the last hive left
         running, listen, serve until asked to stop, shut down."""
-        context, journal = await self._build()
-        self._adopt(context, journal)
+        started = False
         try:
+            context, journal = await self._build()
+            self._adopt(context, journal)
             await self._listen(create_app(context))
-        except StartupError:
-            await context.supervisor.close(detach=True)  # not ours to stop: leave them
-            raise
-        self._start(context, journal)
-        try:
+            self._start(context, journal)
+            started = True
             await self._stopping.wait()
         finally:
-            await self._shut_down(context, journal)
+            if started:
+                await self._shut_down(context, journal)
+            else:
+                await self._abandon()
         log.info("hive stopped")
 
     async def _build(self) -> tuple[Context, Journal]:
-        """Every part of hive, wired together; nothing listens and no worker is touched yet."""
+        """Every part of hive, wired together; nothing listens and no worker is touched yet.
+        What can stop a start is checked first, before hive makes anything (its cgroup)."""
         config = self.config
         token = load_token(config)
         warn_root_workers(config)
         self._lock_state_dir()
+        self._ports.claim()  # the TLS files, the TCP port, the unix socket's path
         registry = Registry(config.retention)
         registry.bind(asyncio.get_running_loop())  # every change is heard on this loop
         nodes = cpu.discover()
@@ -178,6 +178,7 @@ class Daemon:
             containment, how = choose_containment(config.containment, config.state_path)
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
+        self._containment = containment
         log.info("%s", how)
         if isinstance(containment, Cgroups):
             usage.cgroups = containment
@@ -385,6 +386,7 @@ class Daemon:
         self._lock_fd = fd  # held until the process exits
 
     async def _listen(self, app: web.Application) -> None:
+        """Serve the API on the listeners :meth:`_build` claimed; StartupError if one fails."""
         config = self.config
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, shutdown_timeout=5.0
@@ -396,27 +398,27 @@ class Daemon:
         # (aiohttp has no public hook for a listener's protocol factory.)
         self._runner._server = guard.wrap(self._runner.server)  # type: ignore[assignment]
         # Listeners that run out of descriptors calmly (hive/api/listeners.py).
-        shortage = Shortage()
         listeners.quiet_accept_errors(asyncio.get_running_loop())
+        await self._ports.serve(self._runner)
+
+    def _handshake_failed(self, reason: str) -> None:
+        if self.context is not None:
+            self.context.metrics.tls_handshake_failures.labels(reason).inc()
+
+    async def _abandon(self) -> None:
+        """A start that failed: the workers it adopted keep running (not ours to stop), what it
+        opened is closed, what it made removed (its empty cgroups, its socket)."""
         try:
-            failures = app[CONTEXT].metrics.tls_handshake_failures
-            tls = server_tls(config, HandshakeFailures(lambda r: failures.labels(r).inc()))
-            for sock in listeners.tcp(config.listen_host, config.listen_port, shortage):
-                await web.SockSite(self._runner, sock, ssl_context=tls).start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            raise StartupError(f"cannot listen on {config.listen}: {exc.strerror}") from None
-        path = config.socket_path
-        try:
-            claim_socket(path)
-            await web.SockSite(self._runner, listeners.unix(path, shortage)).start()
-            path.chmod(0o600)
-        except OSError as exc:
-            await self._runner.cleanup()
-            raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-        except StartupError:
-            await self._runner.cleanup()
-            raise
+            if self.context is not None:
+                await self.context.supervisor.close(detach=True)  # the containment's too
+                await asyncio.to_thread(self.context.gpus.close)
+                self.context.events.close()
+            if self._runner is not None:
+                await self._runner.cleanup()
+        finally:
+            if self._containment is not None:  # again, should the build have failed after it
+                self._containment.close()
+            self._ports.close()
 
 
 def _log_change(change: Change) -> None:

@@ -24,10 +24,16 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
+from hive.config import Config
 from hive.host.descriptors import OUT_OF_RESOURCES, Shortage, in_reserve, kept_back
+from hive.startup import HandshakeFailures, StartupError, claim_socket, server_tls
 
 #: asyncio's message for a failed accept for want of a resource (selector_events).
 ASYNCIO_ACCEPT_ERROR = "socket.accept() out of system resource"
@@ -70,8 +76,9 @@ class Listener(socket.socket):
 
 
 def tcp(host: str, port: int, shortage: Shortage) -> list[Listener]:
-    """Listening sockets on ``host:port`` (each address it resolves to), as asyncio's
-    ``create_server(reuse_address=True)`` makes them; OSError when one cannot be bound."""
+    """Sockets bound to ``host:port`` (each address it resolves to), as asyncio's
+    ``create_server(reuse_address=True)`` makes them; OSError when one cannot be bound. They
+    listen once served (asyncio's server calls ``listen``): until then a connection is refused."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     made: list[Listener] = []
     try:
@@ -82,7 +89,6 @@ def tcp(host: str, port: int, shortage: Shortage) -> list[Listener]:
             if family == socket.AF_INET6:
                 made[-1].setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             made[-1].bind(address)
-            made[-1].listen(BACKLOG)
             made[-1].setblocking(False)
     except OSError:
         for sock in made:
@@ -122,3 +128,61 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
             loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
+
+
+class Ports:
+    """hive's API listeners from start to end: :meth:`claim` checks and takes what can fail
+    (the TLS files, the TCP port, the unix socket's path) before hive makes anything else (its
+    cgroup), :meth:`serve` serves them, :meth:`close` closes what was not served (a runner's
+    cleanup closes what was) and removes the socket file it made."""
+
+    def __init__(self, config: Config, count_handshake_failure: Callable[[str], None]) -> None:
+        self.config = config
+        self.shortage = Shortage()
+        self._count = count_handshake_failure
+        self._tls: ssl.SSLContext | None = None
+        self._tcp: list[Listener] = []
+        self._socket_made = False
+
+    def claim(self) -> None:
+        """The TLS files loaded, the TCP port bound, the socket's path free of another hive;
+        a StartupError that says which when one cannot be."""
+        config = self.config
+        self._tls = server_tls(config, HandshakeFailures(self._count))
+        try:
+            self._tcp = tcp(config.listen_host, config.listen_port, self.shortage)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        try:
+            claim_socket(config.socket_path)
+        except OSError as exc:
+            self.close()
+            path = config.socket_path
+            raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        except StartupError:
+            self.close()
+            raise
+
+    async def serve(self, runner: web.AppRunner) -> None:
+        """Serve ``runner`` on the TCP port (with TLS where configured) and the unix socket."""
+        config, path = self.config, self.config.socket_path
+        try:
+            for sock in self._tcp:
+                await web.SockSite(runner, sock, ssl_context=self._tls).start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        try:
+            unix_socket = unix(path, self.shortage)
+            self._socket_made = True
+            await web.SockSite(runner, unix_socket).start()
+            path.chmod(0o600)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        for sock in self._tcp:
+            sock.close()
+        self._tcp = []
+        if self._socket_made:
+            self.config.socket_path.unlink(missing_ok=True)
+            self._socket_made = False
