@@ -6,13 +6,16 @@ import argparse
 import difflib
 import re
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from hive.cli.output import dumps
 from hive.devices.cpu import parse_cpulist
-from hive.validation import FIELD_SENTENCES
+from hive.models import ReplaceRequest, SpawnRequest
+from hive.validation import FIELD_SENTENCES, field_errors
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -103,6 +106,158 @@ def _positive(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds ≥ 0, got {text!r}")
     return value
+
+
+# -- the spawn fields: hive spawn's and hive replace's flags, one definition --------------------
+
+
+@dataclass(frozen=True)
+class SpawnFlag:
+    """One spawn field's flag: ``--gpu-memory`` fills ``gpu_memory_mib``. ``help`` is hive
+    spawn's; ``replace`` is hive replace's help where a change reads otherwise (its default is
+    the worker's own, not the config's), True where it reads the same, False where the field
+    cannot change (``--id``: the successor keeps the worker's)."""
+
+    flag: str
+    field: str
+    help: str
+    replace: str | bool
+    options: Mapping[str, Any]
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def value(self, given: Any) -> Any:
+        """The field's value from what argparse parsed; None when the flag was not given."""
+        action = self.options.get("action")
+        if action == "append":  # K=V, repeated: all of them
+            return dict(given) if given else None
+        if action == "store_true":  # --no-register: the field is false
+            return False if given else None
+        return given
+
+
+def _spawn_flag(
+    flag: str, name: str, help: str, replace: str | bool = True, **options: Any
+) -> SpawnFlag:
+    return SpawnFlag(flag, name, help, replace, options)
+
+
+_RESTARTS = ["no", "on-failure", "always"]
+
+#: Every spawn field that a flag gives, in the order ``--help`` lists them; the model (spawn's
+#: MODEL, replace's ``--model``) and the arguments after ``--`` are the rest.
+SPAWN_FLAGS = (
+    _spawn_flag(
+        "--backend", "backend", "a configured backend (default: the config's)", "a new backend"
+    ),
+    _spawn_flag("--device", "device", "auto, cpu, gpu, CPU-n, GPU-n or a GPU UUID"),
+    _spawn_flag(
+        "--gpus", "gpus", "how many GPUs (default 1 on a GPU)", "how many GPUs", type=int,
+        metavar="N",
+    ),
+    _spawn_flag("--cpus", "cpus", "a count of cores, or core ids like 0-3,8", type=_cpus),
+    _spawn_flag(
+        "--gpu-memory", "gpu_memory_mib", "share a GPU: the MiB it may use", type=int,
+        metavar="MIB",
+    ),
+    _spawn_flag(
+        "--memory", "memory_mib", "host memory to reserve (default: as learned)",
+        "host memory to reserve", type=int, metavar="MIB",
+    ),
+    _spawn_flag(
+        "--port", "port", "its port (default: one from port_range)", "a new port", type=int
+    ),
+    _spawn_flag(
+        "--label", "labels", "a label (repeat)", "its labels, all of them (repeat)", type=_pair,
+        action="append", default=[], metavar="K=V",
+    ),
+    _spawn_flag(
+        "--env", "env", "an environment variable for it (repeat)",
+        "its environment variables, all of them (repeat)", type=_pair, action="append",
+        default=[], metavar="K=V",
+    ),
+    _spawn_flag(
+        "--restart", "restart", "default: the config's", "a new policy", choices=_RESTARTS
+    ),
+    _spawn_flag("--id", "id", f"its id, which {FIELD_SENTENCES['id']}", False),
+    _spawn_flag("--no-register", "register", "keep it out of the routers", action="store_true"),
+    _spawn_flag(
+        "--role", "role",
+        "its part with the routers: prefill/decode disaggregation (default regular)",
+        "its part with the routers: prefill/decode disaggregation",
+        choices=["regular", "prefill", "decode"],
+    ),
+    _spawn_flag(
+        "--bootstrap-port", "bootstrap_port", "a prefill's bootstrap port (default: any)",
+        "a prefill's bootstrap port", type=int, metavar="P",
+    ),
+    _spawn_flag(
+        "--priority", "priority", "the router's weight for it (default 50)",
+        "the router's weight for it", type=int,
+    ),
+    _spawn_flag(
+        "--cost", "cost", "the router's cost of it (default 1.0)", "the router's cost of it",
+        type=float,
+    ),
+)  # fmt: skip
+
+
+def add_spawn_flags(parser: argparse.ArgumentParser, *, replace: bool) -> None:
+    """The model and :data:`SPAWN_FLAGS`: hive spawn's, or hive replace's (``--model``, and
+    only the fields that change)."""
+    if replace:
+        parser.add_argument("--model", help="a new model")
+    else:
+        parser.add_argument(
+            "model", help="what the backend serves (its {model}), e.g. a path or HF name"
+        )
+    for spawn_flag in SPAWN_FLAGS:
+        if not replace:
+            parser.add_argument(spawn_flag.flag, help=spawn_flag.help, **spawn_flag.options)
+        elif spawn_flag.replace is not False:
+            help = spawn_flag.help if spawn_flag.replace is True else spawn_flag.replace
+            parser.add_argument(spawn_flag.flag, help=help, **spawn_flag.options)
+
+
+def flag_of(name: str, *, replace: bool) -> str:
+    """The flag a person typed for a spawn field: ``gpu_memory_mib`` is ``--gpu-memory``."""
+    head = name.partition(".")[0]
+    if " " in head:  # not a field: the whole command
+        return head
+    if head == "model":
+        return "--model" if replace else "MODEL"
+    if head == "args":
+        return "the arguments after --"
+    flags = {spawn_flag.field: spawn_flag.flag for spawn_flag in SPAWN_FLAGS}
+    return flags.get(head, "--" + head.replace("_", "-"))
+
+
+def spawn_request(args: argparse.Namespace, *, replace: bool) -> dict[str, Any]:
+    """What the spawn flags in ``args`` ask for: hive spawn's request, or hive replace's changes
+    (a flag not given is left out), checked as hive checks it so that a typo is a usage error
+    (2) naming the flag, and costs no request."""
+    body: dict[str, Any] = {}
+    if args.model is not None:
+        body["model"] = args.model
+    for spawn_flag in SPAWN_FLAGS:
+        if replace and spawn_flag.replace is False:
+            continue
+        value = spawn_flag.value(getattr(args, spawn_flag.dest))
+        if value is not None:
+            body[spawn_flag.field] = value
+    if args.extra:
+        body["args"] = list(args.extra)
+    model: type[BaseModel] = ReplaceRequest if replace else SpawnRequest
+    try:
+        model.model_validate(body)
+    except ValidationError as exc:
+        errors = field_errors(exc, top="hive replace" if replace else "hive spawn", model=model)
+        raise UsageError(
+            "; ".join(f"{flag_of(key, replace=replace)}: {message}" for key, message in errors)
+        ) from None
+    return body
 
 
 def print_json(data: BaseModel | list[BaseModel] | dict[str, Any]) -> None:

@@ -12,14 +12,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from hive.cli.args import FAILED, OK, UsageError, _cpus, _pair, _positive, print_json
+from hive.cli.args import (
+    FAILED,
+    OK,
+    UsageError,
+    _positive,
+    add_spawn_flags,
+    print_json,
+    spawn_request,
+)
 from hive.client import HiveClient
 from hive.desired.declared import read_paths
 from hive.errors import DeclarationError
-from hive.models import ApplyResult, PlanItem, ReplaceRequest
-from hive.validation import field_errors
+from hive.models import ApplyResult, PlanItem
 
 Command = Callable[..., argparse.ArgumentParser]
 
@@ -52,22 +57,7 @@ def add_commands(command: Command, json_help: str) -> None:
 
     p = command("replace", "replace a worker by one with these changes, without a gap")
     p.add_argument("id", help="the worker's id (it keeps it)")
-    p.add_argument("--model", help="a new model")
-    p.add_argument("--backend", help="a new backend")
-    p.add_argument("--device", help="auto, cpu, gpu, CPU-n, GPU-n or a GPU UUID")
-    p.add_argument("--gpus", type=int, metavar="N", help="how many GPUs")
-    p.add_argument("--cpus", type=_cpus, help="a count of cores, or core ids like 0-3,8")
-    p.add_argument("--gpu-memory", type=int, metavar="MIB", help="share a GPU: the MiB it may use")
-    p.add_argument("--memory", type=int, metavar="MIB", help="host memory to reserve")
-    p.add_argument(
-        "--env", type=_pair, action="append", default=[], metavar="K=V",
-        help="its environment variables, all of them (repeat)",
-    )  # fmt: skip
-    p.add_argument(
-        "--label", type=_pair, action="append", default=[], metavar="K=V",
-        help="its labels, all of them (repeat)",
-    )  # fmt: skip
-    p.add_argument("--restart", choices=["no", "on-failure", "always"], help="a new policy")
+    add_spawn_flags(p, replace=True)
     p.add_argument(
         "--in-place",
         action="store_true",
@@ -142,30 +132,7 @@ async def cmd_diff(client: HiveClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_replace(client: HiveClient, args: argparse.Namespace) -> int:
-    changes: dict[str, Any] = {}
-    for key, value in (
-        ("model", args.model),
-        ("backend", args.backend),
-        ("device", args.device),
-        ("gpus", args.gpus),
-        ("cpus", args.cpus),
-        ("gpu_memory_mib", args.gpu_memory),
-        ("memory_mib", args.memory),
-        ("restart", args.restart),
-    ):
-        if value is not None:
-            changes[key] = value
-    if args.extra:
-        changes["args"] = args.extra
-    if args.env:
-        changes["env"] = dict(args.env)
-    if args.label:
-        changes["labels"] = dict(args.label)
-    try:
-        ReplaceRequest.model_validate(changes)
-    except ValidationError as exc:
-        errors = field_errors(exc, top="hive replace", model=ReplaceRequest)
-        raise UsageError("; ".join(f"{key}: {message}" for key, message in errors)) from None
+    changes = spawn_request(args, replace=True)
     if not changes and not args.in_place:
         raise UsageError("name what changes (--model, --env, arguments after --...)")
     record = await client.replace(args.id, changes, in_place=args.in_place, timeout=args.timeout)

@@ -6,12 +6,11 @@ import argparse
 from collections.abc import Sequence
 
 from hive import __version__
-from hive.cli.args import Parser, _cpus, _pair, _positive
+from hive.cli.args import Parser, _pair, _positive, add_spawn_flags
 from hive.cli.declared import add_commands
 from hive.cli.fleet import add_commands as add_fleet_commands
 from hive.cli.output import add_option
 from hive.models import State
-from hive.validation import FIELD_SENTENCES
 
 JSON_HELP = "print the API's JSON instead of a table"
 
@@ -74,42 +73,7 @@ def build_parser() -> Parser:
     )
 
     p = command("spawn", "start a worker and wait until it is ready")
-    p.add_argument("model", help="what the backend serves (its {model}), e.g. a path or HF name")
-    p.add_argument("--backend", help="a configured backend (default: the config's)")
-    p.add_argument("--device", help="auto, cpu, gpu, CPU-n, GPU-n or a GPU UUID")
-    p.add_argument("--gpus", type=int, metavar="N", help="how many GPUs (default 1 on a GPU)")
-    p.add_argument("--cpus", type=_cpus, help="a count of cores, or core ids like 0-3,8")
-    p.add_argument("--gpu-memory", type=int, metavar="MIB", help="share a GPU: the MiB it may use")
-    p.add_argument(
-        "--memory", type=int, metavar="MIB", help="host memory to reserve (default: as learned)"
-    )
-    p.add_argument("--port", type=int, help="its port (default: one from port_range)")
-    p.add_argument(
-        "--label", type=_pair, action="append", default=[], metavar="K=V", help="a label (repeat)"
-    )
-    p.add_argument(
-        "--env",
-        type=_pair,
-        action="append",
-        default=[],
-        metavar="K=V",
-        help="an environment variable for it (repeat)",
-    )
-    p.add_argument(
-        "--restart", choices=["no", "on-failure", "always"], help="default: the config's"
-    )
-    p.add_argument("--id", help=f"its id, which {FIELD_SENTENCES['id']}")
-    p.add_argument("--no-register", action="store_true", help="keep it out of the routers")
-    p.add_argument(
-        "--role",
-        choices=["regular", "prefill", "decode"],
-        help="its part with the routers: prefill/decode disaggregation (default regular)",
-    )
-    p.add_argument(
-        "--bootstrap-port", type=int, metavar="P", help="a prefill's bootstrap port (default: any)"
-    )
-    p.add_argument("--priority", type=int, help="the router's weight for it (default 50)")
-    p.add_argument("--cost", type=float, help="the router's cost of it (default 1.0)")
+    add_spawn_flags(p, replace=False)
     p.add_argument("--no-wait", action="store_true", help="return once the process is started")
     p.add_argument("--timeout", type=_positive, help="give up waiting after this many seconds")
     p.add_argument("--json", action="store_true", help=JSON_HELP)

@@ -8,17 +8,13 @@ import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
-
-from pydantic import ValidationError
 
 from hive.cli import output, tables
-from hive.cli.args import FAILED, OK, UsageError, err
+from hive.cli.args import FAILED, OK, UsageError, err, spawn_request
 from hive.cli.args import print_json as _print_json
 from hive.client import HiveAPIError, HiveClient, HiveClientError, HiveConnectionError
 from hive.client.client import CLOSED_MID_STREAM
-from hive.models import LIVE_STATES, MARKER, SpawnRequest, State, Worker
-from hive.validation import field_errors
+from hive.models import LIVE_STATES, MARKER, State, Worker
 
 #: How many log lines ``hive spawn`` shows when a worker fails to start.
 FAILURE_TAIL = 20
@@ -96,55 +92,8 @@ async def _report_start(client: HiveClient, record: Worker, as_json: bool) -> in
     return FAILED
 
 
-#: The spawn fields whose flag is not ``--`` and the field's name with dashes.
-_FLAGS = {
-    "model": "MODEL",
-    "gpu_memory_mib": "--gpu-memory",
-    "memory_mib": "--memory",
-    "labels": "--label",
-    "register": "--no-register",
-    "args": "the arguments after --",
-}
-
-
-def _flag(field: str) -> str:
-    """The flag a person typed for a spawn field: ``gpu_memory_mib`` is ``--gpu-memory``."""
-    head = field.partition(".")[0]
-    if " " in head:  # not a field: the whole command
-        return head
-    return _FLAGS.get(head, "--" + head.replace("_", "-"))
-
-
 async def cmd_spawn(client: HiveClient, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"model": args.model, "args": args.extra}
-    for key, value in (
-        ("backend", args.backend),
-        ("device", args.device),
-        ("gpus", args.gpus),
-        ("cpus", args.cpus),
-        ("gpu_memory_mib", args.gpu_memory),
-        ("memory_mib", args.memory),
-        ("port", args.port),
-        ("restart", args.restart),
-        ("id", args.id),
-        ("role", args.role),
-        ("bootstrap_port", args.bootstrap_port),
-        ("priority", args.priority),
-        ("cost", args.cost),
-    ):
-        if value is not None:
-            body[key] = value
-    if args.label:
-        body["labels"] = dict(args.label)
-    if args.env:
-        body["env"] = dict(args.env)
-    if args.no_register:
-        body["register"] = False
-    try:  # the same checks hive makes, so that a typo is a usage error (2) and costs no request
-        SpawnRequest.model_validate(body)
-    except ValidationError as exc:
-        errors = field_errors(exc, top="hive spawn", model=SpawnRequest)
-        raise UsageError("; ".join(f"{_flag(key)}: {message}" for key, message in errors)) from None
+    body = spawn_request(args, replace=False)
     record = await client.spawn(body)
     if args.no_wait:
         if args.json:
