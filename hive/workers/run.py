@@ -33,6 +33,7 @@ from hive.state.registry import now
 from hive.timeouts import within
 from hive.workers import cause
 from hive.workers.deps import Deps
+from hive.workers.drain import until_drained
 from hive.workers.engine_load import Load
 from hive.workers.launch import build_launch
 from hive.workers.listener import listener_check
@@ -438,30 +439,23 @@ class WorkerRun:
         return Outcome.FAILED
 
     async def _drain(self) -> None:
-        """Out of the routers first, then wait for in-flight requests to end: as heartbeats
-        report them, or as the engine's load endpoint does (read every 0.1 s while draining)."""
+        """Out of the routers first, then wait for in-flight requests to end
+        (:func:`hive.workers.drain.until_drained`)."""
         assert self.process is not None
-        deps = self.deps
+        deps, process, registry = self.deps, self.process, self.deps.registry
         if deps.upstream is not None:
             await deps.upstream.withdraw(self.id)
-        engine = self._load_reported_by_engine()
-        if engine is not None:
-            await self._read_load(engine)
-        record = deps.registry.get(self.id)
-        if not record.in_flight or deps.config.drain_timeout <= 0:
+        if deps.config.drain_timeout <= 0:
             return
-        deps.registry.set_draining(self.id, True)
-        log.info("worker %s draining %d request(s)", self.id, record.in_flight)
-        deadline = time.monotonic() + deps.config.drain_timeout
-        try:
-            while time.monotonic() < deadline and self.process.running:
-                if not deps.registry.get(self.id).in_flight:
-                    break
-                await asyncio.sleep(0.1 if engine is not None else 0.05)
-                if engine is not None:
-                    await self._read_load(engine)
-        finally:
-            deps.registry.set_draining(self.id, False)
+        engine = self._load_reported_by_engine()
+        await until_drained(
+            self.id,
+            lambda: registry.get(self.id).in_flight,
+            None if engine is None else partial(self._read_load, engine),
+            lambda: process.running,
+            deps.config.drain_timeout,
+            partial(registry.set_draining, self.id),
+        )
 
     def _load_reported_by_engine(self) -> BackendConfig | None:
         """The backend, when its engine's load endpoint (not heartbeats) says how busy it is."""
@@ -470,9 +464,12 @@ class WorkerRun:
             return None
         return None if self._heartbeating() else backend
 
-    async def _read_load(self, backend: BackendConfig) -> None:
-        if (load := await self._probes.read_load(backend)) is not None:
-            self._report_load(load)
+    async def _read_load(self, backend: BackendConfig) -> bool:
+        """Read the engine's load once and report it; whether the engine answered."""
+        if (load := await self._probes.read_load(backend)) is None:
+            return False
+        self._report_load(load)
+        return True
 
     async def _stop_process(self) -> Outcome:
         assert self.process is not None
