@@ -17,7 +17,8 @@
 #   PYTHON=python3              the interpreter that creates the venv (3.11 or newer)
 #   DESTDIR=                    stage every file under this root instead of /; the steps that
 #                               act on the running system (users, ownership, systemctl) are then
-#                               skipped, so it needs no root
+#                               skipped, so it needs no root. The staged venv names only PREFIX
+#                               (systemd/relocate.py): copied to PREFIX, it runs from there
 #   UNITDIR=/etc/systemd/system
 #   BINDIR=/usr/local/bin       where the operators' `hive` wrapper goes (an existing `hive` there
 #                               that is not this wrapper is left alone)
@@ -55,6 +56,20 @@ for arg in "$@"; do
     esac
 done
 
+# DESTDIR as an absolute path without a trailing slash: the staged venv is relocated by it.
+case $DESTDIR in
+    "" | /) ;;
+    /*) DESTDIR=${DESTDIR%/} ;;
+    *) DESTDIR=$(pwd)/${DESTDIR%/} ;;
+esac
+case $PREFIX in
+    /*) ;;
+    *)
+        echo "install.sh: PREFIX must be an absolute path, not $PREFIX" >&2
+        exit 2
+        ;;
+esac
+
 HERE=$(cd "$(dirname "$0")" && pwd)
 SRC=$(dirname "$HERE")
 
@@ -77,7 +92,7 @@ live() {
     fi
 }
 
-for file in hive.service hive.sysusers hive.toml.example; do
+for file in hive.service hive.sysusers hive.toml.example relocate.py; do
     if [ ! -f "$HERE/$file" ]; then
         echo "install.sh: $HERE/$file is missing" >&2
         exit 1
@@ -108,8 +123,18 @@ else
     if [ ! -x "$DESTDIR$PREFIX/bin/python" ]; then
         run "$PYTHON" -m venv "$DESTDIR$PREFIX"
     fi
-    # shellcheck disable=SC2086  # PIP_ARGS is a list of words
-    run "$DESTDIR$PREFIX/bin/python" -m pip install --quiet --upgrade $PIP_ARGS "$SRC"
+    if [ -z "$DESTDIR" ] || [ "$DESTDIR" = / ]; then
+        # shellcheck disable=SC2086  # PIP_ARGS is a list of words
+        run "$DESTDIR$PREFIX/bin/python" -m pip install --quiet --upgrade $PIP_ARGS "$SRC"
+    else
+        # Staged: the venv names DESTDIR in its shebangs, pyvenv.cfg, activate scripts and
+        # compiled modules; relocate.py makes them name PREFIX, where the tree will run, and
+        # compiles the modules itself (hence --no-compile).
+        # shellcheck disable=SC2086  # PIP_ARGS is a list of words
+        run "$DESTDIR$PREFIX/bin/python" -m pip install --quiet --upgrade --no-compile $PIP_ARGS \
+            "$SRC"
+        run "$DESTDIR$PREFIX/bin/python" "$HERE/relocate.py" "$DESTDIR" "$PREFIX"
+    fi
 fi
 
 # 2. The hive user: before anything is owned by its group.

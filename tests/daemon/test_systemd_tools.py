@@ -103,7 +103,10 @@ def test_install_dry_run_with_destdir(tmp_path: Path) -> None:
     out = result.stdout
     assert "dry run: nothing is changed" in out
     assert f"+ {sys.executable} -m venv {tmp_path}/opt/hive" in out
-    assert f"+ {tmp_path}/opt/hive/bin/python -m pip install --quiet --upgrade {ROOT}" in out
+    venv_python = f"{tmp_path}/opt/hive/bin/python"
+    assert f"+ {venv_python} -m pip install --quiet --upgrade --no-compile {ROOT}" in out
+    # The staged venv is made to name /opt/hive, where it will run (test_install_staged.py).
+    assert f"+ {venv_python} {SYSTEMD}/relocate.py {tmp_path} /opt/hive" in out
     assert f"{SYSUSERS} {tmp_path}/etc/sysusers.d/hive.conf" in out
     assert "ExecStart=/opt/hive/bin/hive " in out
     assert f"> {tmp_path}/etc/systemd/system/hive.service" in out
@@ -122,6 +125,8 @@ def test_install_dry_run_on_the_live_system() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"+ {sys.executable} -m venv /srv/hive" in out
+    assert f"+ /srv/hive/bin/python -m pip install --quiet --upgrade {ROOT}" in out
+    assert "relocate.py" not in out
     assert "ExecStart=/srv/hive/bin/hive " in out
     assert "> /etc/systemd/system/hive.service" in out
     assert re.search(r"^\+ (systemd-sysusers /etc/sysusers.d/hive.conf|useradd )", out, re.M)
@@ -174,6 +179,9 @@ def test_install_into_destdir(tmp_path: Path) -> None:
 
 def test_install_usage() -> None:
     assert install("--bogus").returncode == 2
+    relative = install("--dry-run", PREFIX="opt/hive")
+    assert relative.returncode == 2
+    assert relative.stderr == "install.sh: PREFIX must be an absolute path, not opt/hive\n"
     usage = install("--help")
     assert usage.returncode == 0
     assert "--dry-run" in usage.stdout and "DESTDIR" in usage.stdout
