@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -34,7 +35,7 @@ from hive.desired.deployments import Keys
 from hive.desired.etcd import TXN_OPS, Etcd, delete_op, put_op
 from hive.desired.etcd_txn import created_at, get, range_op, txn
 from hive.desired.fleet_view import FleetView
-from hive.desired.scheduling import Plan, Step, plan
+from hive.desired.scheduling import PLACEMENTS, Plan, Step, plan
 from hive.errors import Compacted, EtcdError
 
 log = logging.getLogger("hive.scheduler")
@@ -68,15 +69,28 @@ class Scheduler:
         self.keys = Keys(config.prefix)
         self.view = FleetView(self.keys, clock)
         self.leading = False
-        #: What this hive has written as scheduler: transactions, and keys in them.
+        #: What this hive has written as scheduler: transactions, and keys in them; the
+        #: replicas it wrote onto nodes, by why (scheduling.PLACEMENTS); its transactions the
+        #: fence refused (another hive held the election); its passes, each timed to the
+        #: ``on_pass`` callbacks (the metrics' histogram). Read by hive.state.metrics.
         self.transactions = 0
         self.writes = 0
         self.elections = 0
+        self.placements: Counter[str] = Counter(dict.fromkeys(PLACEMENTS, 0))
+        self.fenced_writes = 0
+        self.passes = 0
+        self.on_pass: list[Callable[[float], None]] = []
         self._changed = asyncio.Event()
         self._heard = 0.0  # when the watch last said something (monotonic)
         self._election = 0
         self._task: asyncio.Task[None] | None = None
         self._unplaced: set[str] = set()
+
+    @property
+    def unplaceable(self) -> int:
+        """Replicas wanted that no node can take now (room, labels, backends, cordons), as of
+        this hive's last pass; 0 while it does not schedule."""
+        return len(self._unplaced) if self.leading else 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hive-fleet-scheduler")
@@ -111,6 +125,7 @@ class Scheduler:
                 await asyncio.sleep(1.0)
             finally:
                 self.leading = False
+                self._unplaced = set()  # another hive's to count now
 
     async def _campaign(self, lease: int) -> int | None:
         """Take the key if it is free; its create revision when this hive holds it, else None
@@ -230,6 +245,10 @@ class Scheduler:
                 ", ".join(sorted(unplaced)[:10]) + (" ..." if len(unplaced) > 10 else ""),
             )
         self._unplaced = unplaced
+        self.passes += 1
+        seconds = time.monotonic() - started
+        for observe in self.on_pass:
+            observe(seconds)
 
     async def _carry_out(self, steps: list[Step]) -> tuple[int, int]:
         """The steps in transactions of at most 100 writes (a step is never split), each fenced
@@ -251,7 +270,9 @@ class Scheduler:
             ]
             result = await txn(self.etcd, [self.fence], requests)
             if not result.succeeded:
+                self.fenced_writes += 1
                 raise Deposed("a write was refused: another hive holds the election")
+            self.placements.update(step.kind for step in batch if step.kind)
             transactions += 1
             writes += len(ops)
             for kind, key, value in ops:

@@ -37,6 +37,9 @@ from hive.desired.placing import Candidate, Room, choose, need, place_many
 
 #: ("put", key, value) or ("delete", key, None).
 Op = tuple[str, str, str | None]
+#: Why a step writes a replica onto a node: a new replica (4), its node gone (3), its node
+#: drained or its labels changed (5), a rolling change (6, in place or moved).
+PLACEMENTS = ("placed", "healed", "drained", "relabelled", "rolled")
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Step:
     why: str
     #: One of many like it (a placement): logged as a count, not one line each.
     quiet: bool = False
+    #: A step that writes a replica onto a node says why (:data:`PLACEMENTS`); others: "".
+    kind: str = ""
 
 
 @dataclass
@@ -111,10 +116,12 @@ class Planner:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _step(self, worker_id: str, ops: list[Op], why: str, quiet: bool = False) -> None:
+    def _step(
+        self, worker_id: str, ops: list[Op], why: str, quiet: bool = False, kind: str = ""
+    ) -> None:
         self.busy.add(worker_id)
         self.touched.add(worker_id.rpartition("-")[0])
-        self.plan.steps.append(Step(ops, f"{worker_id}: {why}", quiet))
+        self.plan.steps.append(Step(ops, f"{worker_id}: {why}", quiet, kind))
 
     def _put(self, node: str, deployment: Deployment, k: int) -> Op:
         return ("put", self.keys.desired_key(node, replica_id(deployment.name, k)),
@@ -203,7 +210,7 @@ class Planner:
                     self.plan.unplaced.append(worker_id)
                     continue
                 ops = [self._delete(node, worker_id), self._put(target, deployment, replica.k)]
-                self._step(worker_id, ops, f"{node} is gone; placed on {target}")
+                self._step(worker_id, ops, f"{node} is gone; placed on {target}", kind="healed")
 
     # -- 4. placement ----------------------------------------------------------------------------
 
@@ -225,7 +232,9 @@ class Planner:
         for deployment, k, node in place_many(wanted, self.candidates):
             worker_id = replica_id(deployment.name, k)
             done.add(worker_id)
-            self._step(worker_id, [self._put(node, deployment, k)], f"placed on {node}", True)
+            self._step(
+                worker_id, [self._put(node, deployment, k)], f"placed on {node}", True, "placed"
+            )
         for deployment, ks in wanted:
             self.plan.unplaced += [
                 rid for k in ks if (rid := replica_id(deployment.name, k)) not in done
@@ -241,7 +250,7 @@ class Planner:
             if not drain or node in sources or node not in view.nodes:
                 continue
             for worker_id, replica in sorted(view.replicas.get(node, {}).items()):
-                if self._start_move(worker_id, replica, f"{node} is drained"):
+                if self._start_move(worker_id, replica, f"{node} is drained", "drained"):
                     sources.add(node)
                     moving.add(replica.deployment)
                     break
@@ -253,13 +262,19 @@ class Planner:
                 deployment = view.deployments.get(replica.deployment)
                 if deployment is None or deployment.name in moving:
                     continue
+                why = f"{node} no longer has the labels {deployment.node_labels}"
                 if not deployment.matches(info.labels) and self._start_move(
-                    worker_id, replica, f"{node} no longer has the labels {deployment.node_labels}"
+                    worker_id, replica, why, "relabelled"
                 ):
                     moving.add(deployment.name)
 
     def _start_move(
-        self, worker_id: str, replica: Replica, why: str, quiet_if_unplaced: bool = False
+        self,
+        worker_id: str,
+        replica: Replica,
+        why: str,
+        kind: str,
+        quiet_if_unplaced: bool = False,
     ) -> bool:
         deployment = self.view.deployments.get(replica.deployment)
         if deployment is None or not self._free(worker_id):
@@ -272,7 +287,7 @@ class Planner:
         move = _dump({"from": replica.node, "to": target})
         ops: list[Op] = [self._put(target, deployment, replica.k),
                          ("put", self.keys.move(worker_id), move)]  # fmt: skip
-        self._step(worker_id, ops, f"{why}: moving to {target}, which starts it first")
+        self._step(worker_id, ops, f"{why}: moving to {target}, which starts it first", kind=kind)
         return True
 
     # -- 6. rolling changes ----------------------------------------------------------------------
@@ -309,10 +324,10 @@ class Planner:
         here = self.candidates.get(replica.node)
         if here is None or not here.takes(deployment):
             why = f"rolling to revision {deployment.revision}: no room beside it on {replica.node}"
-            if self._start_move(replica.id, replica, why, quiet_if_unplaced=True):
+            if self._start_move(replica.id, replica, why, "rolled", quiet_if_unplaced=True):
                 return
         why = f"rolled to revision {deployment.revision} on {replica.node}"
-        self._step(replica.id, [self._put(replica.node, deployment, replica.k)], why)
+        self._step(replica.id, [self._put(replica.node, deployment, replica.k)], why, kind="rolled")
 
 
 def plan(view: FleetView, reschedule_after: float) -> Plan:

@@ -8,7 +8,7 @@ they happen. Every hive has its own ``CollectorRegistry``: no global state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -106,12 +106,31 @@ class _RecordCollector(Collector):
         yield from (memory_used, memory_total, utilization, healthy)
 
 
+class SchedulerFigures(Protocol):
+    """What the fleet's scheduler tells the metrics (:class:`hive.desired.scheduler.Scheduler`
+    has them)."""
+
+    leading: bool
+    elections: int
+    transactions: int
+    writes: int
+    fenced_writes: int
+    placements: Mapping[str, int]
+    on_pass: list[Callable[[float], None]]
+
+    @property
+    def unplaceable(self) -> int: ...
+
+
 class FleetFigures(Protocol):
     """What the fleet tells the metrics (:class:`hive.desired.fleet.Fleet` has them)."""
 
     connected: bool
     lease_losses: int
     watch_restarts: int
+
+    @property
+    def scheduler(self) -> SchedulerFigures | None: ...
 
 
 class _FleetCollector(Collector):
@@ -137,6 +156,49 @@ class _FleetCollector(Collector):
             "Times the watch of this node's desired set ended and hive read the set again.",
             value=self.fleet.watch_restarts,
         )
+
+
+class _SchedulerCollector(Collector):
+    """The scheduler's figures, read at scrape time (its passes' histogram is fed as they
+    end: :meth:`Metrics.watch_fleet`)."""
+
+    def __init__(self, scheduler: SchedulerFigures) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.scheduler
+        yield GaugeMetricFamily(
+            "hive_scheduler_leader",
+            "1 while this hive holds the fleet's election and schedules, 0 while another does.",
+            value=1 if s.leading else 0,
+        )
+        yield GaugeMetricFamily(
+            "hive_scheduler_unplaceable",
+            "Replicas wanted that no node can take now (room, labels, backends, cordons), as of "
+            "the scheduler's last pass; 0 on a hive that does not schedule.",
+            value=s.unplaceable,
+        )
+        placements = CounterMetricFamily(
+            "hive_scheduler_placements",
+            "Replicas this hive wrote onto a node as scheduler, by why: placed (a new replica), "
+            "healed (its node gone), drained, relabelled (its node's labels changed), rolled.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.placements.items()):
+            placements.add_metric([reason], count)
+        yield placements
+        for name, text, value in (
+            ("hive_scheduler_elections", "Times this hive won the scheduler's election.",
+             s.elections),
+            ("hive_scheduler_transactions", "Write transactions this hive made as scheduler.",
+             s.transactions),
+            ("hive_scheduler_writes", "Keys written or deleted in those transactions.", s.writes),
+            ("hive_scheduler_fenced_writes",
+             "Transactions etcd refused because this hive no longer held the election (it then "
+             "stops scheduling and campaigns again): a deposed scheduler writes nothing.",
+             s.fenced_writes),
+        ):  # fmt: skip
+            yield CounterMetricFamily(name, text, value=value)
 
 
 class Metrics:
@@ -234,8 +296,19 @@ class Metrics:
 
     def watch_fleet(self, fleet: FleetFigures) -> None:
         """With ``[fleet]``: export whether etcd answers, and what went wrong with it so far
-        (only then: no fleet, no series)."""
+        (only then: no fleet, no series); with ``schedule``, the scheduler's figures."""
         self.prometheus.register(_FleetCollector(fleet))
+        scheduler = fleet.scheduler
+        if scheduler is None:
+            return
+        self.prometheus.register(_SchedulerCollector(scheduler))
+        passes = Histogram(
+            "hive_scheduler_pass_seconds",
+            "Scheduling passes this hive ran as scheduler: the plan and its writes.",
+            buckets=_FAST,
+            registry=self.prometheus,
+        )
+        scheduler.on_pass.append(passes.observe)
 
     def watch_gpus(self, gpus: Callable[[], Iterable[Any]]) -> None:
         """Export per-GPU figures from the device snapshot (read at scrape time)."""

@@ -108,7 +108,8 @@ class Fleet:
 
     async def serving(self, name: str, replicas: int, revision: str | None = None) -> bool:
         """Each replica placed once, ready on its node at ``revision`` (any when None), in the
-        router; no move under way."""
+        router; no move under way. (etcd says ``ready`` for a busy worker too: under load, a
+        replica that holds a request still counts.)"""
         placed = await self.placed()
         workers = await self.range("workers/")
         if await self.range("moves/"):
@@ -256,10 +257,21 @@ async def test_spread_heal_failover_and_no_replica_placed_twice(
         assert ["chat", "demo-chat", "3", "3", "3/3"] in [
             r.split()[:5] for r in listing.splitlines()
         ]
+        # The scheduler's metrics: the leader placed 3 and says so; the others, nothing.
+        boss = await fleet.scheduler()
+        assert boss is not None
+        for node, hive in fleet.hives.items():
+            figures = await scheduler_metrics(hive)
+            leads = node == boss
+            assert figures["hive_scheduler_leader"] == leads, (node, figures)
+            assert figures[PLACED] == (3 if leads else 0), (node, figures)
+            assert (figures["hive_scheduler_pass_seconds_count"] > 0) == leads, (node, figures)
+            assert figures["hive_scheduler_elections_total"] == leads, (node, figures)
+            assert figures["hive_scheduler_unplaceable"] == 0
+            assert figures["hive_scheduler_fenced_writes_total"] == 0
 
         # A dead machine: the hive and its workers SIGKILLed. Its replica moves once
         # reschedule_after has passed since its lease expired, and not before.
-        boss = await fleet.scheduler()
         victim = next(n for n in NODES if n != boss)
         lost = next(k for k, nodes in placed.items() if nodes == [victim])
         kill_machine(fleet.hives[victim], list((await pids(fleet.hives[victim])).values()))
@@ -275,11 +287,13 @@ async def test_spread_heal_failover_and_no_replica_placed_twice(
         print(f"\nscheduler: dead machine -> its replica ready elsewhere in {healed:.2f} s "
               f"(TTL {TTL} s + reschedule_after {RESCHEDULE_AFTER} s + start-up)")  # fmt: skip
         assert healed >= RESCHEDULE_AFTER and moved_to != [victim]
+        assert (await scheduler_metrics(fleet.hives[boss]))[HEALED] == 1
 
         # The scheduler's hive SIGKILLed (its workers run on): another is elected within the
         # lease's TTL (and etcd's lease check).
         boss_hive = fleet.hives[boss]
         kept = {w["id"]: w for w in (await boss_hive.call("GET", "/v1/workers"))["workers"]}
+        on_boss = [k for k, nodes in (await fleet.placed()).items() if nodes == [boss]]
         boss_hive.kill()
         killed = time.monotonic()
         new = await async_wait_for(
@@ -291,6 +305,8 @@ async def test_spread_heal_failover_and_no_replica_placed_twice(
         # Its node is gone too, so its replicas are healed onto the last node.
         await async_wait_for(lambda: fleet.serving("chat", 3), timeout=60, what="healed again")
         assert all(nodes == [new] for nodes in (await fleet.placed()).values())
+        figures = await scheduler_metrics(fleet.hives[new])
+        assert figures["hive_scheduler_leader"] == 1 and figures[HEALED] == len(on_boss), figures
 
         # It comes back: it finds its keys moved, and stops those workers, out of the router
         # first.
@@ -303,6 +319,20 @@ async def test_spread_heal_failover_and_no_replica_placed_twice(
         assert await fleet.serving("chat", 3)
         revisions = await fleet.history_check()
         print(f"scheduler: {revisions} revisions replayed, no replica ever on two nodes")
+
+        # Replicas no node can take (a label no node has): counted by the leader alone.
+        nowhere = tmp_path / "nowhere.toml"
+        nowhere.write_text('[[deployments]]\nname = "nowhere"\nreplicas = 2\nmodel = "m"\n'
+                           'node_labels = { zone = "nowhere" }\n')  # fmt: skip
+        fleet.cli("deploy", "-f", str(nowhere))
+        await async_wait_for(
+            lambda: _unplaceable(fleet.hives[new], 2), timeout=30, what="2 unplaceable"
+        )
+        assert (await scheduler_metrics(boss_hive))["hive_scheduler_unplaceable"] == 0
+        fleet.cli("undeploy", "nowhere")
+        await async_wait_for(
+            lambda: _unplaceable(fleet.hives[new], 0), timeout=30, what="none unplaceable"
+        )
         fleet.cli("undeploy", "chat")
         await async_wait_for(lambda: _empty(fleet.placed()), timeout=30, what="undeployed")
 
@@ -361,12 +391,15 @@ async def test_cordon_drain_and_rolling_change_lose_no_request(
             assert (await fleet.placed())["chat-3"] != ["n3"]
             assert "up,cordoned" in fleet.cli("ls")
             # Drain: each replica on n3 serves elsewhere before it leaves n3.
+            moving = sum(nodes == ["n3"] for nodes in (await fleet.placed()).values())
             assert "draining" in fleet.cli("drain", "n3")
+            drain_begun = time.monotonic()
             await async_wait_for(lambda: _off(fleet.placed(), "n3"), timeout=60, what="n3 drained")
             await async_wait_for(lambda: fleet.serving("chat", 4), timeout=60, what="drained")
             await async_wait_for(
                 lambda: _no_workers(fleet.hives["n3"]), timeout=60, what="n3 empty"
             )
+            drained = time.monotonic() - drain_begun
             await load.more(40)
             # Uncordon: n3 may take replicas again.
             fleet.cli("uncordon", "n3")
@@ -375,18 +408,48 @@ async def test_cordon_drain_and_rolling_change_lose_no_request(
             assert (await fleet.placed())["chat-4"] == ["n3"]
             # A rolling change: one replica at a time, each replaced without a gap.
             out = fleet.deploy(path, "chat", 5, args=["--latency-ms", "21"])
+            roll_begun = time.monotonic()
             revision = out.split("revision ")[1].rstrip(")\n")
             await async_wait_for(
                 lambda: fleet.serving("chat", 5, revision), timeout=120, what="rolled"
             )
+            rolled = time.monotonic() - roll_begun
             await load.more(40)
+        boss = await fleet.scheduler()
+        assert boss is not None  # one election all along: it wrote every step
+        figures = await scheduler_metrics(fleet.hives[boss])
+        reasons = {k: figures[f'hive_scheduler_placements_total{{reason="{k}"}}']
+                   for k in ("placed", "drained", "rolled", "healed")}  # fmt: skip
+        assert reasons == {"placed": 5, "drained": moving, "rolled": 5, "healed": 0}, figures
         lost = {k: v for k, v in load.counts.items() if k != "2xx"}
         print(f"\nscheduler: cordon, drain, rolling change under load: sent {load.sent}, "
-              f"failed {sum(lost.values())} {lost}")  # fmt: skip
+              f"failed {sum(lost.values())} {lost}; n3 drained ({moving} replica(s)) in "
+              f"{drained:.1f} s, 5 replicas rolled in {rolled:.1f} s")  # fmt: skip
         assert lost == {}, f"requests failed: {dict(load.counts)}"
         await fleet.history_check()
         fleet.cli("undeploy", "chat")
         await async_wait_for(lambda: _empty(fleet.placed()), timeout=30, what="undeployed")
+
+
+PLACED = 'hive_scheduler_placements_total{reason="placed"}'
+HEALED = 'hive_scheduler_placements_total{reason="healed"}'
+
+
+async def scheduler_metrics(hive: Hive) -> dict[str, float]:
+    """The hive_scheduler_ samples of the hive's /metrics, by name and labels."""
+    async with hive.http().get("/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    return {
+        name: float(value)
+        for line in text.splitlines()
+        if line.startswith("hive_scheduler_")
+        for name, value in [line.rsplit(" ", 1)]
+    }
+
+
+async def _unplaceable(hive: Hive, n: int) -> bool:
+    return (await scheduler_metrics(hive))["hive_scheduler_unplaceable"] == n
 
 
 async def _not_in(found: Any, key: str) -> bool:

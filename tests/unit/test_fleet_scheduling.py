@@ -7,6 +7,7 @@ one replica at a time; a replica is never left on two nodes without a move that 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -36,6 +37,8 @@ class Fleet:
         self.clock = Clock()
         self.view = FleetView(KEYS, self.clock)
         self.revision = 1
+        #: The kinds of the steps that wrote a replica onto a node (the metrics' reasons).
+        self.kinds: Counter[str] = Counter()
 
     def put(self, key: str, value: Any) -> None:
         self.revision += 1
@@ -77,6 +80,7 @@ class Fleet:
         """One pass, its writes applied; what it did."""
         result = plan(self.view, reschedule_after)
         for step in result.steps:
+            self.kinds.update([step.kind] if step.kind else [])
             self.revision += 1
             for kind, key, value in step.ops:
                 if kind == "put":
@@ -127,6 +131,7 @@ def test_a_gone_node_is_healed_after_reschedule_after_not_before() -> None:
     assert fleet.where()[lost] == {"n1"}  # the old key went in the same step
     fleet.node("n2")  # it comes back: nothing moves back, nothing is placed twice
     assert fleet.step() == []
+    assert fleet.kinds == {"placed": 3, "healed": 1}
 
 
 def test_drain_moves_one_at_a_time_and_the_old_leaves_once_the_new_serves() -> None:
@@ -162,6 +167,7 @@ def test_drain_moves_one_at_a_time_and_the_old_leaves_once_the_new_serves() -> N
     fleet.deploy("chat", 4)
     fleet.step()
     assert fleet.where()["chat-3"] == {"n3"}
+    assert fleet.kinds == {"placed": 7, "drained": 2}  # a move's end places nothing
 
 
 def test_a_move_whose_target_dies_stays_on_its_source() -> None:
@@ -197,6 +203,7 @@ def test_a_rolling_change_replaces_one_replica_at_a_time() -> None:
         fleet.serve(node, f"chat-{k}")
     assert fleet.step() == []
     assert all(r.revision == revision for n in fleet.view.replicas.values() for r in n.values())
+    assert fleet.kinds == {"placed": 3, "rolled": 3}
 
 
 def test_a_rolling_change_with_no_room_beside_moves_the_replica() -> None:
@@ -216,6 +223,7 @@ def test_a_rolling_change_with_no_room_beside_moves_the_replica() -> None:
     fleet.serve(other, "big-0")
     assert fleet.step() == [f"big-0: serves on {other}; leaves {node}"]
     assert fleet.where() == {"big-0": {other}}
+    assert fleet.kinds == {"placed": 1, "rolled": 1}  # moved, for a rolling change
 
 
 def test_scaling_down_undeploying_and_duplicates() -> None:
