@@ -251,9 +251,11 @@ class Daemon:
         self._upstream.start()
         context.metrics.watch_gpus(lambda: context.gpus.snapshot().gpus)
         log.info("hive listening on %s and %s", config.listen, config.socket_path)
+        context.loads.loaded("start", self.config_path, "loaded")
         self._declared = DeclaredFiles(
-            context.reconciler, lambda: self.config, self.config_path, self.notifier.status
-        )
+            context.reconciler, lambda: self.config, self.config_path, self.notifier.status,
+            context.loads.declared,
+        )  # fmt: skip
         self._declared.request(first=True)
         self._join_fleet(context)
         self.notifier.ready(status_line(registry))
@@ -332,6 +334,7 @@ class Daemon:
             new = self.loader()
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
+            context.loads.refused(f"reload refused, the running configuration stays: {exc}")
             self.notifier.ready(f"reload refused: {str(exc).splitlines()[0]}")
             return
         changed = [key for key in Config.model_fields if getattr(old, key) != getattr(new, key)]
@@ -348,6 +351,9 @@ class Daemon:
         if self._upstream is not None:
             self._upstream.reload(new)
         log.info("reloaded the configuration: %s", ", ".join(live) or "nothing changed")
+        summary = f"changed {', '.join(live)}" if live else "nothing changed"
+        later = f"; {', '.join(kept)} take effect at the next start of hive" if kept else ""
+        context.loads.loaded("SIGHUP", self.config_path, f"reloaded: {summary}{later}")
         self.notifier.ready(status_line(context.registry))
         if self._declared is not None:
             self._declared.request()
@@ -360,7 +366,7 @@ class Daemon:
             return
 
         def node_value() -> dict[str, Any]:
-            value = views.node_view(context).model_dump(mode="json", exclude={"fleet"})
+            value = views.node_view(context).model_dump(mode="json", exclude=views.NODE_LOCAL)
             value["devices"] = views.devices_view(context).model_dump(mode="json")
             return dict(value)
 

@@ -328,6 +328,16 @@ class FleetStatus(BaseModel):
     watch_error: str | None = None
 
 
+class LastReload(BaseModel):
+    """hive's last read of its configuration and declared workers: at start, or on SIGHUP."""
+
+    at: datetime
+    trigger: Literal["start", "SIGHUP"]
+    #: False: refused (``message`` says why); the running configuration stays.
+    ok: bool
+    message: str
+
+
 class Node(BaseModel):
     hostname: str
     version: str
@@ -339,6 +349,13 @@ class Node(BaseModel):
     socket: str | None = None
     #: With ``[fleet]``: this node's name and whether etcd answers.
     fleet: FleetStatus | None = None
+    #: The configuration file read (null: none, the defaults), the state directory, where the
+    #: API token comes from and, from a file, the file's path (never the token).
+    config_file: str | None = None
+    state_dir: str | None = None
+    token_source: Literal["config", "HIVE_TOKEN", "file"] | None = None
+    token_file: str | None = None
+    last_reload: LastReload | None = None
 
 
 class Health(BaseModel):

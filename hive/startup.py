@@ -13,6 +13,7 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from hive.config import Config
 from hive.tlsfiles import TLSFileError, load_ca, load_chain
@@ -28,15 +29,26 @@ class StartupError(Exception):
 MIN_TOKEN = 16
 
 
+def token_source(config: Config) -> Literal["config", "HIVE_TOKEN", "file"]:
+    """Where the API token comes from: config ``token``, else ``$HIVE_TOKEN``, else the token
+    file (``config.token_path``)."""
+    if config.token:
+        return "config"
+    if os.environ.get("HIVE_TOKEN"):
+        return "HIVE_TOKEN"
+    return "file"
+
+
 def load_token(config: Config) -> str:
-    """The API token: config ``token``, else ``$HIVE_TOKEN``, else the token file (made 0600).
+    """The API token, from :func:`token_source` (a missing token file is made, 0600).
 
     A token shorter than :data:`MIN_TOKEN` characters (an empty file, an unset variable
     written out) stops start-up with a sentence that names where it came from."""
-    if config.token:
-        return _long_enough(config.token, "the configuration's token")
-    if env := os.environ.get("HIVE_TOKEN"):
-        return _long_enough(env, "HIVE_TOKEN")
+    source = token_source(config)
+    if source == "config":
+        return _long_enough(config.token or "", "the configuration's token")
+    if source == "HIVE_TOKEN":
+        return _long_enough(os.environ["HIVE_TOKEN"], "HIVE_TOKEN")
     path = config.token_path
     try:
         return _long_enough(path.read_text().strip(), f"the token file {path}")

@@ -14,6 +14,13 @@ from hive.devices import cpu
 from hive.devices.cpu import CpuNode
 from hive.devices.gpu import GpuSnapshot
 from hive.models import Devices, DeviceSummary, Node, Worker, holds_resources
+from hive.startup import token_source
+
+#: What the node's document in etcd leaves out of ``GET /v1/node``: the fleet's own view, and
+#: this host's files and reloads (its operator's business, nothing the fleet places by).
+NODE_LOCAL = frozenset(
+    {"fleet", "config_file", "state_dir", "token_source", "token_file", "last_reload"}
+)
 
 
 def device_summary(nodes: Sequence[CpuNode], snapshot: GpuSnapshot) -> DeviceSummary:
@@ -36,7 +43,9 @@ def workers_by_gpu(records: Iterable[Worker]) -> dict[str, list[str]]:
 
 
 def node_view(context: Context) -> Node:
-    """The host: name, version, start time, device counts and worker counts by state."""
+    """The host: name, version, start time, device counts and worker counts by state; where
+    its files are and how its last reload went."""
+    source = token_source(context.config)
     return Node(
         hostname=context.hostname,
         version=context.version,
@@ -46,6 +55,11 @@ def node_view(context: Context) -> Node:
         api_url=context.config.api_url,
         socket=str(context.config.socket_path),
         fleet=context.fleet.status() if context.fleet is not None else None,
+        config_file=None if context.loads.file is None else str(context.loads.file),
+        state_dir=str(context.config.state_path),
+        token_source=source,
+        token_file=str(context.config.token_path) if source == "file" else None,
+        last_reload=context.loads.last,
     )
 
 

@@ -262,4 +262,24 @@ def node(n: Node) -> str:
     if n.api_url or n.socket:
         where = " and ".join(x for x in (n.api_url, n.socket and f"unix socket {n.socket}") if x)
         lines.append(f"api      {where}")
-    return "\n".join(lines)
+    return "\n".join(lines + _files(n))
+
+
+def _files(n: Node) -> list[str]:
+    """Where the node's files are, and how its last reload went (a refusal's sentence whole)."""
+    if n.state_dir is None:  # a hive from before these fields
+        return []
+    token = {"config": "from the configuration's token", "HIVE_TOKEN": "from HIVE_TOKEN"}
+    lines = [
+        f"config   {escape(n.config_file or 'none (the defaults)')}",
+        f"state    {escape(n.state_dir)}",
+        f"token    {token.get(n.token_source or '') or escape(f'file {n.token_file}')}",
+    ]
+    if n.last_reload is not None:
+        r = n.last_reload
+        when = "at start" if r.trigger == "start" else r.trigger
+        verdict = "ok" if r.ok else "REFUSED"
+        first, *rest = r.message.splitlines() or [""]
+        lines.append(f"reload   {when}, {since(r.at)} ago: {verdict}: {escape(first)}")
+        lines += [f"         {escape(line)}" for line in rest]
+    return lines

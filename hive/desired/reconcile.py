@@ -364,7 +364,9 @@ class DeclaredFiles:
     """hive's own files of declared workers (``[[workers]]``, ``workers_dir``), applied in the
     background at start and after each reload: one pass at a time, and a reload during a pass
     runs another after it. A set that does not load is refused whole, and ``refused`` hears
-    why (the daemon puts it in systemd's status line)."""
+    why in a line (the daemon puts it in systemd's status line). ``checked`` hears each pass's
+    verdict before anything is applied: None (whole and valid, or nothing declared), or the
+    refusal whole (``hive status`` shows it)."""
 
     def __init__(
         self,
@@ -372,11 +374,13 @@ class DeclaredFiles:
         config: Callable[[], Config],
         config_path: Path | None,
         refused: Callable[[str], None],
+        checked: Callable[[str | None], None] = lambda verdict: None,
     ) -> None:
         self.reconciler = reconciler
         self.config = config
         self.config_path = config_path
         self.refused = refused
+        self.checked = checked
         self._task: asyncio.Task[None] | None = None
         self._again = False
 
@@ -413,11 +417,15 @@ class DeclaredFiles:
                 if (r.declared or "").startswith(CONFIG_SOURCE)
             ]
             if not declared and not held:
+                self.checked(None)
                 return  # nothing declared, now or before: nothing to do
             # Only a complete set changes anything: not one read while its files were rewritten.
             directory = workers_dir(config, self.config_path)
             await asyncio.to_thread(check_complete, declared, held, directory)
+            check_backends(declared, config)  # as apply_set does, before saying it is whole
+            self.checked(None)
             await self.reconciler.apply_set(declared, CONFIG_SOURCE, "declared workers")
         except DeclarationError as exc:
             log.error("declared workers refused, nothing of them applied: %s", exc)
             self.refused(f"declared workers refused: {str(exc).splitlines()[0]}")
+            self.checked(f"declared workers refused, nothing of them applied: {exc}")

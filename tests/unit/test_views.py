@@ -10,9 +10,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
+
 from hive.api.views import device_summary, devices_view, node_view, workers_by_gpu
 from hive.config import Config
-from hive.context import Context
+from hive.context import ConfigLoads, Context
 from hive.devices.cpu import CpuNode
 from hive.devices.gpu import GpuInfo, GpuSnapshot
 from hive.models import SpawnRequest, State, Worker
@@ -58,6 +60,7 @@ class _Context:
         self.started_at = STARTED
         self.config = Config(listen="127.0.0.1:7171", socket=Path("/run/hive-test/hive.sock"))
         self.fleet = None  # no [fleet]
+        self.loads = ConfigLoads()
 
 
 def _add(registry: Registry, worker_id: str, **fields: Any) -> None:
@@ -87,7 +90,8 @@ def test_workers_by_gpu_lists_each_worker_on_every_gpu_it_holds() -> None:
     assert workers_by_gpu([]) == {}
 
 
-def test_node_view() -> None:
+def test_node_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HIVE_TOKEN", raising=False)
     registry = Registry()
     _add(registry, "w1", device="GPU-0", gpus=[UUID0])
     _add(registry, "w2", device="CPU-0", cpus=[0])
@@ -98,6 +102,18 @@ def test_node_view() -> None:
     assert node.workers[State.STARTING] == 1 and node.workers[State.READY] == 1
     assert node.workers[State.STOPPED] == 0
     assert (node.api_url, node.socket) == ("http://127.0.0.1:7171", "/run/hive-test/hive.sock")
+    # Where its files are, the token's path but never the token, and no reload yet.
+    config = Config(state_dir=Path("/var/lib/h"), token_file=Path("/etc/h/token"))
+    context = _Context(registry)
+    context.config = config
+    node = node_view(cast(Context, context))
+    assert (node.config_file, node.state_dir) == (None, "/var/lib/h")
+    assert (node.token_source, node.token_file) == ("file", "/etc/h/token")
+    assert node.last_reload is None
+    monkeypatch.setenv("HIVE_TOKEN", "t" * 32)
+    node = node_view(cast(Context, context))
+    assert (node.token_source, node.token_file) == ("HIVE_TOKEN", None)
+    assert "t" * 32 not in node.model_dump_json()
 
 
 def test_devices_view_leaves_out_workers_that_hold_nothing() -> None:
