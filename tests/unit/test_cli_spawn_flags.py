@@ -50,25 +50,29 @@ def test_the_same_flags_make_the_same_request() -> None:
     replaced = spawn_request(
         parse("replace", "web", "--model", "m", *FIELDS, "--", "-v", "x"), replace=True
     )
-    assert spawned == replaced == {
-        "model": "m",
-        "backend": "demo",
-        "device": "CPU-0",
-        "gpus": 2,
-        "cpus": [0, 1, 3],
-        "gpu_memory_mib": 512,
-        "memory_mib": 1024,
-        "port": 18123,
-        "labels": {"team": "search", "tier": "gold"},
-        "env": {"A": "1"},
-        "restart": "always",
-        "register": False,
-        "role": "prefill",
-        "bootstrap_port": 18124,
-        "priority": 7,
-        "cost": 2.5,
-        "args": ["-v", "x"],
-    }
+    assert (
+        spawned
+        == replaced
+        == {
+            "model": "m",
+            "backend": "demo",
+            "device": "CPU-0",
+            "gpus": 2,
+            "cpus": [0, 1, 3],
+            "gpu_memory_mib": 512,
+            "memory_mib": 1024,
+            "port": 18123,
+            "labels": {"team": "search", "tier": "gold"},
+            "env": {"A": "1"},
+            "restart": "always",
+            "register": False,
+            "role": "prefill",
+            "bootstrap_port": 18124,
+            "priority": 7,
+            "cost": 2.5,
+            "args": ["-v", "x"],
+        }
+    )
 
 
 def test_a_flag_not_given_is_left_out() -> None:
