@@ -267,6 +267,10 @@ class Config(BaseModel):
     #: At SIGTERM/SIGINT: ``detach`` leaves the workers running for the next hive to adopt (a
     #: restart or an upgrade of hive costs no model load); ``stop`` stops them all.
     on_exit: Literal["stop", "detach"] = "detach"
+    #: With ``detach``: the command asked at SIGTERM whether the host is shutting down (its
+    #: first line ``stopping``); then the workers are stopped, and started again at boot as
+    #: their restart policy says (:mod:`hive.host.shutdown`). Empty: never asked.
+    shutdown_check: list[str] = ["systemctl", "is-system-running"]
     retention: Annotated[float, Field(ge=0)] = 3600.0
     max_log_bytes: Annotated[int, Field(ge=4096)] = 50_000_000
     metrics_public: bool = False

@@ -41,6 +41,7 @@ from hive.host.containment import Cgroups, Containment
 from hive.host.containment import choose as choose_containment
 from hive.host.descriptors import raise_limit
 from hive.host.notify import Notifier
+from hive.host.shutdown import stop_for_shutdown
 from hive.models import State
 from hive.startup import StartupError, load_token, warn_root_workers
 from hive.state.events import EventHub
@@ -283,12 +284,13 @@ class Daemon:
                 name="hive-extend-timeout",
             )
         )
-        log.info("shutting down (on_exit = %s)", config.on_exit)
+        host_down, why = await stop_for_shutdown(config.on_exit, config.shutdown_check)
+        log.info("shutting down (on_exit = %s%s)", config.on_exit, why)
         if context.fleet is not None:  # out of the fleet view at once, before workers stop
             await context.fleet.close()
         if context.usage is not None:
             await context.usage.close()
-        await context.supervisor.close()  # stops (and first withdraws) every worker
+        await context.supervisor.close(host_down=host_down)  # stops (and withdraws) or detaches
         if self._declared is not None:
             await self._declared.close()
         if self._unsubscribe is not None:

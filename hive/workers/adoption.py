@@ -8,7 +8,9 @@ The journal says what hive knew; the containment (cgroups, or environment tags) 
 - a worker whose record has no pid yet (hive died between writing the intent and the pid) is
   adopted if its attempt's leader is found among its tagged processes, else failed;
 - a worker whose process is gone becomes ``failed`` and its restart policy applies;
-- stopped and failed records come back as they were;
+- stopped and failed records come back as they were; one that the last hive stopped at the
+  host's shutdown (``stopped``, a restart due) starts again as its restart policy says, as
+  it would had the shutdown ended it;
 - any process of this hive's that no live record accounts for (a worker not in the journal, a
   stopped one, a process of an earlier attempt, what a dead leader left) is a *stray*: ended,
   and logged.
@@ -160,7 +162,11 @@ def plan(
             if record.state not in LIVE_STATES:
                 result.restored += 1
             result.stray(key, members, f"the worker is {record.state.value}")
-        pending = record.state == State.FAILED and record.desired == "running"
+        # Failed; or stopped at the host's shutdown, due to start again (Supervisor.close).
+        pending = record.desired == "running" and (
+            record.state == State.FAILED
+            or (record.state == State.STOPPED and record.next_restart_at is not None)
+        )
         resume = (
             process is None
             and pending

@@ -36,7 +36,7 @@ from hive.models import (
 from hive.state.journal import Journal, JournalError
 from hive.state.memory_metrics import MemoryCollector
 from hive.state.metrics import Metrics
-from hive.state.registry import Registry
+from hive.state.registry import Registry, now
 from hive.upstream.router_sync import RouterSync
 from hive.workers.deps import Deps
 from hive.workers.housekeeping import Housekeeping
@@ -137,11 +137,14 @@ class Supervisor:
         self.logs.start_keeper()
         self.housekeeping.start()
 
-    async def close(self, detach: bool | None = None) -> None:
-        """Stop every worker (``on_exit = "stop"``) or leave them running (``"detach"``)."""
+    async def close(self, detach: bool | None = None, host_down: bool = False) -> None:
+        """Stop every worker (``on_exit = "stop"``) or leave them running (``"detach"``).
+        ``host_down``: the host is shutting down, which would end them anyway: stopped, and
+        each that should run is due to start again at the next hive's start, as its restart
+        policy says (as when the next hive found it gone: docs/deploy.md)."""
         self._deps.closing = True
         if detach is None:
-            detach = self.config.on_exit == "detach"
+            detach = self.config.on_exit == "detach" and not host_down
         await self.housekeeping.close()
         runs = [run for run in self._runs.values() if run.active]
         for run in runs:
@@ -152,6 +155,8 @@ class Supervisor:
         await asyncio.gather(*(run.task for run in runs if run.task), return_exceptions=True)
         if not detach:
             await self._end_leftovers()
+        if host_down:
+            self._due_at_boot([run.id for run in runs])
         # Detached too: the empty worker cgroups go, and hive's own once nothing is left in it
         # (a worker that runs on keeps its cgroup, and so the base stays).
         self.containment.close()
@@ -160,6 +165,17 @@ class Supervisor:
         self._deps.spawner.close()
         self._deps.watch.close()
         await self.memory.close()
+
+    def _due_at_boot(self, ids: list[str]) -> None:
+        """The host shuts down: each worker just stopped that should run is due to start
+        again, which the next hive does at its start (:func:`hive.workers.adoption.plan`)."""
+        for worker_id in ids:
+            if worker_id not in self.registry:
+                continue
+            record = self.registry.get(worker_id)
+            down = record.state in DOWN_STATES and record.desired == "running"
+            if down and record.restart != "no":
+                self.registry.restart_due(worker_id, now())
 
     async def _end_leftovers(self, timeout: float = 10.0) -> None:
         """``on_exit = "stop"``: nothing of hive's is left running, whatever failed on the way
