@@ -101,7 +101,11 @@ class Fleet:
         self.reconciler = reconciler
         # Stable figures only, and what the scheduler places by (hive.desired.node_doc).
         self.node_value = publishing(
-            node_value, registry, lambda: reconciler.supervisor.config, config
+            node_value,
+            registry,
+            lambda: reconciler.supervisor.config,
+            config,
+            reconciler.supervisor.memory.budget,
         )
         self.etcd = Etcd(config.endpoints, ssl_context(config))
         #: With ``schedule``: this hive campaigns to be the fleet's scheduler, under its lease.

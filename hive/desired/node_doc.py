@@ -13,8 +13,9 @@ is stable: the devices, their totals, health, and the workers on them; and ``fle
   each of them has it);
 - ``room``: what a new worker may still reserve, counted from what hive's workers declared, not
   from live usage: free cores on each CPU node (cores reserved by workers that asked for
-  ``cpus`` are taken), host memory less the ``memory_mib`` of workers, and each GPU's memory
-  less the declared shares (none left when a worker holds it whole).
+  ``cpus`` are taken), what the node's own admission leaves of ``host_memory_mib`` (the
+  figures workers hold: declared, learned or estimated), and each GPU's memory less the
+  declared shares (none left when a worker holds it whole).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from hive.config import Config, FleetConfig
+from hive.devices.host_memory import held_by
 from hive.models import Entry, State, holds_resources
 
 #: Fields of ``GET /v1/devices`` that change from one read to the next.
@@ -31,7 +33,6 @@ LIVE_GPU = (
     "memory_used_mib", "memory_free_mib", "utilization_percent", "temperature_c", "power_w",
     "processes",
 )  # fmt: skip
-MIB = 1 << 20
 
 
 def published_state(state: State) -> State:
@@ -51,19 +52,25 @@ def publishing(
     registry: Entries,
     config: Callable[[], Config],
     fleet: FleetConfig,
+    budget: Callable[[], int | None] = lambda: None,
 ) -> Callable[[], dict[str, Any]]:
-    """``node_value`` as published: :func:`node_document` over the registry's entries now."""
+    """``node_value`` as published: :func:`node_document` over the registry's entries now;
+    ``budget``: the host memory workers may reserve (``host_memory_mib``, None: unknown)."""
 
     def value() -> dict[str, Any]:
         with registry.locked() as entries:
             held = dict(entries)
-        return node_document(node_value(), held, config(), fleet)
+        return node_document(node_value(), held, config(), fleet, budget())
 
     return value
 
 
 def node_document(
-    value: dict[str, Any], entries: Mapping[str, Entry], config: Config, fleet: FleetConfig
+    value: dict[str, Any],
+    entries: Mapping[str, Entry],
+    config: Config,
+    fleet: FleetConfig,
+    budget_mib: int | None = None,
 ) -> dict[str, Any]:
     """The node's view (``node_value``: /v1/node with /v1/devices in full) as published."""
     doc = dict(value)
@@ -82,17 +89,23 @@ def node_document(
         "backends": {name: backend.gpu for name, backend in sorted(config.backends.items())},
         "default_backend": config.default_backend,
         "routers": [router.url for router in config.routers],
-        "room": room(cpus, gpus, entries),
+        "room": room(cpus, gpus, entries, budget_mib),
     }
     return doc
 
 
 def room(
-    cpus: list[dict[str, Any]], gpus: list[dict[str, Any]], entries: Mapping[str, Entry]
+    cpus: list[dict[str, Any]],
+    gpus: list[dict[str, Any]],
+    entries: Mapping[str, Entry],
+    budget_mib: int | None = None,
 ) -> dict[str, Any]:
-    """What is left to reserve, from what the live workers hold (see the module's text)."""
+    """What is left to reserve, from what the live workers hold (see the module's text).
+    Memory: what the node's admission (hive.devices.host_memory) leaves of ``budget_mib``,
+    None where the node accounts none; the host's total would promise more than a node admits
+    (a tenth, up to 8 GiB, is kept back), and a replica placed on it be refused there for
+    ever."""
     reserved_cores: set[int] = set()
-    memory_mib = 0
     whole: set[str] = set()
     shared: dict[str, int] = {}
     for entry in entries.values():
@@ -101,19 +114,17 @@ def room(
             continue
         if spec.cpus is not None:
             reserved_cores.update(record.cpus)
-        # What the worker reserves: its record's figure where hive sizes workers, else declared.
-        held = getattr(record, "memory_mib", None) or getattr(spec, "memory_mib", None)
-        memory_mib += int(held or 0)
         for uuid in record.gpus:
             if spec.gpu_memory_mib is None:
                 whole.add(uuid)
             else:
                 shared[uuid] = shared.get(uuid, 0) + spec.gpu_memory_mib
-    total_bytes = [c.get("memory_total_bytes") for c in cpus]
-    known = [b for b in total_bytes if isinstance(b, int)]
+    memory_mib = None
+    if budget_mib is not None:
+        memory_mib = max(budget_mib - sum(held_by(entries, "").values()), 0)
     return {
         "cores": [sum(c not in reserved_cores for c in cpu.get("cores", [])) for cpu in cpus],
-        "memory_mib": (sum(known) // MIB - memory_mib) if known else None,
+        "memory_mib": memory_mib,
         "gpus": [_gpu_room(g, whole, shared) for g in gpus],
     }
 

@@ -230,7 +230,17 @@ async def _busy_writes_nothing(etcd: EtcdServer, router: Router, hive: Hive, cli
         }
 
     await async_wait_for(settled, what="held published, in the router")
-    before, _ = await client.range("/hive/nodes/n3")
+    before, kvs = await client.range("/hive/nodes/n3")
+    # The room the scheduler places by is what the node admits: host_memory_mib (the host's
+    # memory less a tenth, by default) less what its workers hold, as /metrics has them.
+    async with hive.http().get("/metrics") as r:
+        figures = dict(
+            line.rsplit(" ", 1) for line in (await r.text()).splitlines() if "memory" in line
+        )
+    free = float(figures["hive_host_memory_budget_mib"]) - float(
+        figures["hive_host_memory_reserved_mib"]
+    )
+    assert json.loads(kvs["/hive/nodes/n3"])["fleet"]["room"]["memory_mib"] == free
     body = {"text": "hi", "sampling_params": {"max_new_tokens": 4}}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         request = asyncio.create_task(http.post(f"{held['url']}/generate", json=body))

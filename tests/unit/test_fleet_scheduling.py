@@ -326,9 +326,15 @@ def test_a_node_publishes_stable_figures_and_its_room() -> None:
         "whole": holding("whole", SpawnRequest(model="m", gpus=1), device="GPU-0", gpus=["u0"]),
         "share": holding("share", SpawnRequest(model="m", gpu_memory_mib=30000), gpus=["u1"]),
         "gone": holding("gone", SpawnRequest(model="m", gpus=1), State.STOPPED, gpus=["u2"]),
-    }
+        "sized": holding("sized", SpawnRequest(model="m"), memory_mib=1500, memory_held=True),
+        "exited": holding("exited", SpawnRequest(model="m"), State.STOPPED, memory_mib=700,
+                          memory_held=True),  # its memory not back yet: still held
+        "freed": holding("freed", SpawnRequest(model="m"), State.STOPPED, memory_mib=900),
+    }  # fmt: skip
     fleet = FleetConfig(endpoints=["http://e"], labels={"zone": "b"})
-    doc = node_document(value, entries, Config(), fleet)
+    # The memory room is what the node admits: its budget (host_memory_mib, here 7,000 MiB of
+    # the 8 GiB host) less what workers hold, as hive.devices.host_memory counts it.
+    doc = node_document(value, entries, Config(), fleet, budget_mib=7000)
     assert doc["workers"] == {"starting": 0, "ready": 3, "stopped": 1}  # busy counts as ready
     assert "load" not in doc["devices"]["cpus"][0]
     assert "memory_available_bytes" not in doc["devices"]["cpus"][0]
@@ -336,7 +342,9 @@ def test_a_node_publishes_stable_figures_and_its_room() -> None:
     assert "temperature_c" not in doc["devices"]["gpus"][0]
     assert doc["fleet"]["labels"] == {"zone": "b"} and "demo" in doc["fleet"]["backends"]
     room = doc["fleet"]["room"]
-    assert room["cores"] == [2] and room["memory_mib"] == 8192
+    assert room["cores"] == [2] and room["memory_mib"] == 7000 - 1500 - 700
+    unknown = node_document(value, entries, Config(), fleet, budget_mib=None)
+    assert unknown["fleet"]["room"]["memory_mib"] is None  # not accounted: not checked
     assert [(g["memory_free_mib"], g["whole"]) for g in room["gpus"]] == [
         (0, False), (50000, False), (80000, True),
     ]  # fmt: skip
