@@ -123,16 +123,29 @@ else
     if [ ! -x "$DESTDIR$PREFIX/bin/python" ]; then
         run "$PYTHON" -m venv "$DESTDIR$PREFIX"
     fi
+    # pip builds hive inside the directory it is given, and setuptools puts whatever that
+    # directory's build/ holds into the wheel: a module removed from the checkout since the last
+    # install would be installed again, and root would leave build/ and hive.egg-info in the
+    # checkout. pip gets a fresh copy of what the package is made of instead.
+    if [ "$DRY_RUN" = 1 ]; then
+        BUILD="${TMPDIR:-/tmp}/hive-src.XXXXXX"
+    else
+        BUILD=$(mktemp -d "${TMPDIR:-/tmp}/hive-src.XXXXXX")
+        trap 'rm -rf "$BUILD"' EXIT
+        trap 'exit 130' INT
+        trap 'exit 143' TERM
+    fi
+    run cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/LICENSE" "$SRC/hive" "$BUILD/"
     if [ -z "$DESTDIR" ] || [ "$DESTDIR" = / ]; then
         # shellcheck disable=SC2086  # PIP_ARGS is a list of words
-        run "$DESTDIR$PREFIX/bin/python" -m pip install --quiet --upgrade $PIP_ARGS "$SRC"
+        run "$DESTDIR$PREFIX/bin/python" -m pip install --quiet --upgrade $PIP_ARGS "$BUILD"
     else
         # Staged: the venv names DESTDIR in its shebangs, pyvenv.cfg, activate scripts and
         # compiled modules; relocate.py makes them name PREFIX, where the tree will run, and
         # compiles the modules itself (hence --no-compile).
         # shellcheck disable=SC2086  # PIP_ARGS is a list of words
         run "$DESTDIR$PREFIX/bin/python" -m pip install --quiet --upgrade --no-compile $PIP_ARGS \
-            "$SRC"
+            "$BUILD"
         run "$DESTDIR$PREFIX/bin/python" "$HERE/relocate.py" "$DESTDIR" "$PREFIX"
     fi
 fi

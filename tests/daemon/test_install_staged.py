@@ -1,5 +1,6 @@
 """install.sh with DESTDIR as a packager uses it: the venv staged under DESTDIR, moved to PREFIX
-with the staging tree gone, runs from there and names the staging tree nowhere.
+with the staging tree gone, runs from there and names the staging tree nowhere. It installs what
+the checkout holds now, not what an earlier build left in the checkout's build/.
 
 One real install (a venv, pip with hive's dependencies from the configured index): about a
 minute and a half on 2 cores. The dry-run and --skip-venv modes are in test_systemd_tools.py.
@@ -20,7 +21,8 @@ import pytest
 from hivetest import Hive
 
 ROOT = Path(__file__).resolve().parents[2]
-INSTALL = ROOT / "systemd" / "install.sh"
+#: What install.sh reads from the checkout it lives in.
+CHECKOUT = ("systemd", "hive", "pyproject.toml", "README.md", "LICENSE")
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -50,6 +52,20 @@ class InstalledHive(Hive):
         return self.proc
 
 
+def copy_checkout(dest: Path) -> Path:
+    """The parts of this checkout that install.sh reads, copied to ``dest``."""
+    for name in CHECKOUT:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
 def naming(root: Path, text: str) -> list[str]:
     """The files and links under ``root`` that contain or point to ``text``."""
     needle = os.fsencode(text)
@@ -66,9 +82,13 @@ def naming(root: Path, text: str) -> list[str]:
 def test_staged_venv_runs_from_its_prefix(tmp_path: Path) -> None:
     stage, prefix = tmp_path / "stage", tmp_path / "opt" / "hive"
     gone = tmp_path / "stage.gone"
+    checkout = copy_checkout(tmp_path / "checkout")
+    # What setuptools left in the checkout when it built an older hive, with a module since gone.
+    (checkout / "build/lib/hive").mkdir(parents=True)
+    (checkout / "build/lib/hive/removed_module.py").write_text("GONE = True\n")
     try:
         result = subprocess.run(
-            ["sh", str(INSTALL)],
+            ["sh", str(checkout / "systemd/install.sh")],
             env=clean_env(PYTHON=sys.executable, DESTDIR=str(stage), PREFIX=str(prefix)),
             capture_output=True,
             text=True,
@@ -76,12 +96,16 @@ def test_staged_venv_runs_from_its_prefix(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert not prefix.exists()  # everything went under DESTDIR
+        # Built from a copy: the checkout is as it was (no hive.egg-info, build/ untouched).
+        assert sorted(p.name for p in checkout.iterdir()) == sorted([*CHECKOUT, "build"])
+        assert files_under(checkout / "build") == ["lib", "lib/hive", "lib/hive/removed_module.py"]
 
         # What a package manager does: the files land at PREFIX; the staging tree is no more.
         prefix.parent.mkdir(parents=True)
         (stage / prefix.relative_to("/")).rename(prefix)
         stage.rename(gone)
         assert naming(prefix, str(stage)) == []
+        assert list(prefix.rglob("removed_module*")) == []
 
         def installed(*args: str) -> str:
             done = subprocess.run(
@@ -109,5 +133,5 @@ def test_staged_venv_runs_from_its_prefix(tmp_path: Path) -> None:
         finally:
             hive.cleanup()
     finally:
-        for tree in (stage, gone, prefix):
+        for tree in (stage, gone, prefix, checkout):
             shutil.rmtree(tree, ignore_errors=True)

@@ -104,7 +104,11 @@ def test_install_dry_run_with_destdir(tmp_path: Path) -> None:
     assert "dry run: nothing is changed" in out
     assert f"+ {sys.executable} -m venv {tmp_path}/opt/hive" in out
     venv_python = f"{tmp_path}/opt/hive/bin/python"
-    assert f"+ {venv_python} -m pip install --quiet --upgrade --no-compile {ROOT}" in out
+    # pip builds from a fresh copy of the package's files, not in the checkout.
+    files = " ".join(f"{ROOT}/{n}" for n in ("pyproject.toml", "README.md", "LICENSE", "hive"))
+    copy = re.search(rf"^\+ cp -R {re.escape(files)} (/\S+/hive-src\.XXXXXX)/$", out, re.M)
+    assert copy, out
+    assert f"+ {venv_python} -m pip install --quiet --upgrade --no-compile {copy[1]}\n" in out
     # The staged venv is made to name /opt/hive, where it will run (test_install_staged.py).
     assert f"+ {venv_python} {SYSTEMD}/relocate.py {tmp_path} /opt/hive" in out
     assert f"{SYSUSERS} {tmp_path}/etc/sysusers.d/hive.conf" in out
@@ -125,7 +129,11 @@ def test_install_dry_run_on_the_live_system() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"+ {sys.executable} -m venv /srv/hive" in out
-    assert f"+ /srv/hive/bin/python -m pip install --quiet --upgrade {ROOT}" in out
+    assert re.search(
+        r"^\+ /srv/hive/bin/python -m pip install --quiet --upgrade /\S+/hive-src\.XXXXXX$",
+        out,
+        re.M,
+    ), out
     assert "relocate.py" not in out
     assert "ExecStart=/srv/hive/bin/hive " in out
     assert "> /etc/systemd/system/hive.service" in out
