@@ -2,8 +2,8 @@
 with the staging tree gone, runs from there and names the staging tree nowhere. It installs what
 the checkout holds now, not what an earlier build left in the checkout's build/.
 
-One real install (a venv, pip with hive's dependencies from the configured index): about a
-minute and a half on 2 cores. The dry-run and --skip-venv modes are in test_systemd_tools.py.
+One real install (a venv, pip with hive's dependencies from the configured index): 45 s to two
+minutes on 2 shared cores. The dry-run and --skip-venv modes are in test_systemd_tools.py.
 """
 
 from __future__ import annotations
