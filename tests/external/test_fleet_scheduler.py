@@ -368,12 +368,6 @@ async def test_etcd_members_die_and_return(
         await fleet.history_check()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: in the full suite the fourth replica or the drained one was not seen serving "
-    "within 60 s (twice at the end of the session, after it had passed in its own runs); "
-    "issue 31 stays open for it",
-)
 async def test_cordon_drain_and_rolling_change_lose_no_request(
     cluster: EtcdCluster, strict_router: Router, tmp_path: Path
 ) -> None:
