@@ -366,7 +366,10 @@ async def test_a_removal_unanswered_is_removed_once_the_router_lists_it_no_more(
     # ...and says so once the router lists it no more.
     await async_wait_for(lambda: status(registry, "w")() == "removed", timeout=5)
     assert router.asked("remove") == [router_id, router_id]
-    assert seen[0].startswith("removal pending: DELETE") and seen[-1] == "removed"
+    # Which of the two removals met the reset depends on who came first: the withdrawal after
+    # the failure ("removal pending: DELETE ...") or, on a loaded machine, the 20-ms reconcile
+    # (its error logged, the withdrawal's DELETE then answered: plain "removal pending").
+    assert seen[0].startswith("removal pending") and seen[-1] == "removed"
 
 
 async def test_a_404_to_reconciles_removal_is_not_an_unreachable_router(
