@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import re
 import shutil
@@ -26,7 +27,7 @@ import aiohttp
 import psutil
 
 from harness.env import isolated_env
-from harness.net import free_port
+from harness.net import free_port, port_area
 from harness.procs import Tag, environ_has, kill_tree, tagged_processes
 from harness.waits import wait_for, wait_http_ok
 
@@ -35,6 +36,11 @@ def _sets(config: str, key: str) -> bool:
     """True when the TOML text ``config`` sets the top-level ``key`` (before any table)."""
     top = re.split(r"^\s*\[", config, maxsplit=1, flags=re.MULTILINE)[0]
     return re.search(rf"^\s*{re.escape(key)}\s*=", top, flags=re.MULTILINE) is not None
+
+
+#: The blocks of 500 ports this process's hives take in turn, from a random first one (two
+#: processes that start hives at once rarely start on the same block).
+_BLOCKS = itertools.count(random.randrange(1000))
 
 
 class HiveFailed(AssertionError):
@@ -76,9 +82,10 @@ class Hive:
         self.tag = tag
         self.port = free_port()
         if port_range is None:
-            # Below the kernel's ephemeral ports (32768 and up, by default), which outgoing
-            # connections take: a worker could find its port taken.
-            low = random.randrange(20000, 32000, 500)
+            # The next block of 500 in this process's port area (harness.net.port_area):
+            # hives that run at once in one process get different blocks.
+            area_low, area_high = port_area()
+            low = area_low + 500 * (next(_BLOCKS) % max(1, (area_high - area_low) // 500))
             port_range = (low, low + 499)
         self.port_range = port_range
         self.socket = self.home / "run" / "hive.sock"
