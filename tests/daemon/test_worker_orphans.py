@@ -1,0 +1,78 @@
+"""A worker's orphan is still the worker's on the unix socket (issue 28's follow-up): a process
+double-forked by a worker, re-parented away from it, is no descendant of any process hive
+started, yet it is in the worker's cgroup (containment ``cgroup``; here with an empty
+environment, so the cgroup alone can tell) or carries the worker's tag (``tags``; re-parented
+to hive, the child subreaper). Either says whose it is: its own worker's heartbeat and nothing
+else, whatever its parent."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from containments import KINDS
+from hivetest import Hive
+
+from harness.waits import wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+WORKER = Path(__file__).parent.parent / "workers" / "orphaning_worker.py"
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def hive(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Hive]:
+    out = tmp_path_factory.mktemp("orphans")
+    daemon = Hive()
+    # Under cgroups the orphan drops hive's tag: only its cgroup says whose it is.
+    keep = "clear" if request.param == "cgroup" else "keep"
+    with daemon.config_path.open("a") as config:
+        config.write(
+            f'containment = "{request.param}"\n\n[backends.orphaning]\n'
+            f'command = ["{{python}}", "{WORKER}", "--port", "{{port}}", "--model", "{{model}}"]\n'
+            f'env = {{ ORPHAN_DIR = "{out}", ORPHAN_SOCKET = "{daemon.socket}", '
+            f'ORPHAN_ENV = "{keep}" }}\n'
+        )
+    try:
+        daemon.start()
+        daemon.out = out  # type: ignore[attr-defined]
+        daemon.kind = request.param  # type: ignore[attr-defined]
+        yield daemon
+        assert daemon.stop() == 0, daemon.log()
+    finally:
+        daemon.cleanup()
+
+
+async def test_an_orphan_of_a_worker_gets_its_heartbeat_and_nothing_else(hive: Hive) -> None:
+    kind: str = hive.kind  # type: ignore[attr-defined]
+    worker_id = f"orphaning-{kind}"
+    out: Path = hive.out / worker_id  # type: ignore[attr-defined]
+    out.mkdir()
+    try:
+        worker = await hive.spawn(
+            {"model": "m", "id": worker_id, "backend": "orphaning"}, wait=True
+        )
+        (out / "go").write_text("")
+        path = out / "orphan.json"
+        text = wait_for(lambda: path.exists() and path.read_text(), timeout=60,
+                        what="the orphan's report")  # fmt: skip
+        orphan: dict[str, Any] = json.loads(text)
+        # It re-parented: its parent is neither the worker nor the process that forked it.
+        assert orphan["ppid"] not in (worker["pid"], orphan["middle"]), orphan
+        if kind == "cgroup":
+            assert orphan["environ"] == 0, orphan  # no tag
+            assert f"worker.{worker_id}" in orphan["cgroup"], orphan
+            assert orphan["ppid"] != hive.pid, orphan  # no subreaper: to init, out of hive's tree
+        else:
+            assert orphan["ppid"] == hive.pid, orphan  # hive, the child subreaper
+        assert orphan["list"] == 403, orphan
+        assert orphan["heartbeat"] == 200, orphan  # known as its worker's, not a stray
+    finally:
+        (out / "go").write_text("")
+        await hive.call("DELETE", f"/v1/workers/{worker_id}?force=true", ok=(200, 204, 404))
+        await hive.close_http()
