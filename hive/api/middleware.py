@@ -15,7 +15,6 @@ import hmac
 import logging
 import re
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,13 +27,12 @@ from hive.api.keys import CONTEXT, LIMITER, SESSIONS
 from hive.errors import HiveError, InvalidRequest, NoMemory, NotAuthenticated, NotPermitted
 from hive.models import ErrorBody, ErrorCode, ErrorDetail, Worker
 from hive.validation import field_errors
-from hive.workers.peers import worker_of_peer
+from hive.workers.peers import ORPHAN, worker_of_socket
 
 log = logging.getLogger("hive.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _HEARTBEAT = re.compile(r"^/v1/workers/([^/]+)/heartbeat$")
 
 
@@ -99,18 +97,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return answer(HiveError("internal error; see hive's log"))
 
 
-def _unix_peer(request: web.Request) -> int | None:
-    """The pid of the process at the other end of a unix-socket connection (``SO_PEERCRED``);
-    None over TCP. 0 when the kernel does not say."""
+def _unix_socket(request: web.Request) -> socket.socket | None:
+    """The connection's socket when it came over the unix socket; None over TCP."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    except OSError:
-        return 0
-    return int(_PEERCRED.unpack(creds)[0])
+    return sock if sock is not None and sock.family == socket.AF_UNIX else None
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -175,17 +166,23 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if _open(request):
         return await handler(request)
     context = request.app[CONTEXT]
-    peer = _unix_peer(request)
-    if peer is not None:
+    sock = _unix_socket(request)
+    if sock is not None:
         # The socket's mode admits hive's own user, and workers may run as that user (or as
         # root): a process of a worker (one hive started, or its descendant; its cgroup; its
-        # tag) gets its own heartbeat only.
-        owner = worker_of_peer(peer, context.registry, context.supervisor.containment)
+        # tag) gets its own heartbeat only, and one hive cannot tell (see hive.workers.peers)
+        # gets nothing.
+        owner = worker_of_socket(sock, context.registry, context.supervisor.containment)
         if owner is None:
             return await handler(request)
         match = _HEARTBEAT.match(request.path)
         if match is not None and match.group(1) == owner and request.method == "POST":
             return await handler(request)
+        if owner == ORPHAN:
+            raise NotPermitted(
+                "a process whose worker hive cannot tell (an orphan of a worker, or one whose "
+                "connection was made by a process since gone) may not use the unix socket"
+            )
         raise NotPermitted(
             f"a process of worker {owner!r} may only send that worker's own heartbeat"
         )

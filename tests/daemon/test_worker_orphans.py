@@ -3,7 +3,9 @@ double-forked by a worker, re-parented away from it, is no descendant of any pro
 started, yet it is in the worker's cgroup (containment ``cgroup``; here with an empty
 environment, so the cgroup alone can tell) or carries the worker's tag (``tags``; re-parented
 to hive, the child subreaper). Either says whose it is: its own worker's heartbeat and nothing
-else, whatever its parent."""
+else, whatever its parent. And a connection that a process made, handed to the orphan and died
+(reaped, so the pid the kernel gives hive names nothing) gets nothing: whoever sends on it
+cannot be told."""
 
 from __future__ import annotations
 
@@ -72,6 +74,9 @@ async def test_an_orphan_of_a_worker_gets_its_heartbeat_and_nothing_else(hive: H
             assert orphan["ppid"] == hive.pid, orphan  # hive, the child subreaper
         assert orphan["list"] == 403, orphan
         assert orphan["heartbeat"] == 200, orphan  # known as its worker's, not a stray
+        # A connection whose maker is gone (it handed the socket to the orphan and was reaped):
+        # hive cannot tell whose it was, so it grants nothing.
+        assert orphan["handed_off"] == 403, orphan
     finally:
         (out / "go").write_text("")
         await hive.call("DELETE", f"/v1/workers/{worker_id}?force=true", ok=(200, 204, 404))
