@@ -13,6 +13,9 @@ many connections may be open. The guard wraps each listener's protocol factory:
   request (:meth:`ConnectionGuard.trust`): a thousand idle strangers cannot keep an
   orchestrator out. Only when every connection is busy or authenticated is the new one
   dropped at once.
+
+The guard also remembers which connections have carried the API token (:meth:`prove`): on
+those the token is not held back by the throttle of failed attempts (:mod:`hive.api.throttle`).
 """
 
 from __future__ import annotations
@@ -70,6 +73,17 @@ class ConnectionGuard:
         for strangers in self._strangers.values():
             if strangers.pop(transport, None) is not None:  # type: ignore[arg-type]
                 return
+
+    def prove(self, transport: asyncio.BaseTransport | None, proven: bool = True) -> None:
+        """This connection carried the API token (``proven``), or then a wrong credential."""
+        guarded = self._open.get(transport) if transport is not None else None
+        if guarded is not None:
+            guarded.proven = proven
+
+    def proven(self, transport: asyncio.BaseTransport | None) -> bool:
+        """Whether this connection carried the API token, and no wrong credential since."""
+        guarded = self._open.get(transport) if transport is not None else None
+        return guarded is not None and guarded.proven
 
     def admit(self, guarded: _Guarded, transport: asyncio.BaseTransport) -> bool:
         """Count a new connection in, making room if its listener is full; or refuse it."""
@@ -154,6 +168,7 @@ class _Guarded(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self.busy = 0
+        self.proven = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport

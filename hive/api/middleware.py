@@ -6,7 +6,8 @@ descendants, then the worker's cgroup or tag): it may send only its own worker's
 TCP every ``/v1`` route needs ``Authorization: Bearer <token>``: the API token, a status page
 session (reading only), or a worker's own token (its own heartbeat only). Cookies grant nothing:
 a browser sends them to every port of the host, workers' included. Tokens are compared in
-constant time; failures are limited per peer (:mod:`hive.api.throttle`).
+constant time; failures are limited per peer (:mod:`hive.api.throttle`), and a limited peer's
+API token is not looked at, unless its connection already carried it.
 """
 
 from __future__ import annotations
@@ -194,15 +195,29 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     own = registry.token(heartbeat.group(1)) if heartbeat is not None else None
     if own is not None and hmac.compare_digest(token.encode(), own.encode()):
         return await _trusted(request, handler)  # a worker's heartbeat is never held back
-    limiter = request.app[LIMITER]
-    if wait := limiter.retry_after(request.remote):
-        return too_many(wait)
-    if hmac.compare_digest(token.encode(), context.token.encode()):
-        return await _trusted(request, handler)
+    # A page's session is 256 random bits, looked up by its hash: no one guesses it, so the
+    # throttle, which is there to slow guesses of the API token, does not hold it back.
     if request.app[SESSIONS].valid(token):
         if request.method in ("GET", "HEAD"):
             return await _trusted(request, handler)
         raise NotPermitted("a status page session can read but not change anything")
+    api = context.token.encode()
+    guard = context.guard
+    if guard is not None and guard.proven(request.transport):
+        # This connection carried the API token before: its client knows it, and this is no
+        # guess. A wrong credential on it (a proxy that shares connections between clients)
+        # ends that, and is throttled and counted as anywhere else.
+        if hmac.compare_digest(token.encode(), api):
+            return await handler(request)
+        guard.prove(request.transport, False)
+    limiter = request.app[LIMITER]
+    if wait := limiter.retry_after(request.remote):
+        # Not even looked at: answering a right token here would answer a guess.
+        return too_many(wait)
+    if hmac.compare_digest(token.encode(), api):
+        if guard is not None:
+            guard.prove(request.transport)
+        return await _trusted(request, handler)
     for record in registry.list():
         other = registry.token(record.id)
         if other is not None and hmac.compare_digest(token.encode(), other.encode()):

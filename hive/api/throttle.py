@@ -6,6 +6,12 @@ does not know takes one; a peer whose bucket is empty is answered 429 with ``Ret
 before its credentials are even looked at, so a flood gets one guess a second. A request with
 no credentials costs nothing, a good one is never counted, and the unix socket is never limited:
 the local operator always gets in. The first refusal of a burst is logged, once, with the peer.
+
+What the limit holds back is what could be a guess of the API token: that token (or a log-in)
+from a limited peer, right or wrong, since answering a right one would answer a guess. The
+middleware lets through, before asking here, what cannot be one: a worker's own token on its
+heartbeat and a page's session (random, unguessable), and the API token on a connection that
+already carried it (the guard's ``proven``), whose client knows it.
 """
 
 from __future__ import annotations

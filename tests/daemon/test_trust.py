@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import re
 from collections.abc import Iterator
 
@@ -91,7 +92,8 @@ def test_failed_log_ins_are_limited_per_peer_and_logged_once(hive: Hive) -> None
     limited = log_in(hive, "guess-again")
     assert limited.status_code == 429
     assert int(limited.headers["Retry-After"]) >= 1
-    # While limited, even the right token waits: a guess cannot be told right from wrong.
+    # While limited, even the right token waits on a new connection: a guess cannot be told
+    # right from wrong (test_the_right_token_is_held_back_only_where_it_could_be_a_guess).
     assert log_in(hive, hive.token).status_code == 429
     bearer = {"Authorization": "Bearer not-the-token-at-all"}
     assert requests.get(f"{hive.url}/v1/node", headers=bearer, timeout=10).status_code == 429
@@ -106,6 +108,74 @@ def test_failed_log_ins_are_limited_per_peer_and_logged_once(hive: Hive) -> None
     metrics = requests.get(f"{hive.url}/metrics", headers=hive.headers, timeout=10).text
     assert 'hive_auth_failures_total{kind="login"}' in metrics
     assert re.search(r"^hive_auth_refused_total [1-9]", metrics, re.M), metrics
+
+
+class Connection:
+    """One kept-alive TCP connection to hive; a request fails the test if it was re-opened."""
+
+    def __init__(self, hive: Hive) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", hive.port, timeout=10)
+        self.conn.connect()
+        assert self.conn.sock is not None
+        self.local = self.conn.sock.getsockname()
+
+    def get(self, path: str, token: str) -> int:
+        self.conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        response = self.conn.getresponse()
+        response.read()
+        sock = self.conn.sock
+        assert sock is not None and sock.getsockname() == self.local, "the connection was closed"
+        return response.status
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def fresh(hive: Hive, token: str) -> int:
+    """A request with ``token`` on a connection of its own."""
+    bearer = {"Authorization": f"Bearer {token}"}
+    return requests.get(f"{hive.url}/v1/node", headers=bearer, timeout=10).status_code
+
+
+def limit(hive: Hive) -> None:
+    """Wrong tokens from this address until one is refused: the address is limited now."""
+    wait_for(lambda: fresh(hive, "not-the-token-at-all") == 429, timeout=60, interval=0,
+             what="a wrong token refused 429")  # fmt: skip
+
+
+def test_the_right_token_is_held_back_only_where_it_could_be_a_guess() -> None:
+    """On a connection that carried the API token, and with a page's session, a limited
+    address's right credentials are served; a new connection's API token still waits, as a
+    guess does, and so does a connection's once it sent a wrong one. Each round shows that the
+    address was limited when the first two were served: a new connection's right token, asked
+    after them, is refused, and a limited address only regains tries (429s take none)."""
+    # A hive of its own: the module's hive is limited by other tests; and the kept-alive
+    # connection must outlive the guessing.
+    with running_hive("http_header_timeout = 120\n") as hive:
+        proven = Connection(hive)
+        try:
+            assert proven.get("/v1/node", hive.token) == 200
+            session = log_in(hive, hive.token).json()["session"]
+            for _ in range(20):
+                limit(hive)
+                mine, page = proven.get("/v1/node", hive.token), fresh(hive, session)
+                theirs = fresh(hive, hive.token)
+                assert (mine, page) == (200, 200), (mine, page, theirs)
+                if theirs == 429:
+                    break
+            assert theirs == 429, "a new connection's right token was never refused"
+            for _ in range(20):
+                limit(hive)
+                wrong = proven.get("/v1/node", "not-the-token-either")
+                again = proven.get("/v1/node", hive.token)
+                theirs = fresh(hive, hive.token)
+                if theirs == 429:
+                    break
+            assert theirs == 429, "a new connection's right token was never refused"
+            # After a wrong credential the connection is a stranger's again: held back.
+            assert wrong in (401, 429) and again == 429, (wrong, again)
+        finally:
+            proven.close()
 
 
 @pytest.mark.parametrize("content", ["", "short-token\n", "   \n"])
