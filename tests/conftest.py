@@ -13,6 +13,7 @@ import _posixsubprocess
 import multiprocessing.util
 import os
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,95 @@ def tier_of(path: Path) -> str | None:
     return top if top in TIERS else None
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test with its folder's tier, so ``-m unit`` and the others select a tier."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its folder's tier, so ``-m unit`` and the others select a tier.
+    In a pytest-xdist worker, also put the units of SLOW_FIRST first (every worker sorts the
+    same way, as xdist requires): pytest_xdist_make_scheduler hands them out in this order."""
     for item in items:
         tier = tier_of(item.path)
         if tier is not None:
             item.add_marker(tier)
+    if hasattr(config, "workerinput"):
+        distinct_ids(items)
+        rank = {unit: i for i, unit in enumerate(SLOW_FIRST)}
+        items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))
+
+
+def distinct_ids(items: list[pytest.Item]) -> None:
+    """Give every test its own node id, which is all pytest-xdist knows a test by: of tests
+    that share one, it would run the first alone. schemathesis 4 under pytest 9.2 gives every
+    operation of a fuzz test (``test_fuzz_the_live_api[GET /health]``, ...) the id of the
+    function; its name still says which, so the id takes it from there. Any id still shared
+    stops the run, rather than leave tests out unsaid."""
+    counts = Counter(item.nodeid for item in items)
+    for item in items:
+        base = getattr(item, "originalname", item.name)
+        if counts[item.nodeid] > 1 and item.name.startswith(f"{base}[") and item.name[-1] == "]":
+            param = item.name[len(base) + 1 : -1]
+            if hasattr(item, "_id"):  # pytest 9.2: a structured id
+                item._id = item._id.with_params(param)
+            else:
+                item._nodeid = f"{item.nodeid}[{param}]"
+    shared = sorted(nodeid for nodeid, n in Counter(i.nodeid for i in items).items() if n > 1)
+    if shared:
+        raise pytest.UsageError(f"tests that share a node id, which xdist cannot run: {shared}")
+
+
+#: Under pytest-xdist, files that share one worker, one after the other, and why.
+GROUPS = {
+    # Each runs a real inference engine on the CPU: vLLM (its CPU build) is CPU-bound for
+    # minutes, and two engines at once on 2 cores only slow each other down towards timeouts.
+    "tests/external/test_vllm.py": "engines",
+    "tests/external/test_vllm_stall.py": "engines",
+    # llama-server is CPU-bound too: beside a vLLM its streams ran past their timeouts.
+    "tests/external/test_llama.py": "engines",
+    "tests/external/test_llama_phases.py": "engines",
+    "tests/external/test_llama_memory.py": "engines",
+}
+
+#: Under pytest-xdist, the units (files, or GROUPS) handed out first, slowest first, so that
+#: none of them starts last and runs alone at the end. Only the order: a file not named here
+#: runs all the same, in collection order after these.
+SLOW_FIRST = (
+    "engines",  # about 9 minutes of the 11 of a whole parallel run on a busy 2-core host
+    "tests/daemon/test_cli.py",
+    "tests/external/test_fleet_scheduler.py",
+    "tests/daemon/test_openapi.py",  # its fuzz run takes a minute or two
+    "tests/daemon/test_restart_free.py",
+    "tests/daemon/test_containment.py",
+)
+
+
+def unit_of(nodeid: str) -> str:
+    """The unit of work a test is in under pytest-xdist: its file, or the file's group."""
+    path = nodeid.split("::", 1)[0]
+    return GROUPS.get(path, path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``-n N --dist loadfile`` (as ``make test`` runs): each file is one unit of work, so that
+    its module fixtures (a hive, a router, a vLLM) start once, in one worker; GROUPS put some
+    files in one unit; the units of SLOW_FIRST go first, the rest in collection order.
+
+    (xdist's own ``loadgroup`` cannot do this here: it groups by a suffix it writes into each
+    test's node id, which pytest 9.2 no longer lets it write, so it spreads one file's tests
+    over several workers.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Units(LoadFileScheduling):  # type: ignore[misc]
+        def __init__(self, config: pytest.Config, log: Any) -> None:
+            super().__init__(config, log)
+            # The units go out in the order the workers collected them (SLOW_FIRST first: see
+            # pytest_collection_modifyitems), not those with the most tests first.
+            config.option.loadscopereorder = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return Units(config, log)
 
 
 class UnitTierError(AssertionError):
@@ -82,7 +166,8 @@ def no_processes_in_unit_tests(request: pytest.FixtureRequest) -> Iterator[None]
 
 @pytest.fixture(autouse=True, scope="module")
 def no_leaks() -> Iterator[None]:
-    """After each module: nothing the tests started is still alive, and no zombie is left."""
+    """After each module: nothing the tests started is still alive, and no zombie is left.
+    TAG is this process's, so under pytest-xdist each worker checks what it started alone."""
     yield
     try:
         wait_for(lambda: not tagged_processes(TAG), timeout=15, what="test processes to end")
