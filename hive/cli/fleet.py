@@ -21,7 +21,7 @@ from hive.cli.args import OK, UsageError, err, print_json
 from hive.client import HiveClient, HiveClientError
 from hive.config import ConfigError, load_config
 from hive.desired.declared import read_paths
-from hive.desired.etcd import Etcd, delete_op, put_op
+from hive.desired.etcd import UNREACHABLE, Etcd, delete_op, put_op
 from hive.errors import DeclarationError, EtcdError
 
 Command = Callable[..., argparse.ArgumentParser]
@@ -65,7 +65,7 @@ def _where(args: argparse.Namespace) -> tuple[list[str], str]:
         raise UsageError(
             "no etcd to read: pass --etcd URL, set HIVE_ETCD, or give the config a [fleet] table"
         )
-    given = "--etcd" if args.etcd else "HIVE_ETCD" if os.environ.get("HIVE_ETCD") else "[fleet]"
+    given = _given(args)
     for url in endpoints:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -73,6 +73,11 @@ def _where(args: argparse.Namespace) -> tuple[list[str], str]:
                 f"{given} {url!r} is not an etcd URL: use http://HOST:PORT or https://HOST:PORT"
             )
     return endpoints, (prefix or "/hive").rstrip("/")
+
+
+def _given(args: argparse.Namespace) -> str:
+    """Where the etcd URLs came from, as a person would look for them."""
+    return "--etcd" if args.etcd else "HIVE_ETCD" if os.environ.get("HIVE_ETCD") else "[fleet]"
 
 
 async def _read(etcd: Etcd, prefix: str) -> dict[str, Any]:
@@ -114,7 +119,10 @@ async def cmd_fleet(client: HiveClient, args: argparse.Namespace) -> int:
         fleet = await _read(etcd, prefix)
         view = await fleet_deploy.view_of(etcd, prefix) if args.fleet_command == "ls" else None
     except EtcdError as exc:
-        raise HiveClientError(str(exc)) from None  # exit 1, the reason on one line
+        message = str(exc)  # exit 1, the reason on one line
+        if message.startswith(UNREACHABLE):
+            message += f" (the URL is from {_given(args)})"
+        raise HiveClientError(message) from None
     finally:
         await etcd.close()
     if args.fleet_command == "ls":

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -79,6 +81,34 @@ class Event:
     revision: int
 
 
+def unreachable_reason(exc: Exception) -> str:
+    """Why a request to an etcd member got no answer, in words (``connection refused``), not
+    aiohttp's class name and its repr of the socket's error."""
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, json.JSONDecodeError):
+        return "what answers there is not etcd (no JSON from its /v3/ gateway)"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        error = exc.certificate_error
+        detail = getattr(error, "verify_message", None) or getattr(error, "reason", None) or error
+        return f"its certificate is not trusted ({detail})"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        error = getattr(exc, "os_error", None)
+        return f"TLS failed ({getattr(error, 'reason', None) or error or exc})"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        error = exc.os_error
+        if isinstance(error, socket.gaierror):
+            return f"cannot resolve the name {exc.host!r}"
+        if error.errno:
+            return os.strerror(error.errno).lower()
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "it closed the connection without answering"
+    return str(exc) or type(exc).__name__
+
+
+#: How the error of a request no member answered begins.
+UNREACHABLE = "etcd unreachable: "
+
 #: What an etcd member answers while its cluster elects a leader: worth trying again soon.
 _ELECTING = ("leader changed", "no leader")
 
@@ -124,8 +154,15 @@ class Etcd:
                         url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
                     ) as response:
                         data = await response.json(content_type=None)
+                        if not isinstance(data, dict):
+                            raise EtcdError(
+                                f"{url}: what answers there is not etcd (HTTP "
+                                f"{response.status}, no JSON object)"
+                            )
                         if response.status >= 400:
                             message = data.get("message") or data.get("error") or response.reason
+                            if not isinstance(message, str):  # not etcd's {"message": "..."}
+                                message = f"what answers there is not etcd (HTTP {response.status})"
                             if any(word in str(message) for word in _ELECTING):
                                 errors.append(f"{url}: {message}")
                                 continue
@@ -133,11 +170,10 @@ class Etcd:
                         self._current = index
                         return dict(data)
                 except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
-                    what = f"{type(exc).__name__}: {exc}".rstrip(": ")
-                    errors.append(f"{self.endpoints[index]}: {what}")
+                    errors.append(f"{self.endpoints[index]}: {unreachable_reason(exc)}")
             if not any(any(word in e for word in _ELECTING) for e in errors):
                 break  # nobody is electing: unreachable, and waiting will not help now
-        raise EtcdError("etcd unreachable: " + "; ".join(errors[-len(self.endpoints) :]))
+        raise EtcdError(UNREACHABLE + "; ".join(errors[-len(self.endpoints) :]))
 
     # -- leases ----------------------------------------------------------------------------------
 
