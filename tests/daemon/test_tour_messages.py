@@ -4,8 +4,9 @@ is checked by its exact text, through the installed ``hive`` command against a r
 
 from __future__ import annotations
 
-from harness.net import free_port
 from hivetest import Hive
+
+from harness.net import free_port
 
 
 def test_a_fleet_command_without_etcd_says_so_in_a_sentence(hive: Hive) -> None:
