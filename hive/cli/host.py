@@ -20,17 +20,18 @@ async def cmd_events(client: HiveClient, args: argparse.Namespace) -> int:
     """Each event a line until hive goes away: then a sentence with the ``--since`` that picks
     up where this left off, exit 1 (not a reconnection: a script sees hive went away)."""
     last: str | None = args.since
+    seen = False  # an event came: hive was reached (--since alone says nothing of that)
     lines = EventLines()
     try:
         async for event in client.events(args.since):
-            last = event.get("event_id") or last
+            last, seen = event.get("event_id") or last, True
             if args.json:  # -o json: a JSON line each; -o yaml: a YAML document each
                 print(output.dumps_item(event), flush=True)
             else:
                 lines.feed(event)
     except HiveConnectionError as exc:
         lines.flush()
-        if last is None and exc.reason != CLOSED_MID_STREAM:  # never reached: main says so
+        if not seen and exc.reason != CLOSED_MID_STREAM:  # never reached: main says so
             raise
         since = f"hive events --since {last}" if last else "hive events"
         err(

@@ -98,10 +98,8 @@ def _unreachable(target: Target, exc: HiveConnectionError) -> str:
     """What was tried, why it failed, and what to do: ``hive serve``."""
     start = "start it with: hive serve"
     if target.url_from:
-        return (
-            f"cannot reach hive at {target.url} (from {target.url_from}): {exc.reason}; "
-            f"is it running? {start}"
-        )
+        where = f"cannot reach hive at {target.url} (from {target.url_from}): {exc.reason}"
+        return f"{where}; is it running? {start}" if exc.maybe_down else where
     if target.url.startswith("unix://"):
         return f"cannot reach hive at its socket {target.socket}: {exc.reason}; {start}"
     return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 
 from hive import __version__
@@ -11,6 +12,7 @@ from hive.cli.declared import add_commands
 from hive.cli.fleet import add_commands as add_fleet_commands
 from hive.cli.output import add_option
 from hive.models import State
+from hive.state.events import LAST_EVENT_ID_PATTERN
 
 JSON_HELP = "print the API's JSON instead of a table"
 
@@ -130,6 +132,7 @@ def build_parser() -> Parser:
     p.add_argument(
         "--since",
         metavar="ID",
+        type=_event_id,
         help="replay the events after this event id first (<instance>-<seq>: --json's event_id)",
     )
 
@@ -152,6 +155,20 @@ def build_parser() -> Parser:
     p.add_argument("shell", choices=["bash", "zsh", "fish"], help="the shell")
     _add_output_options(parser)
     return parser
+
+
+#: An event id as the stream names it (the API's Last-Event-ID): ``3f2a9c-41``, or a bare seq.
+_EVENT_ID = re.compile(LAST_EVENT_ID_PATTERN)
+
+
+def _event_id(text: str) -> str:
+    """``--since``: checked here, so that a wrong one is not answered with the API's pattern."""
+    if not _EVENT_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"expected an event id as hive events --json prints it (its event_id, "
+            f"<instance>-<seq>, e.g. 3f2a9c-41), got {text!r}"
+        )
+    return text
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:

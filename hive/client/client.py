@@ -14,9 +14,9 @@ async with HiveClient("http://10.0.0.5:7070", token="...") as hive:
 
 from __future__ import annotations
 
-import errno
 import json
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
@@ -25,9 +25,18 @@ from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
 
+from hive.client import reasons
 from hive.client.sse import SSEParser
 from hive.config import Config, ConfigError, load_config
-from hive.models import ApplyResult, Devices, Health, Node, SpawnRequest, Worker, WorkerList
+from hive.models import (
+    ApplyResult,
+    Devices,
+    Health,
+    Node,
+    SpawnRequest,
+    Worker,
+    WorkerList,
+)
 from hive.tlsfiles import client_context
 
 #: A :class:`HiveConnectionError`'s reason when a followed stream (logs, events) is cut.
@@ -41,11 +50,14 @@ class HiveClientError(Exception):
 
 
 class HiveConnectionError(HiveClientError):
-    """hive could not be reached at ``url``; ``reason`` says why (``connection refused``)."""
+    """hive could not be reached at ``url``; ``reason`` says why (``connection refused``).
+    ``maybe_down``: what a hive that is not running gives (refused, no socket, no answer), as
+    opposed to a TLS handshake gone wrong, a closed connection or a name that does not resolve,
+    where "is hive running?" is not the question."""
 
-    def __init__(self, url: str, reason: str) -> None:
+    def __init__(self, url: str, reason: str, maybe_down: bool = True) -> None:
         super().__init__(f"cannot reach hive at {url}: {reason}")
-        self.url, self.reason = url, reason
+        self.url, self.reason, self.maybe_down = url, reason, maybe_down
 
 
 class HiveNotHiveError(HiveClientError):
@@ -153,6 +165,7 @@ class HiveClient:
         self.token = token if token is not None else default_token()
         self._tls: ssl.SSLContext | None = None
         self._ca_file = ca_file
+        self._cert_file = cert_file
         if self.url.startswith("https://") and (ca_file or cert_file):
             self._tls = client_context(ca_file, cert_file or None, key_file)
         if self.url.startswith("unix://"):
@@ -212,7 +225,14 @@ class HiveClient:
                     raise _api_error(response.status, body)
                 return response.status, body
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: aiohttp.ClientConnectionError) -> HiveConnectionError:
+        reason = reasons.reason(exc, self.url, self._ca_file, self._cert_file)
+        other = (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)
+        down = isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(exc, other)
+        down = down and not isinstance(getattr(exc, "os_error", None), socket.gaierror)
+        return HiveConnectionError(self.url, reason, maybe_down=down)
 
     async def _body(self, response: aiohttp.ClientResponse, request: str) -> Any:
         """JSON, or text where hive sends text (logs); an HTML page, JSON that does not parse,
@@ -220,9 +240,13 @@ class HiveClient:
         kind = response.content_type
         if kind == "application/json":
             try:
-                return await response.json()
+                body = await response.json()
             except ValueError:
                 raise HiveNotHiveError(self.url, request, response.status, "broken JSON") from None
+            if response.status >= 400 and not reasons.hive_error(body):  # a model server's, say
+                what = f"an error of another program ({reasons.other_error(body)})"
+                raise HiveNotHiveError(self.url, request, response.status, what, "its own errors")
+            return body
         if kind == "text/html" or response.status >= 400:
             what = "an HTML page" if kind == "text/html" else kind or "a body of no type"
             raise HiveNotHiveError(self.url, request, response.status, what)
@@ -343,7 +367,7 @@ class HiveClient:
                 async for chunk in response.content.iter_any():
                     yield chunk
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None
+            raise self._unreachable(exc) from None
         except aiohttp.ClientPayloadError:  # hive stopped or died mid-stream
             raise HiveConnectionError(self.url, CLOSED_MID_STREAM) from None
 
@@ -375,83 +399,9 @@ class HiveClient:
                             data = {**json.loads(event.data), "event_id": event.id}
                             yield {"reset": True, **data} if event.event == "reset" else data
         except aiohttp.ClientConnectionError as exc:
-            raise HiveConnectionError(self.url, _reason(exc, self.url, self._ca_file)) from None
+            raise self._unreachable(exc) from None
         except aiohttp.ClientPayloadError:  # hive stopped or died mid-stream
             raise HiveConnectionError(self.url, CLOSED_MID_STREAM) from None
-
-
-def _reason(exc: aiohttp.ClientConnectionError, url: str = "", ca_file: str | None = None) -> str:
-    """Why a connection failed, short: ``connection refused``, ``no such file or directory``,
-    and for TLS what to do about it (``ca_file``: the CA this client was given)."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return _certificate_reason(exc.certificate_error, ca_file)
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return _refused_reason(exc)
-    reset = isinstance(exc, OSError) and exc.errno == errno.ECONNRESET
-    if isinstance(exc, aiohttp.ServerDisconnectedError) or reset:
-        if url.startswith("https://"):
-            return (
-                "it closed the connection without answering; if hive asks for client "
-                "certificates (mutual TLS), pass this client's --cert and --key"
-            )
-        return (
-            "it closed the connection without answering; if hive listens with TLS, "
-            "use an https:// URL"
-        )
-    error = getattr(exc, "os_error", None)
-    if isinstance(error, OSError) and error.errno:
-        return os.strerror(error.errno).lower()
-    return str(exc) or type(exc).__name__
-
-
-#: OpenSSL's verify codes that mean "not signed by a CA this client trusts".
-_UNKNOWN_ISSUER = {2, 18, 19, 20, 21}
-_EXPIRED, _NOT_YET_VALID, _HOSTNAME_MISMATCH, _IP_MISMATCH = 10, 9, 62, 64
-
-
-def _certificate_reason(error: Exception, ca_file: str | None) -> str:
-    """Why hive's certificate did not verify, one cause a sentence, and what to do about it."""
-    code = getattr(error, "verify_code", None)
-    message = getattr(error, "verify_message", None) or getattr(error, "reason", None) or error
-    if code == _EXPIRED:
-        return (
-            "hive's certificate has expired; give hive a new one (its tls_cert_file) and "
-            "restart it: no --ca can make an expired certificate good"
-        )
-    if code == _NOT_YET_VALID:
-        return "hive's certificate is not valid yet; check the clocks of this host and hive's"
-    if code in (_HOSTNAME_MISMATCH, _IP_MISMATCH):
-        return (
-            f"hive's certificate is not for this address ({message}); use the name or address "
-            "it was made for in the URL"
-        )
-    if code in _UNKNOWN_ISSUER:
-        where = f"the CA in {ca_file}" if ca_file else "a CA this system trusts"
-        return (
-            f"hive's certificate is not signed by {where} ({message}); pass the CA that signed "
-            "it with --ca or HIVE_CA"
-        )
-    return (
-        f"its certificate is not trusted ({message}); pass the CA that signed it with --ca or "
-        "HIVE_CA"
-    )
-
-
-def _refused_reason(exc: aiohttp.ClientSSLError) -> str:
-    """Why the TLS handshake failed when hive's certificate was fine: hive refused this
-    client's (mutual TLS), or something else went wrong."""
-    reason = getattr(exc.os_error, "reason", None) if hasattr(exc, "os_error") else None
-    if reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
-        return (
-            "hive refused this client's certificate: it has expired; pass a current one with "
-            "--cert and --key"
-        )
-    if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"):
-        return (
-            "hive refused this client's certificate: it is not signed by the CA hive trusts "
-            "for clients (its tls_client_ca_file); pass one that is with --cert and --key"
-        )
-    return f"TLS failed ({exc}); for mutual TLS pass this client's --cert and --key"
 
 
 def _param(value: Any) -> str:

@@ -123,6 +123,27 @@ def test_mutual_tls_refuses_a_client_without_its_certificate(certs: Path) -> Non
         assert accepted.returncode == 0, accepted.stderr
 
 
+def test_mutual_tls_names_the_client_certificate_hive_refuses(certs: Path) -> None:
+    """A client certificate that hive's tls_client_ca_file did not sign: hive closes the
+    connection; the CLI named --cert and --key as missing, though both were given, and asked
+    whether hive was running (issue 29's tour)."""
+    config = (
+        f'tls_cert_file = "{certs / "server.pem"}"\ntls_key_file = "{certs / "server.key"}"\n'
+        f'tls_client_ca_file = "{certs / "ca.pem"}"\n'
+    )
+    with running_hive(config) as hive:
+        other = certs / "other.pem"
+        theirs = ["--cert", str(other), "--key", str(certs / "other.key")]
+        refused = cli(hive, "--ca", str(certs / "ca.pem"), *theirs, "list")
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            f"hive: cannot reach hive at https://127.0.0.1:{hive.port} (from HIVE_URL): it "
+            f"closed the connection without answering: hive refuses this client's certificate "
+            f"({other}) when its tls_client_ca_file did not sign it; pass one that CA signed "
+            "with --cert and --key\n"
+        )
+
+
 def test_tls_files_that_cannot_be_used_stop_start_up(certs: Path) -> None:
     hive = Hive(
         f'tls_cert_file = "{certs / "nope.pem"}"\ntls_key_file = "{certs / "server.key"}"\n'
