@@ -95,10 +95,9 @@ def frame(
     now = datetime.now(UTC)
     head = f"hive {node.version} on {node.hostname} · {len(records)} workers"
     head += f": {summary}" if summary else ""
-    if stale_since is not None:
-        note = f"hive unreachable since {stale_since.astimezone():%H:%M:%S}" + (
-            f" ({note})" if note else ""
-        )
+    if stale_since is not None:  # first, where an 80-column line cannot cut it off
+        gone = f"hive unreachable since {stale_since.astimezone():%H:%M:%S}"
+        head, note = gone + (f" ({note})" if note else "") + f" · {head}", ""
     head += f" · {now:%H:%M:%S}" + (f" · {note}" if note else "") + ("  (q quits)" if live else "")
     lines = [head, ""]
     stale = (

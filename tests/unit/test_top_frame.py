@@ -54,5 +54,13 @@ def test_unreachable_marks_the_figures_stale() -> None:
     since = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     lines = frame(NODE, None, [worker(1)], 120, stale_since=since, note="connection refused")
     shown = f"{since.astimezone():%H:%M:%S}"
-    assert f"· hive unreachable since {shown} (connection refused)" in lines[0]
+    assert lines[0].startswith(f"hive unreachable since {shown} (connection refused) · hive ")
     assert lines[2] == f"STALE: as of {shown}, before hive went away"
+
+
+def test_at_80_columns_the_unreachable_notice_is_not_cut_off() -> None:
+    """It ended the header, and 80 columns cut it to 'hive unreachable si' (the tour)."""
+    since = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    workers = [worker(i) for i in range(3)] + [worker(9, State.FAILED, "exited with code 3")]
+    lines = frame(NODE, None, workers, 80, 24, live=True, stale_since=since)
+    assert lines[0].startswith(f"hive unreachable since {since.astimezone():%H:%M:%S} · hive 0.1")
