@@ -200,7 +200,7 @@ class Placer:
         field = "gpus" if spec.gpus is not None else "gpu_memory_mib"
         raise NoCapacity(
             f"{field}: no GPU available ({reason}); to run it on the CPU, use --device cpu "
-            "without --gpus or --gpu-memory-mib"
+            "without --gpus or --gpu-memory"
         )
 
     def _place_gpu(

@@ -31,7 +31,7 @@ def refusal(gpu: Any, backend_name: str = "demo", **spec: Any) -> str:
 def test_gpus_asked_says_how_to_run_on_the_cpu(gpu: Any) -> None:
     assert refusal(gpu, gpus=1) == (
         "gpus: no GPU available (NVML reports no GPU on this host); to run it on the CPU, "
-        "use --device cpu without --gpus or --gpu-memory-mib"
+        "use --device cpu without --gpus or --gpu-memory"
     )
     assert refusal(gpu, gpu_memory_mib=4000).startswith("gpu_memory_mib: no GPU available")
 
