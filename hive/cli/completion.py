@@ -13,7 +13,12 @@ def _tree(parser: argparse.ArgumentParser) -> dict[str, tuple[list[str], list[st
 
     def walk(p: argparse.ArgumentParser, path: str) -> None:
         flags = [o for a in p._actions for o in a.option_strings if a.help != argparse.SUPPRESS]
-        subs: list[str] = []
+        subs: list[str] = [  # a positional's fixed values (hive completion bash|zsh|fish)
+            str(c)
+            for a in p._actions
+            if not a.option_strings and a.choices and not isinstance(a, argparse._SubParsersAction)
+            for c in a.choices
+        ]
         for action in p._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for name, child in action.choices.items():

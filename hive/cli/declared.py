@@ -67,6 +67,8 @@ def add_commands(command: Command, json_help: str) -> None:
         "--timeout", type=_positive, help="seconds the successor has to be ready (default 1800)"
     )
     p.add_argument("--json", action="store_true", help=json_help)
+    p.after_dashes = "[-- ARGS...]"  # type: ignore[attr-defined]
+    p.usage = "hive replace ID [options] [-- ARGS...]"
 
 
 def _read(files: list[Path]) -> list[dict[str, Any]]:

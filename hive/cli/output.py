@@ -118,7 +118,8 @@ def _empty(value: Any) -> str:
 
 def workers_wide(records: Sequence[Worker]) -> str:
     """``hive list -o wide``: the list's columns and the error, labels, GPUs and memory."""
-    headers = ["ID", "MODEL", "BACKEND", "DEVICE", "STATE", "PID", "URL", "RESTARTS", "AGE"]
+    headers = ["ID", "MODEL", "BACKEND", "ROLE", "DEVICE", "STATE", "PID", "URL", "RESTARTS"]
+    headers += ["AGE"]
     headers += ["CPU", "RSS", "GPUS", "GPU MEM", "LABELS", "ERROR"]
     now = datetime.now(UTC)
     rows = []
@@ -129,6 +130,7 @@ def workers_wide(records: Sequence[Worker]) -> str:
                 w.id,
                 w.model,
                 w.backend,
+                w.role,
                 w.device,
                 w.state.value,
                 "-" if w.pid is None else str(w.pid),

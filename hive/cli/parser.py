@@ -23,8 +23,8 @@ def _globals(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser.add_argument(
         "--url",
         default=default,
-        help="hive's API: http://HOST:PORT or unix:///PATH (env HIVE_URL; default: the unix "
-        "socket, then http://127.0.0.1:7070)",
+        help="hive's API: http://HOST:PORT, https://HOST:PORT or unix:///PATH (env HIVE_URL; "
+        "default: the unix socket, then http://127.0.0.1:7070)",
     )
     parser.add_argument(
         "--token", default=default, help="bearer token for TCP (env HIVE_TOKEN; default: file)"
@@ -199,7 +199,7 @@ def _examples(*lines: str) -> str:
 #: ``--help``'s examples, by command.
 EXAMPLES = {
     "spawn": _examples(
-        "hive spawn ./models/tiny.gguf --backend llama --cpus 4",
+        "hive spawn ./models/tiny.gguf --backend llama-server --cpus 4",
         "hive spawn Qwen/Qwen2.5-0.5B --device GPU-0 --label team=search -- --max-model-len 4096",
         "hive spawn m --device cpu --no-wait --json",
     ),
@@ -208,6 +208,13 @@ EXAMPLES = {
     ),
     "stop": _examples("hive stop chat-1 chat-2", "hive stop --all --timeout 30"),
     "start": _examples("hive start chat-1"),
+    "replace": _examples(
+        "hive replace chat-1 --model Qwen/Qwen2.5-1.5B",
+        "hive replace chat-1 --gpus 2 -- --max-model-len 8192",
+        "hive replace chat-1 --in-place --port 8000",
+    ),
+    "apply": _examples("hive apply -f workers.d/", "hive apply -f chat.toml --prune"),
+    "diff": _examples("hive diff -f workers.d/"),
     "logs": _examples("hive logs chat-1 -n 50", "hive logs -f chat-1"),
     "events": _examples("hive events", "hive events --json --since 3f2a9c-41"),
     "completion": _examples(

@@ -5,11 +5,15 @@ and the YAML of ``-o yaml``."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
+from hive.cli import output, tables
 from hive.cli.main import build_parser, main
 from hive.cli.output import yaml
+from hive.cli.parser import EXAMPLES
+from hive.config import Config
 
 
 def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
@@ -72,6 +76,35 @@ def test_help_has_examples_defaults_and_the_id_sentence(capsys: pytest.CaptureFi
     assert "last N lines (default: 100)" in capsys.readouterr().out
 
 
+def test_every_help_example_parses_and_names_a_real_backend() -> None:
+    """spawn's example named --backend llama, which no hive has (llama-server is)."""
+    parser = build_parser()
+    backends = set(Config().backends)
+    for text in EXAMPLES.values():
+        for line in text.splitlines()[1:]:
+            argv = shlex.split(line.split("|")[0].split(">")[0])
+            if argv[:1] != ["hive"] or "<(" in line:
+                continue
+            args = parser.parse_args(argv[1 : argv.index("--") if "--" in argv else None])
+            assert getattr(args, "backend", None) in (None, *backends), line
+
+
+def test_list_wide_is_the_list_and_more_columns() -> None:
+    """-o wide dropped the list's ROLE column while it "adds" columns (README)."""
+    plain, wide = tables.workers([]).split(), output.workers_wide([]).split()
+    assert wide[: len(plain)] == plain
+
+
+def test_replace_says_it_takes_the_workers_arguments_after_dashes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["replace", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: hive replace ID [options] [-- ARGS...]\n")
+    assert "examples:\n  hive replace chat-1 --model" in text
+
+
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_completion_names_every_command(shell: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["completion", shell]) == 0
@@ -80,6 +113,7 @@ def test_completion_names_every_command(shell: str, capsys: pytest.CaptureFixtur
         assert word in script, (shell, word)
     if shell == "bash":
         assert script.rstrip().endswith("complete -o default -F _hive hive")
+        assert "completion) words='bash zsh fish -h --help' ;;" in script  # its SHELL argument
     if shell == "zsh":
         assert script.startswith("#compdef hive\n")
 
