@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hive.cli import tables
-from hive.cli.args import OK, UsageError, print_json
+from hive.cli.args import OK, UsageError, err, print_json
 from hive.desired.deployments import Keys, read_deployments, split_replica
 from hive.desired.etcd import Etcd, delete_op, put_op
 from hive.desired.fleet_view import FleetView
@@ -76,6 +76,13 @@ async def run(etcd: Etcd, prefix: str, args: argparse.Namespace) -> int:
         print(f"{node}: uncordoned; the scheduler may place replicas there again")
         return OK
     drain = command == "drain"
+    _, nodes = await etcd.range(keys.nodes)
+    names = sorted(key.removeprefix(keys.nodes) for key in nodes)
+    if node not in names:  # a typo, a hive that is down, or one that has not joined yet
+        err(
+            f"warning: no node {node!r} is up in the fleet (up: {', '.join(names) or 'none'}); "
+            "it is cordoned all the same, for when a hive of that name joins"
+        )
     value = json.dumps({"drain": drain, "at": datetime.now(UTC).isoformat()})
     await etcd.txn([put_op(keys.cordon(node), value)])
     if drain:

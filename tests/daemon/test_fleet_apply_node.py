@@ -52,3 +52,25 @@ def test_a_node_that_is_not_up_is_warned_of(
     assert out.startswith("node-typo: desired set written to etcd: 1 worker(s)")
     assert main([*apply, "--node", "node-a"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_cordoning_a_node_that_is_not_up_is_warned_of(
+    etcd: EtcdServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``hive fleet drain node-typo`` wrote a cordon for a node that did not exist and said it
+    was draining 0 replicas, as for a real node with none (found in the issue 29 tour)."""
+    asyncio.run(_put(etcd.url, "/hive/nodes/node-a", json.dumps({"name": "node-a"})))
+    fleet = ["fleet", "--etcd", etcd.url, "--prefix", "/hive"]
+    for command in ("drain", "cordon"):
+        assert main([*fleet, command, "node-typo"]) == 0
+        out, error = capsys.readouterr()
+        assert error == (
+            "hive: warning: no node 'node-typo' is up in the fleet (up: node-a); it is cordoned "
+            "all the same, for when a hive of that name joins\n"
+        )
+        assert out.startswith("node-typo: cordoned")
+        assert main([*fleet, "uncordon", "node-typo"]) == 0
+        capsys.readouterr()
+    assert main([*fleet, "drain", "node-a"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*fleet, "uncordon", "node-a"]) == 0
