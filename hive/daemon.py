@@ -168,7 +168,7 @@ class Daemon:
         placer = Placer(nodes, gpus.snapshot)
         usage = Usage(registry, placer, gpus.snapshot, config.usage_refresh)
         try:
-            logs = Logs(config.logs_path, config.max_log_bytes)
+            logs = Logs(config.logs_path, config.max_log_bytes, registry.log_generation)
         except OSError as exc:
             raise StartupError(f"cannot use state_dir {config.state_path}: {exc}") from None
         journal = Journal(config.state_path / "journal.json", registry)

@@ -189,6 +189,17 @@ class Registry(Records):
                 return None
             return self.update(worker_id, replacement=progress)
 
+    def log_generation(self, worker_id: str) -> int | None:
+        """The generation that hive's own lines in ``worker_id``'s log name: a log is shared by
+        a worker and its successor while one replaces the other, so there each line says which
+        (and after, generation 2 and on); None for a worker never replaced, or one gone."""
+        with self._lock:
+            entry = self._entries.get(worker_id)
+            if entry is None:
+                return None
+            record = entry.record
+            return record.generation if record.generation > 1 or record.replacement else None
+
     def respec(self, worker_id: str, spec: SpawnRequest, generation: int) -> Worker:
         """A worker whose process is gone takes a new request (an in-place replacement): the
         next attempt runs it, as generation ``generation``."""

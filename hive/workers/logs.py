@@ -62,9 +62,17 @@ class Logs:
     there) and for callers off the loop (the CLI, tests).
     """
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        generation: Callable[[str], int | None] | None = None,
+    ) -> None:
+        """``generation``: the generation a worker's marker lines name, where its log is shared
+        with a successor (:meth:`hive.state.registry.Registry.log_generation`)."""
         self.directory = directory
         self.max_bytes = max_bytes
+        self._generation = generation
         self._failing = False
         self._names: dict[str, str] = {}  # worker id -> its log's path, as a string
         # worker id -> (when, bytes, period) at its last look
@@ -87,6 +95,8 @@ class Logs:
         A few bounded system calls (open, one byte read, one write): cheap enough for the loop.
         """
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+        if self._generation is not None and (generation := self._generation(worker_id)):
+            text = f"generation {generation}: {text}"  # which of two processes sharing the log
         line = f"{MARKER}{stamp} {text}\n".encode()
         try:
             fd = os.open(self.path(worker_id), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from hivetest import Hive
 
 from harness.net import free_port
+from harness.waits import wait_for
 
 
 def test_a_fleet_command_without_etcd_says_so_in_a_sentence(hive: Hive) -> None:
@@ -89,3 +90,31 @@ def test_events_since_is_checked_before_it_is_sent(hive: Hive) -> None:
         f"hive: cannot reach hive at {url} (from --url): connection refused; is it running? "
         "start it with: hive serve\n"
     )
+
+
+def test_after_a_replace_the_log_says_which_generation_stopped(hive: Hive) -> None:
+    """A worker and its successor share one log. hive's lines did not say whose they were, so
+    after ``hive replace`` the log read as if the new worker had stopped: its ``attempt 1``
+    line, then the old one's ``stopped: exited with code 0`` (the tour's ``hive logs``)."""
+    assert hive.cli("spawn", "m", "--id", "tour-gen").returncode == 0
+    try:
+        replaced = hive.cli("replace", "tour-gen", "--", "--load-seconds", "0.2")
+        assert replaced.returncode == 0, replaced.stderr
+
+        def markers() -> list[str]:
+            text = hive.worker_log("tour-gen").read_text(errors="replace")
+            return [line.split(" ", 3)[3] for line in text.splitlines() if line.startswith("---")]
+
+        wait_for(
+            lambda: "generation 1: stopped: exited with code 0" in markers(),
+            timeout=30,
+            what=f"the old generation's stop, named (markers: {markers()})",
+        )
+        lines = markers()
+        assert lines[0].startswith("attempt 1: "), lines  # never replaced then: as before
+        assert lines[1].startswith("generation 2: attempt 1: "), lines
+        assert lines.index("generation 1: stopped: exited with code 0") > 1, lines
+        shown = hive.cli("logs", "tour-gen")
+        assert "generation 1: stopped: exited with code 0" in shown.stdout
+    finally:
+        hive.cli("rm", "--force", "tour-gen")
