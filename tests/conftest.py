@@ -12,6 +12,7 @@ from __future__ import annotations
 import _posixsubprocess
 import multiprocessing.util
 import os
+import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -127,6 +128,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return unit_of(nodeid)
 
     return Units(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run started in the background (``make test &``, ``nohup``) has SIGINT ignored, and so
+    would every process it starts: a test that Ctrl-C's a ``hive`` command would wait for it in
+    vain. The tests' processes get SIGINT as a terminal would give it."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class UnitTierError(AssertionError):
