@@ -257,18 +257,22 @@ async def test_spread_heal_failover_and_no_replica_placed_twice(
         assert ["chat", "demo-chat", "3", "3", "3/3"] in [
             r.split()[:5] for r in listing.splitlines()
         ]
-        # The scheduler's metrics: the leader placed 3 and says so; the others, nothing.
+        # The scheduler's metrics: the leader says so, the others do not; the 3 placements
+        # are counted once, by whoever held the election when it placed them (with a 2-s TTL
+        # on a loaded machine the election may have moved since: the sum is what holds).
         boss = await fleet.scheduler()
         assert boss is not None
-        for node, hive in fleet.hives.items():
-            figures = await scheduler_metrics(hive)
+        every = {node: await scheduler_metrics(hive) for node, hive in fleet.hives.items()}
+        for node, figures in every.items():
             leads = node == boss
             assert figures["hive_scheduler_leader"] == leads, (node, figures)
-            assert figures[PLACED] == (3 if leads else 0), (node, figures)
-            assert (figures["hive_scheduler_pass_seconds_count"] > 0) == leads, (node, figures)
-            assert figures["hive_scheduler_elections_total"] == leads, (node, figures)
             assert figures["hive_scheduler_unplaceable"] == 0
             assert figures["hive_scheduler_fenced_writes_total"] == 0
+            if figures[PLACED] > 0:  # only a hive that held the election places
+                assert figures["hive_scheduler_elections_total"] >= 1, (node, figures)
+                assert figures["hive_scheduler_pass_seconds_count"] > 0, (node, figures)
+        assert sum(figures[PLACED] for figures in every.values()) == 3, every
+        assert every[boss]["hive_scheduler_elections_total"] >= 1, every
 
         # A dead machine: the hive and its workers SIGKILLed. Its replica moves once
         # reschedule_after has passed since its lease expired, and not before.
@@ -287,7 +291,8 @@ async def test_spread_heal_failover_and_no_replica_placed_twice(
         print(f"\nscheduler: dead machine -> its replica ready elsewhere in {healed:.2f} s "
               f"(TTL {TTL} s + reschedule_after {RESCHEDULE_AFTER} s + start-up)")  # fmt: skip
         assert healed >= RESCHEDULE_AFTER and moved_to != [victim]
-        assert (await scheduler_metrics(fleet.hives[boss]))[HEALED] == 1
+        healers = [h for n, h in fleet.hives.items() if n != victim]  # the victim is dead
+        assert sum([(await scheduler_metrics(h)).get(HEALED, 0) for h in healers]) == 1
 
         # The scheduler's hive SIGKILLed (its workers run on): another is elected within the
         # lease's TTL (and etcd's lease check).
