@@ -48,32 +48,40 @@ system-tools: $(STAMP)
 
 # The whole suite; or one tier of it (tests/unit, tests/daemon, tests/external: README.md).
 # PYTEST_ARGS reach pytest in each, e.g. PYTEST_ARGS="-x -k journal".
-# TEST_WORKERS=3 runs test, test-daemon and test-external in 3 pytest-xdist workers: the daemon
-# and external tests mostly wait on processes and sockets, so 3 workers on 2 cores still pay
-# (about 10.5 instead of 18.5 minutes: README.md). Each test file is one unit of work, the real
-# engines' files share one worker, the slowest go first (tests/conftest.py). Not yet the
-# default: two tests still fail in parallel runs only (README.md). 0: one process, as before.
-TEST_WORKERS ?= 0
+# The daemon and external tests run in TEST_WORKERS pytest-xdist workers: they mostly wait on
+# processes and sockets, so 3 workers on 2 cores still pay (README.md has the times). Each test
+# file is one unit of work, the real engines' files share one worker, the slowest go first
+# (tests/conftest.py). Then the tests marked `alone` run by themselves: they need the cores to
+# themselves (why is beside each). TEST_WORKERS=0: the first pass in one process as well.
+TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest
+ENGINES := export HIVE_LLAMA_SERVER=$$($(LLAMA_SERVER_BUILD) path) && \
+	export HIVE_VLLM=$$($(VLLM_INSTALL) path)
+# $(call two_passes,MARKS): the tests of MARKS (a marker expression ending in "and ", or
+# nothing) in parallel, then those of them marked alone; fails if either pass failed. pytest's
+# 5 (nothing selected, as PYTEST_ARGS="-k ..." can make one pass) counts as passed.
+two_passes = status=0; \
+	$(PYTEST) $(XDIST) -m "$(1)not alone" $(PYTEST_ARGS) || status=$$?; \
+	[ $$status -ne 5 ] || status=0; \
+	$(PYTEST) -m "$(1)alone" $(PYTEST_ARGS) || { s=$$?; [ $$s -eq 5 ] || status=$$s; }; \
+	exit $$status
 
 test: $(STAMP) llama-server vllm system-tools
-	binary=$$($(LLAMA_SERVER_BUILD) path) && vllm=$$($(VLLM_INSTALL) path) && \
-		HIVE_LLAMA_SERVER=$$binary HIVE_VLLM=$$vllm $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(ENGINES) || exit 1; $(call two_passes,)
 
 # No daemon, no subprocess: seconds, in one process (CPU-bound: workers would only add their
 # start-up).
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+	$(PYTEST) -m unit $(PYTEST_ARGS)
 
 # A real `hive serve`, real worker processes and local programs.
 test-daemon: $(STAMP)
-	$(BIN)/python -m pytest -m daemon $(XDIST) $(PYTEST_ARGS)
+	$(call two_passes,daemon and )
 
 # Real external programs: llama-server, vLLM, sglang-router, etcd, Chromium, promtool.
 test-external: $(STAMP) llama-server vllm system-tools
-	binary=$$($(LLAMA_SERVER_BUILD) path) && vllm=$$($(VLLM_INSTALL) path) && \
-		HIVE_LLAMA_SERVER=$$binary HIVE_VLLM=$$vllm \
-		$(BIN)/python -m pytest -m external $(XDIST) $(PYTEST_ARGS)
+	$(ENGINES) || exit 1; $(call two_passes,external and )
 
 # hive's GPU path on this host's GPU 0 (gpu/check.py): devices against nvidia-smi, a worker
 # holding VRAM, sharing by declared memory, memory back after stop and SIGKILL. Needs nothing

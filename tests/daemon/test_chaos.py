@@ -230,6 +230,10 @@ def test_stateful_lifecycle(hive: Hive) -> None:
     run().runTest()
 
 
+# alone: rounds of SIGKILLs, each given 30 s for hive's records and the processes to agree;
+# beside the parallel pass's three workers on 2 cores a round did not settle in that time in 2
+# of 4 runs.
+@pytest.mark.alone
 async def test_sigkill_of_hive_mid_spawn_in_rounds() -> None:
     """hive killed at random moments while spawns are in flight, in rounds: afterwards the
     records and the process table agree exactly (no stray process, no record without one),

@@ -232,6 +232,10 @@ def probe_connections(hive_pid: int, port: int) -> list[tuple[int, str]]:
     return found
 
 
+# alone: it holds one kept-alive connection to the engine for the whole test; with the
+# parallel pass's three workers on 2 cores, a load read past its 2 s ends that connection
+# (as it should) and the test, which checks there is one, cannot tell the two apart.
+@pytest.mark.alone
 async def test_busy_and_in_flight_come_from_the_engines_slots(hive: Hive, long_model: Path) -> None:
     async with hive.session() as s:
         w = await spawn(s, long_model, id="ll-busy")
