@@ -287,6 +287,10 @@ class Sizes:
             time.sleep(0.001)
 
 
+# alone: the cap is kept by a thread that checks between writes, so the peak depends on that
+# thread getting a core while the worker writes 100 MB/s; beside the parallel pass's three
+# workers on 2 cores it peaked at 2.13x the cap once (1.13-1.31x alone).
+@pytest.mark.alone
 async def test_a_worker_writing_100_mb_a_second_is_held_under_twice_the_cap() -> None:
     with running_hive(SMALL_CAP) as hive:
         async with hive.session() as s:
