@@ -24,21 +24,29 @@ class Hive(daemon.Hive):
     """One ``hive serve`` under test, in its own temp dir, on a free port, tagged with TAG."""
 
     def __init__(
-        self, config: str = "", env: Mapping[str, str] | None = None, on_exit: str | None = "stop"
+        self,
+        config: str = "",
+        env: Mapping[str, str] | None = None,
+        on_exit: str | None = "stop",
+        port_range: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(config, env, tag=TAG, on_exit=on_exit)
+        super().__init__(config, env, tag=TAG, on_exit=on_exit, port_range=port_range)
 
 
 @contextlib.contextmanager
 def running_hive(
-    config: str = "", env: Mapping[str, str] | None = None, on_exit: str | None = "stop"
+    config: str = "",
+    env: Mapping[str, str] | None = None,
+    on_exit: str | None = "stop",
+    port_range: tuple[int, int] | None = None,
 ) -> Iterator[Hive]:
     """A started hive that is stopped (and checked for zombies) at the end.
 
     The tests' hives stop their workers when they stop (``on_exit = "stop"``, unless ``config``
     sets it or ``on_exit`` says otherwise; ``None``: hive's default, ``detach``), so that a
-    stopped hive leaves nothing for the leak check to find."""
-    hive = Hive(config, env, on_exit)
+    stopped hive leaves nothing for the leak check to find. ``port_range``: the workers' ports
+    (hives of one machine in one fleet must not share a range)."""
+    hive = Hive(config, env, on_exit, port_range)
     try:
         hive.start()
         yield hive

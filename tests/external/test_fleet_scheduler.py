@@ -19,20 +19,18 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from hivetest import TAG
+from hivetest import TAG, Hive, running_hive
 from routers import Router, router_config
 from test_replace_router import Load  # the same clients as the replacement tests
 
-from harness.daemon import Hive
 from harness.etcd import EtcdCluster, etcd_path
 from harness.net import port_block
-from harness.procs import zombie_children
 from harness.waits import async_wait_for
 from hive.desired.etcd import Etcd
 
@@ -53,15 +51,6 @@ def cluster() -> Iterator[EtcdCluster]:
         yield members
     finally:
         members.cleanup()
-
-
-@pytest.fixture(scope="module")
-def strict_router() -> Iterator[Router]:
-    router = Router(None, "--disable-retries").start()
-    try:
-        yield router
-    finally:
-        router.stop()
 
 
 class Fleet:
@@ -177,22 +166,6 @@ class Fleet:
         raise AssertionError("the history never reached the marker")
 
 
-@contextmanager
-def running_hive(config: str, ports: tuple[int, int]) -> Iterator[Hive]:
-    """hivetest's running_hive, with the workers' ports given: the hives of one machine must
-    not share a port range, or each takes the others' workers for its own in the router."""
-    hive = Hive(config, tag=TAG, port_range=ports, on_exit="stop")
-    try:
-        hive.start()
-        yield hive
-        if hive.proc is not None:
-            assert zombie_children(hive.pid) == [], "hive left zombie children"
-            code = hive.stop()
-            assert code == 0, f"hive exited {code}:\n{hive.log()}"
-    finally:
-        hive.cleanup()
-
-
 @asynccontextmanager
 async def fleet_of(
     cluster: EtcdCluster, router: Router, prefix: str
@@ -203,7 +176,9 @@ async def fleet_of(
             base = port_block(200 * len(NODES))
             for i, node in enumerate(NODES):
                 ports = (base + 200 * i, base + 200 * i + 199)
-                fleet.hives[node] = stack.enter_context(running_hive(fleet.config(node), ports))
+                fleet.hives[node] = stack.enter_context(
+                    running_hive(fleet.config(node), port_range=ports)
+                )
             up = lambda: fleet.range("nodes/")  # noqa: E731
             await async_wait_for(
                 lambda: _len(up(), len(NODES)), timeout=30, what="every node in etcd"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -16,15 +15,6 @@ from routers import Router, in_router, router_config
 from harness.waits import async_wait_for
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def strict_router() -> Iterator[Router]:
-    router = Router(None, "--disable-retries").start()
-    try:
-        yield router
-    finally:
-        router.stop()
 
 
 class Load:
