@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from containments import KINDS
+from containments import KINDS, hive_with_backend
 from hivetest import Hive
 
 from harness.waits import wait_for
@@ -27,22 +27,9 @@ def hive(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Hive]:
     out = tmp_path_factory.mktemp("rogue")
-    daemon = Hive()
-    rogue = WORKERS / "rogue_worker.py"
-    with daemon.config_path.open("a") as config:  # the backend needs the socket's path
-        config.write(
-            f'containment = "{request.param}"\n\n[backends.rogue]\n'
-            f'command = ["{{python}}", "{rogue}", "--port", "{{port}}", "--model", "{{model}}"]\n'
-            f'env = {{ ROGUE_DIR = "{out}", ROGUE_SOCKET = "{daemon.socket}" }}\n'
-        )
-    try:
-        daemon.start()
-        daemon.out = out  # type: ignore[attr-defined]
-        daemon.kind = request.param  # type: ignore[attr-defined]
+    env = {"ROGUE_DIR": str(out), "ROGUE_SOCKET": "{socket}"}  # the worker calls the socket
+    with hive_with_backend(request.param, "rogue", WORKERS / "rogue_worker.py", env, out) as daemon:
         yield daemon
-        assert daemon.stop() == 0, daemon.log()
-    finally:
-        daemon.cleanup()
 
 
 def report(hive: Hive, worker_id: str, name: str) -> dict[str, Any]:

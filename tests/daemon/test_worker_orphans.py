@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from containments import KINDS
+from containments import KINDS, hive_with_backend
 from hivetest import Hive
 
 from harness.waits import wait_for
@@ -30,24 +30,11 @@ def hive(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Hive]:
     out = tmp_path_factory.mktemp("orphans")
-    daemon = Hive()
     # Under cgroups the orphan drops hive's tag: only its cgroup says whose it is.
     keep = "clear" if request.param == "cgroup" else "keep"
-    with daemon.config_path.open("a") as config:
-        config.write(
-            f'containment = "{request.param}"\n\n[backends.orphaning]\n'
-            f'command = ["{{python}}", "{WORKER}", "--port", "{{port}}", "--model", "{{model}}"]\n'
-            f'env = {{ ORPHAN_DIR = "{out}", ORPHAN_SOCKET = "{daemon.socket}", '
-            f'ORPHAN_ENV = "{keep}" }}\n'
-        )
-    try:
-        daemon.start()
-        daemon.out = out  # type: ignore[attr-defined]
-        daemon.kind = request.param  # type: ignore[attr-defined]
+    env = {"ORPHAN_DIR": str(out), "ORPHAN_SOCKET": "{socket}", "ORPHAN_ENV": keep}
+    with hive_with_backend(request.param, "orphaning", WORKER, env, out) as daemon:
         yield daemon
-        assert daemon.stop() == 0, daemon.log()
-    finally:
-        daemon.cleanup()
 
 
 async def test_an_orphan_of_a_worker_gets_its_heartbeat_and_nothing_else(hive: Hive) -> None:
