@@ -87,18 +87,23 @@ def read_file(path: Path, source: str, named: bool = False) -> list[Declared]:
     anything else (a FIFO, a device, a directory, a bigger file) is refused unread, never waited
     on. A file ``named`` by the operator (``hive apply -f <(...)``) may also be a pipe, read up
     to the same limit. Blocks: hive calls it in a thread."""
+    items = read_tables(path, "workers", "a workers file holds [[workers]] tables only", named)
+    return parse_workers(items, str(path), source)
+
+
+def read_tables(path: Path, key: str, only: str, named: bool = False) -> Any:
+    """The ``key`` tables of a TOML file read as :func:`read_file` reads one (``[]`` where it
+    has none); any other top-level key is refused, ``only`` saying what the file holds."""
     try:
         data = tomllib.loads(_read_bounded(path, named).decode())
     except OSError as exc:
         raise DeclarationError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DeclarationError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {"workers"})
+    unknown = sorted(set(data) - {key})
     if unknown:
-        raise DeclarationError(
-            f"{path}: {unknown[0]}: unknown key (a workers file holds [[workers]] tables only)"
-        )
-    return parse_workers(data.get("workers", []), str(path), source)
+        raise DeclarationError(f"{path}: {unknown[0]}: unknown key ({only})")
+    return data.get(key, [])
 
 
 def _read_bounded(path: Path, named: bool) -> bytes:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hive.desired.declared import read_tables
 from hive.errors import DeclarationError
 from hive.models import SpawnRequest
 from hive.validation import field_errors
@@ -42,7 +42,6 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,55}$")
 MAX_REPLICAS = 10_000
 #: Fields of a deployment that are not spawn fields.
 OWN_FIELDS = ("name", "replicas", "node_labels")
-MAX_FILE_BYTES = 1 << 20
 
 
 class Keys:
@@ -152,24 +151,9 @@ def parse_deployment(data: Any, where: str) -> Deployment:
 
 
 def read_deployments(path: Path) -> list[Deployment]:
-    """The ``[[deployments]]`` of a TOML file (at most 1 MiB)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise DeclarationError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise DeclarationError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
-    try:
-        data = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise DeclarationError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {"deployments"})
-    if unknown:
-        raise DeclarationError(
-            f"{path}: {unknown[0]}: unknown key (a deployments file holds [[deployments]] tables)"
-        )
-    items = data.get("deployments", [])
+    """The ``[[deployments]]`` of a TOML file (at most 1 MiB; a pipe as ``-f <(...)`` too)."""
+    only = "a deployments file holds [[deployments]] tables"
+    items = read_tables(path, "deployments", only, named=True)
     if not isinstance(items, list) or not items:
         raise DeclarationError(f"{path}: deployments: must be one or more [[deployments]] tables")
     found: dict[str, Deployment] = {}
