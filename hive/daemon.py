@@ -101,7 +101,7 @@ def setup_logging(log_format: str) -> None:
 class Daemon:
     """One running ``hive serve``.
 
-    About 300 lines: the phases of ``run`` (build, adopt, listen, start, shut down), the
+    About 330 lines: the phases of ``run`` (build, adopt, listen, start, shut down), the
     reload and the fleet's join share the parts built in the first phase; one object holds them
     so that the shutdown closes exactly what the start opened, in reverse.
     """

@@ -56,7 +56,7 @@ log = logging.getLogger("hive.supervisor")
 class Supervisor:
     """Spawns, stops, restarts and deletes workers; one :class:`WorkerRun` per worker.
 
-    About 400 lines: the request API, each request a few lines over the policies it calls
+    About 430 lines: the request API, each request a few lines over the policies it calls
     (memory, placement, the journal);
     a spawn's crash-safe order (intent on disk, then the process, then the answer; the pid in
     the journal's next write) reads best in one place, and so do
